@@ -1,0 +1,3 @@
+from fslm.cli import main
+
+main()

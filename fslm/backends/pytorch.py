@@ -1,0 +1,126 @@
+"""transformers + PEFT backend: one base model in memory, every stage's LoRA attached by name."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fslm import models
+from fslm.backends import Completion, TextCallback, TokenizerPrompts, cut_at_stop, fit_to_context
+from fslm.config import BaseModelSettings, GenerationSettings
+from fslm.errors import FslmError
+
+
+class TorchBackend(TokenizerPrompts):
+    name = "torch"
+
+    def __init__(self, model: Any, tokenizer: Any, prompt_format: str = "auto") -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.prompt_format = prompt_format
+        self.adapters: dict[str, Path] = {}
+        self.eos_ids = _eos_ids(model, tokenizer)
+
+    @classmethod
+    def from_settings(cls, settings: BaseModelSettings, stack_dir: str | Path | None = None) -> TorchBackend:
+        ref = models.resolve(settings.model, stack_dir)
+        model, tokenizer = models.load_base(ref, settings)
+        return cls(model, tokenizer, settings.prompt_format)
+
+    # --- the Backend interface --------------------------------------------------------------------
+
+    @property
+    def context_length(self) -> int:
+        cfg = self.base_model.config
+        return int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 2048))
+
+    def add_adapter(self, name: str, path: Path) -> None:
+        from peft import PeftModel
+
+        try:
+            if hasattr(self.model, "peft_config"):
+                self.model.load_adapter(str(path), adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise FslmError(f"{path}: cannot attach this adapter to the base model: {str(e).splitlines()[0]}") from None
+        self.model.eval()
+        self.adapters[name] = Path(path)
+
+    def generate(
+        self,
+        prompts: list[str],
+        adapter: str | None,
+        settings: GenerationSettings,
+        label: str = "",
+        on_text: TextCallback | None = None,
+    ) -> list[Completion]:
+        tok = self.tokenizer
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not self.chat)
+        lengths = enc["attention_mask"].sum(dim=1).tolist()
+        max_new = fit_to_context(lengths, settings.max_new_tokens, self.context_length, label)
+        enc = enc.to(self.base_model.device)
+        sample = settings.temperature > 0
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new,
+            "do_sample": sample,
+            "repetition_penalty": settings.repetition_penalty,
+            "pad_token_id": tok.pad_token_id,
+            "eos_token_id": self.eos_ids,
+        }
+        if sample:
+            kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+        else:  # silence the "temperature is set but do_sample=False" warnings of some generation configs
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if settings.stop:
+            kwargs.update(stop_strings=settings.stop, tokenizer=tok)
+        with torch.inference_mode(), self.use_adapter(adapter):
+            out = self.model.generate(**enc, **kwargs)
+        new = out[:, enc["input_ids"].shape[1] :].tolist()
+        results = []
+        for n_prompt, ids in zip(lengths, new, strict=True):
+            n = next((i + 1 for i, t in enumerate(ids) if t in self.eos_ids), len(ids))
+            text = tok.decode(ids[:n], skip_special_tokens=True)
+            if on_text is not None:
+                on_text(len(results), text)
+            results.append(Completion(cut_at_stop(text, settings.stop).strip(), int(n_prompt), n))
+        return results
+
+    # --- helpers ------------------------------------------------------------------------------------
+
+    @property
+    def base_model(self) -> Any:
+        """The transformers model under any PEFT wrapper."""
+        return self.model.get_base_model() if hasattr(self.model, "peft_config") else self.model
+
+    def use_adapter(self, adapter: str | None) -> contextlib.AbstractContextManager[Any]:
+        """Activate a stage adapter (or, for None, run the bare base model) for the `with` block."""
+        if not hasattr(self.model, "peft_config"):
+            if adapter is not None:
+                raise FslmError(f"adapter {adapter!r} is not loaded")
+            return contextlib.nullcontext()
+        if adapter is None:
+            return self.model.disable_adapter()
+        if adapter not in self.adapters:
+            raise FslmError(f"adapter {adapter!r} is not loaded (loaded: {', '.join(self.adapters) or 'none'})")
+        self.model.set_adapter(adapter)
+        return contextlib.nullcontext()
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every token that ends a turn: the tokenizer's EOS, the generation config's, and a chat end marker."""
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (tokenizer.eos_token_id, gen_eos):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+        tid = tokenizer.convert_tokens_to_ids(marker)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+            ids.add(tid)
+    return sorted(ids)

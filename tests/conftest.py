@@ -1,0 +1,136 @@
+"""Tiny randomly initialised models (Llama and GPT-NeoX), built here in seconds: no hub, no downloads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("COLUMNS", "200")  # wide rich tables in CLI output checks
+
+CORPUS = [
+    "Give three tips for staying healthy. Eat well, sleep enough and move every day.",
+    "The plan has three steps: read the question, think about it, and write the answer.",
+    "What is the capital of France? Paris is the capital of France.",
+    "Explain why the sky is blue. Sunlight scatters off air molecules; blue light scatters most.",
+    "Instruction: Input: What the user wants: Plan: Notes: Response: system user assistant",
+    "0 1 2 3 4 5 6 7 8 9 + - * / = ( ) . , ; : ! ? ' \" # < > |",
+]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LORA_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+}
+
+
+def build_tokenizer(chat: bool):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    if chat:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_model(arch: str, tokenizer, seed: int = 0, context: int = 512):
+    import torch
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
+
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    common = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": context,
+        "initializer_range": 0.3,
+        **ids,
+    }
+    if arch == "llama":
+        config = LlamaConfig(num_key_value_heads=2, tie_word_embeddings=False, **common)
+    elif arch == "gpt_neox":
+        config = GPTNeoXConfig(rotary_pct=0.25, **common)
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def make_model_dir(root: Path, arch: str, chat: bool, context: int = 512) -> Path:
+    path = root / f"tiny-{arch}-{'chat' if chat else 'plain'}-{context}"
+    if not (path / "config.json").exists():
+        tok = build_tokenizer(chat)
+        model = build_model(arch, tok, context=context)
+        model.save_pretrained(path, safe_serialization=True)
+        tok.save_pretrained(path)
+    return path
+
+
+def make_adapter(model_dir: Path, arch: str, out: Path, seed: int, r: int = 4) -> Path:
+    """A LoRA adapter with random (non-zero) A and B, so it really changes the model's outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=LORA_TARGETS[arch], init_lora_weights=False)
+    peft_model = get_peft_model(base, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.5)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def models_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session", params=[("llama", True), ("gpt_neox", False)], ids=["llama-chat", "neox-plain"])
+def tiny_model(request, models_root) -> tuple[str, Path]:
+    arch, chat = request.param
+    return arch, make_model_dir(models_root, arch, chat)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(models_root) -> Path:
+    return make_model_dir(models_root, "llama", chat=True)
+
+
+@pytest.fixture
+def tiny_stack(tmp_path, tiny_model) -> tuple[str, Path]:
+    """A paper4 stack directory over a tiny model, no adapters yet."""
+    from fslm.init import init_stack
+
+    arch, model_dir = tiny_model
+    directory = tmp_path / "stack"
+    init_stack(directory, base=str(model_dir))
+    return arch, directory
