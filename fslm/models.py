@@ -100,10 +100,14 @@ def architecture(ref: BaseRef) -> str:
         return json.loads((Path(ref.location) / "config.json").read_text()).get("model_type", "unknown")
     from transformers import AutoConfig
 
+    _quiet_transformers()
     try:
         return AutoConfig.from_pretrained(ref.location).model_type
     except OSError as e:
-        raise FslmError(f"cannot read {ref.location!r} from the model hub: {_first_line(e)}") from None
+        raise FslmError(
+            f"cannot read {ref.location!r} from the model hub ({_first_line(e)}); without a hub, give a local "
+            "model directory or a .gguf file"
+        ) from None
 
 
 def lora_targets(model_type: str) -> list[str]:
@@ -142,8 +146,10 @@ def safetensors_parameters(path: str | Path) -> int:
 
 def _quiet_transformers() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import huggingface_hub
     import transformers
 
+    huggingface_hub.utils.logging.set_verbosity_error()  # hub retries are reported once, by us
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
