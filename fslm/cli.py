@@ -161,6 +161,92 @@ def run(
         out.print(Panel(trace.answer, title="[bold green]answer[/]", title_align="left", border_style="green"))
 
 
+@app.command()
+@friendly
+def train(
+    directory: StackDir,
+    data: Annotated[Path, typer.Option("--data", help="Distilled JSONL (docs/formats.md), e.g. from fslm distill.")],
+    stages: Annotated[str | None, typer.Option(help="Comma-separated stages to train (default: all).")] = None,
+    single: Annotated[
+        bool, typer.Option("--single", help="Train only the single-adapter baseline (adapters/single/).")
+    ] = False,
+    epochs: Annotated[float, typer.Option(min=0.01, help="Epochs per stage.")] = 3.0,
+    max_steps: Annotated[
+        int | None, typer.Option(min=1, help="Optimizer steps per stage (overrides --epochs).")
+    ] = None,
+    lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate.")] = 2e-4,
+    batch_size: Annotated[int, typer.Option(min=1, help="Examples per batch per process.")] = 4,
+    grad_accum: Annotated[int, typer.Option(min=1, help="Gradient accumulation steps.")] = 1,
+    scheduler: Annotated[str, typer.Option(help="cosine, linear or constant_with_warmup.")] = "cosine",
+    warmup: Annotated[
+        float, typer.Option(min=0.0, help="Warm-up: a fraction of the steps (<1) or steps (>=1).")
+    ] = 0.05,
+    seed: Annotated[int, typer.Option(help="Seed for LoRA init, data order, dropout and the validation split.")] = 0,
+    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.5, help="Records held out for validation.")] = 0.1,
+    save_steps: Annotated[int, typer.Option(min=1, help="Checkpoint every N optimizer steps.")] = 50,
+    max_length: Annotated[
+        int | None, typer.Option(min=8, help="Skip examples longer than this (default: the context).")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its checkpoints.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Stop on the first bad record instead of skipping.")] = False,
+    keep_checkpoints: Annotated[bool, typer.Option(help="Keep DIR/.fslm-train/ after a finished run.")] = False,
+    processes: Annotated[
+        int, typer.Option(min=1, help="Data-parallel processes on this machine (via accelerate launch).")
+    ] = 1,
+) -> None:
+    """Train one LoRA adapter per stage (or --single: the one-adapter baseline) on distilled data."""
+    import os
+
+    from fslm import train as training
+
+    if processes > 1 and "LOCAL_RANK" not in os.environ:
+        code = training.launch(training.strip_processes(sys.argv[2:]), processes)
+        raise typer.Exit(code)
+    options = training.TrainOptions(
+        stages=[s.strip() for s in stages.split(",") if s.strip()] if stages else None,
+        single=single,
+        epochs=epochs,
+        max_steps=max_steps,
+        lr=lr,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        scheduler=scheduler,
+        warmup=warmup,
+        seed=seed,
+        val_fraction=val_fraction,
+        save_steps=save_steps,
+        max_length=max_length,
+        strict=strict,
+        resume=resume,
+        keep_checkpoints=keep_checkpoints,
+    )
+    results = training.train_stack(directory, data, options)
+    if os.environ.get("RANK", "0") != "0":
+        return
+    table = Table("adapter", "examples", "val", "epochs", "steps", "train loss", "val loss", "tok/s", "seconds")
+    for name, r in results.items():
+        t = r.training
+        extra = t.model_extra or {}
+        table.add_row(
+            f"adapters/{name}",
+            str(t.examples),
+            str(extra.get("val_examples", "-")),
+            f"{t.epochs:.2f}",
+            str(t.steps),
+            f"{t.train_loss:.4f}" if t.train_loss is not None else "-",
+            f"{t.val_loss:.4f}" if t.val_loss is not None else "-",
+            f"{extra.get('tokens_per_second') or 0:,.0f}",
+            f"{t.seconds:.1f}",
+        )
+    out.print(table)
+    if not results:
+        out.print("nothing left to train (every adapter of this run was already written)")
+    elif single:
+        out.print(f"Wrote {directory}/adapters/single (the single-adapter baseline)")
+    else:
+        out.print(f'Next: fslm run {directory} "Give three tips for staying healthy."')
+
+
 def main() -> None:
     app()
 
