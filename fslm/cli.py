@@ -247,6 +247,137 @@ def train(
         out.print(f'Next: fslm run {directory} "Give three tips for staying healthy."')
 
 
+@app.command()
+@friendly
+def distill(
+    dataset: Annotated[Path, typer.Argument(help="Dataset: Alpaca JSON/JSONL, CSV, Parquet, Self-Instruct or GSM8K.")],
+    stack: Annotated[
+        Path, typer.Option(help="Stack directory: its stages' roles and templates are the teacher's tasks.")
+    ],
+    out_path: Annotated[Path, typer.Option("--out", help="Output JSONL (a <out>.manifest.json is written beside it).")],
+    teacher_model: Annotated[
+        str | None,
+        typer.Option(help="Teacher: alias, HF dir or .gguf (torch/llamacpp; default the stack's base) or served name."),
+    ] = None,
+    teacher_backend: Annotated[
+        str | None, typer.Option(help="torch, llamacpp or openai (default: openai with --teacher-url, else torch).")
+    ] = None,
+    teacher_url: Annotated[
+        str | None, typer.Option(help="OpenAI-compatible server, e.g. http://127.0.0.1:8080/v1.")
+    ] = None,
+    api_key_env: Annotated[
+        str, typer.Option(help="Environment variable holding the server's API key.")
+    ] = "FSLM_API_KEY",
+    concurrency: Annotated[int, typer.Option(min=1, max=256, help="Requests in flight (openai teacher).")] = 4,
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds per request before it is retried (openai).")] = 120.0,
+    max_retries: Annotated[int, typer.Option(min=0, max=50, help="Retries with exponential backoff (openai).")] = 5,
+    batch_size: Annotated[int, typer.Option(min=1, help="Records per batched generate call (torch teacher).")] = 8,
+    final_from: Annotated[
+        str, typer.Option(help="Final stage target: reference (when the record has one) or teacher.")
+    ] = ("reference"),
+    show_reference: Annotated[
+        bool, typer.Option(help="Show the reference output to the teacher when it writes earlier stages.")
+    ] = True,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(min=1, help="Override every stage's budget for the teacher.")
+    ] = None,
+    filters: Annotated[str, typer.Option(help="Quality filters: comma list of empty,overlong,repetition, or none.")] = (
+        "empty,overlong,repetition"
+    ),
+    overlong_factor: Annotated[
+        float, typer.Option(min=0.0, help="overlong: more student tokens than factor x the stage's max_new_tokens.")
+    ] = 1.0,
+    format: Annotated[str, typer.Option(help="auto, alpaca, self-instruct or gsm8k.")] = "auto",
+    instruction_field: Annotated[str | None, typer.Option(help="Field holding the instruction.")] = None,
+    input_field: Annotated[str | None, typer.Option(help="Field holding the optional input.")] = None,
+    output_field: Annotated[str | None, typer.Option(help="Field holding the reference output.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Distil a reproducible random sample of N records.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the --limit sample.")] = 0,
+    strict: Annotated[bool, typer.Option(help="Bad rows and benchmark contamination are fatal (exit 2).")] = False,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Benchmark data directory: warn when instructions appear in a test split.")
+    ] = None,
+    cache: Annotated[
+        Path | None, typer.Option(help="Teacher cache (default <out>.cache.jsonl); share it across runs.")
+    ] = (None),
+    overwrite: Annotated[bool, typer.Option(help="Replace an output written by a different distill run.")] = False,
+) -> None:
+    """Teacher-written training targets for every stage of a stack (resumable: rerun the same command)."""
+    from fslm.distill import FILTERS, DistillOptions, run_command
+
+    if final_from not in ("reference", "teacher"):
+        raise FslmError(f"--final-from must be reference or teacher, not {final_from!r}")
+    chosen = tuple(f.strip() for f in filters.split(",") if f.strip() and f.strip() != "none")
+    unknown = [f for f in chosen if f not in FILTERS]
+    if unknown:
+        raise FslmError(f"--filters: unknown filter {', '.join(unknown)} (known: {', '.join(FILTERS)}, none)")
+    options = DistillOptions(final_from, show_reference, max_new_tokens, chosen, overlong_factor)  # type: ignore[arg-type]
+    r = run_command(
+        dataset,
+        stack,
+        out_path,
+        console=err,
+        teacher_backend=teacher_backend,
+        teacher_model=teacher_model,
+        teacher_url=teacher_url,
+        api_key_env=api_key_env,
+        concurrency=concurrency,
+        timeout=timeout,
+        max_retries=max_retries,
+        batch_size=batch_size,
+        options=options,
+        format=format,
+        instruction_field=instruction_field,
+        input_field=input_field,
+        output_field=output_field,
+        limit=limit,
+        seed=seed,
+        strict=strict,
+        data_dir=data_dir,
+        cache=cache,
+        overwrite=overwrite,
+    )
+    dropped = ", ".join(f"{n} {k}" for k, n in r.filtered.items() if n) or "none"
+    rate = (
+        f"{(r.selected - r.resumed) / r.seconds:.2f} records/s, {r.output_tokens / r.seconds:.1f} tokens/s"
+        if r.seconds
+        else "-"
+    )
+    out.print(
+        f"{r.written} of {r.selected} records written to {r.out} (filtered: {dropped}; lost: {r.lost}); "
+        f"{r.resumed} resumed, {r.teacher_calls} teacher calls, {r.cache_hits} cache hits; {rate}"
+    )
+    out.print(f"manifest: {r.manifest}")
+
+
+@app.command("check-contamination")
+@friendly
+def check_contamination(
+    train: Annotated[Path, typer.Argument(help="Training data: distilled JSONL or any dataset fslm distill reads.")],
+    data_dir: Annotated[Path, typer.Option(help="Benchmark data directory (test splits, see docs/distill.md).")],
+    strict: Annotated[bool, typer.Option(help="Exit 2 when any training instruction is in a test split.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+) -> None:
+    """Count training instructions that appear (normalised) in a benchmark test split."""
+    from fslm.contamination import BenchmarkIndex
+    from fslm.data import read_dataset
+
+    dataset = read_dataset(train)
+    report = BenchmarkIndex.load(data_dir).check((r.id, r.instruction, r.input) for r in dataset.records)
+    if as_json:
+        sys.stdout.write(json.dumps({"train": str(train), **report.to_dict()}) + "\n")
+    else:
+        table = Table("test split", "items", "training instructions found in it")
+        for split, n in report.per_split.items():
+            table.add_row(split, str(report.split_sizes[split]), str(n))
+        out.print(table)
+        if report.missing:
+            err.print(f"[yellow]not found under {data_dir}:[/] {', '.join(report.missing)}")
+        out.print(report.summary())
+    if strict and report.total:
+        raise FslmError(f"{train}: {report.summary()}")
+
+
 def main() -> None:
     app()
 

@@ -151,7 +151,7 @@ class ContaminationReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "checked": self.checked,
+            "records_checked": self.checked,
             "contaminated": self.total,
             "per_split": self.per_split,
             "split_sizes": self.split_sizes,
