@@ -177,6 +177,7 @@ def read_dataset(
             continue
         seen.add(rec.id)
         records.append(rec)
+    bad.sort(key=lambda b: b.line)
     if not records:
         raise FslmError(f"{path}: no usable records ({len(rows)} rows, {len(bad)} bad)")
     if limit is not None and limit < len(records):

@@ -97,13 +97,22 @@ def is_degenerate(text: str, n: int = 4, min_tokens: int = 16, min_distinct: flo
 
 
 def check_target(
-    text: str, stage: StageConfig, filters: Iterable[str], count_tokens: Callable[[str], int], factor: float
+    text: str,
+    stage: StageConfig,
+    filters: Iterable[str],
+    count_tokens: Callable[[str], int],
+    factor: float,
+    cut: bool = False,
 ) -> str | None:
-    """The first filter a stage target fails, or None."""
+    """The first filter a stage target fails, or None.
+
+    overlong: the teacher stopped at its token limit (`cut`: the text ends mid-thought), or the target has more
+    tokens (student tokenizer) than `factor` x the stage's max_new_tokens, so the stage could never produce it.
+    """
     filters = set(filters)
     if "empty" in filters and not text.strip():
         return "empty"
-    if "overlong" in filters and factor > 0 and count_tokens(text) > factor * stage.generation.max_new_tokens:
+    if "overlong" in filters and factor > 0 and (cut or count_tokens(text) > factor * stage.generation.max_new_tokens):
         return "overlong"
     if "repetition" in filters and is_degenerate(text):
         return "repetition"
@@ -306,13 +315,18 @@ def distill(
         for i in range(0, len(todo), teacher.batch_size):
             chunk = todo[i : i + teacher.batch_size]
             before = stats["tokens"]
-            targets = _distill_chunk(config, chunk, teacher, cache, options, stats)
+            targets, cut = _distill_chunk(config, chunk, teacher, cache, options, stats)
             good, bad = [], []
             for rec in chunk:
                 reason = None
                 for stage in config.stages:
                     why = check_target(
-                        targets[rec.id][stage.name], stage, options.filters, count_tokens, options.overlong_factor
+                        targets[rec.id][stage.name],
+                        stage,
+                        options.filters,
+                        count_tokens,
+                        options.overlong_factor,
+                        cut=stage.name in cut[rec.id],
                     )
                     if why is not None:
                         reason = (why, stage.name)
@@ -380,9 +394,13 @@ def _distill_chunk(
     cache: TeacherCache,
     options: DistillOptions,
     stats: dict[str, int],
-) -> dict[str, dict[str, str]]:
-    """Every stage's target for a batch of records: stage by stage, cache first, teacher for the misses."""
+) -> tuple[dict[str, dict[str, str]], dict[str, set[str]]]:
+    """Every stage's target for a batch of records: stage by stage, cache first, teacher for the misses.
+
+    Returns (record id -> stage -> target, record id -> stages whose teacher output was cut at the token limit).
+    """
     targets: dict[str, dict[str, str]] = {r.id: {} for r in chunk}
+    cut: dict[str, set[str]] = {r.id: set() for r in chunk}
     final = config.final_stage.name
     for stage in config.stages:
         settings = stage.generation
@@ -420,8 +438,11 @@ def _distill_chunk(
                 ]
             )
         for rec, _, key in asks:
-            targets[rec.id][stage.name] = cache.get(key)["text"].strip()
-    return targets
+            entry = cache.get(key)
+            targets[rec.id][stage.name] = entry["text"].strip()
+            if not entry.get("finished", True):
+                cut[rec.id].add(stage.name)
+    return targets, cut
 
 
 def _record_row(rec: Record, targets: dict[str, str], path: Path) -> dict[str, Any]:
