@@ -156,6 +156,7 @@ def read_dataset(
             on_bad(row)
 
     rows = list(_raw_rows(path, report))
+    total = len(rows) + len(bad)  # rows that could not even be decoded count as rows too
     chosen = format
     if chosen == "auto":
         chosen = _detect(next((r for _, r in rows if isinstance(r, dict)), {}))
@@ -179,11 +180,11 @@ def read_dataset(
         records.append(rec)
     bad.sort(key=lambda b: b.line)
     if not records:
-        raise FslmError(f"{path}: no usable records ({len(rows)} rows, {len(bad)} bad)")
+        raise FslmError(f"{path}: no usable records ({total} rows, {len(bad)} bad)")
     if limit is not None and limit < len(records):
         keep = sorted(random.Random(seed).sample(range(len(records)), limit))
         records = [records[i] for i in keep]
-    return Dataset(path, sha256_file(path), chosen, fields, len(rows), records, bad, duplicates, limit, seed)
+    return Dataset(path, sha256_file(path), chosen, fields, total, records, bad, duplicates, limit, seed)
 
 
 def _detect(row: dict[str, Any]) -> str:
