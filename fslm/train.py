@@ -306,7 +306,10 @@ def train_stack(
     data_sha = sha256_file(data)
     train_recs, val_recs = split_validation(records, options.val_fraction, options.seed)
 
-    state = PartialState()
+    import torch
+
+    # cpu=True matters: without it accelerate sees no GPU and ignores the torchrun environment (no gloo group).
+    state = PartialState(cpu=not torch.cuda.is_available())
     is_main = state.is_main_process
     stack = stack if stack is not None else Stack.load(directory, backend="torch")
     examples = {n: build_examples(stack, train_recs, val_recs, n, options.max_length) for n in names}
@@ -518,14 +521,12 @@ def launch(argv: Sequence[str], processes: int) -> int:
     """
     import torch
 
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
-    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if not torch.cuda.is_available():
-        cmd.append("--cpu")
-    elif torch.cuda.device_count() < processes:
+    # `--multi_gpu` selects accelerate's torchrun launcher, which is also the one that starts N CPU processes
+    # (its `--cpu` flag starts a single process unless run under MPI); without a GPU each process uses gloo.
+    if torch.cuda.is_available() and torch.cuda.device_count() < processes:
         raise FslmError(f"--processes {processes}: only {torch.cuda.device_count()} GPU(s) visible")
-    else:
-        cmd.append("--multi_gpu")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
+    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     cmd += ["-m", "fslm", "train", *argv]
     return subprocess.call(cmd)
 
