@@ -68,11 +68,12 @@ class TrainOptions:
     keep_checkpoints: bool = False
     group_by_length: bool = True  # False + pad_to=N is the naive baseline of benchmarks/train_throughput.py
     pad_to: int | None = None
+    eval_each_epoch: bool = True  # False: validation loss only at the end (outside the timed training loop)
     progress: bool = True
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that change the result: a resumed run must match them."""
-        skip = {"resume", "keep_checkpoints", "progress", "strict", "save_steps"}
+        skip = {"resume", "keep_checkpoints", "progress", "strict", "save_steps", "eval_each_epoch"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -234,7 +235,7 @@ def _make_trainer(
         save_strategy="steps",
         save_steps=options.save_steps,
         save_total_limit=2,
-        eval_strategy="epoch" if has_val else "no",
+        eval_strategy="epoch" if has_val and options.eval_each_epoch else "no",
         seed=options.seed,
         data_seed=options.seed,
         report_to=[],

@@ -1,0 +1,159 @@
+"""Training throughput: fslm's path (length-grouped batches, dynamic padding) vs a naive one (random batches
+padded to the longest example), same records, same steps, same seed.
+
+Tokens/s counts real (non-padding) input tokens per second of the training loop; both runs then report their
+validation loss on the same held-out records. Goal: >= 1.3x the naive tokens/s at equal or better loss.
+
+    # a distilled file (docs/formats.md); trains the final stage, whose prompts hold every earlier target
+    python benchmarks/train_throughput.py --data d.jsonl [--stage answer]
+    # or raw Alpaca records (instruction/input/output): trains the single-adapter baseline on them
+    python benchmarks/train_throughput.py --alpaca DATA_DIR/alpaca/alpaca_data_200.json
+    options: --base smollm2-135m-instruct (or a local HF dir) --records 200 --steps 20 --batch-size 4
+             --out benchmarks/results/train_throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def alpaca_to_distilled(src: Path, dst: Path, limit: int, stage: str) -> int:
+    """Alpaca records as distilled records whose final-stage target is the reference (for --single)."""
+    rows = json.loads(src.read_text(encoding="utf-8"))[:limit]
+    with open(dst, "w", encoding="utf-8") as f:
+        for i, r in enumerate(rows):
+            rid = hashlib.sha256(f"{r['instruction']}\n{r.get('input', '')}".encode()).hexdigest()[:16]
+            rec = {
+                "id": rid,
+                "instruction": r["instruction"],
+                "input": r.get("input") or None,
+                "reference": r["output"],
+                "targets": {stage: r["output"]},
+                "source": {"file": src.name, "index": i},
+            }
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    return len(rows)
+
+
+def first_records(src: Path, dst: Path, limit: int) -> int:
+    lines = [line for line in src.read_text(encoding="utf-8").splitlines() if line.strip()][:limit]
+    dst.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return len(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", type=Path, help="distilled JSONL")
+    src.add_argument("--alpaca", type=Path, help="Alpaca JSON (instruction/input/output); trains --single")
+    parser.add_argument("--stage", help="stage to train with --data (default: the final stage)")
+    parser.add_argument("--base", default="smollm2-135m-instruct")
+    parser.add_argument("--records", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-length", type=int, default=1024, help="skip longer examples (both runs)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_throughput.json"))
+    args = parser.parse_args()
+
+    from fslm import Stack
+    from fslm.files import sha256_file
+    from fslm.init import init_stack
+    from fslm.train import TrainOptions, train_stack, versions
+    from fslm.train_data import SINGLE, build_examples, read_records, split_validation
+
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp) / "stack"
+        config = init_stack(directory, base=args.base)
+        data = Path(tmp) / "records.jsonl"
+        if args.alpaca:
+            n = alpaca_to_distilled(args.alpaca, data, args.records, config.final_stage.name)
+            name, source = SINGLE, args.alpaca
+        else:
+            n = first_records(args.data, data, args.records)
+            name, source = args.stage or config.final_stage.name, args.data
+        stack = Stack.load(directory)
+        records, _ = read_records(data)
+        train_recs, val_recs = split_validation(records, 0.1, args.seed)
+        ex = build_examples(stack, train_recs, val_recs, name, args.max_length)
+        lengths = [len(e["input_ids"]) for e in ex.train]
+        common = dict(
+            stages=None if name == SINGLE else [name],
+            single=name == SINGLE,
+            max_steps=args.steps,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            max_length=args.max_length,
+            save_steps=10**9,
+            eval_each_epoch=False,
+            progress=False,
+        )
+        runs = {
+            "fslm (length-grouped, dynamic padding)": TrainOptions(**common),
+            "naive (random order, pad to max length)": TrainOptions(
+                **common, group_by_length=False, pad_to=max(lengths)
+            ),
+        }
+        rows = {}
+        for label, options in runs.items():
+            start = time.perf_counter()
+            t = train_stack(directory, data, options, stack=stack)[name].training
+            extra = t.model_extra or {}
+            rows[label] = {
+                "tokens_per_second": extra.get("tokens_per_second"),
+                "input_tokens": extra.get("input_tokens"),
+                "train_loss": t.train_loss,
+                "val_loss": t.val_loss,
+                "steps": t.steps,
+                "wall_seconds": round(time.perf_counter() - start, 2),
+            }
+    ours, naive = rows.values()
+    speedup = ours["tokens_per_second"] / naive["tokens_per_second"]
+    result = {
+        "benchmark": "train_throughput",
+        "base": args.base,
+        "adapter": name,
+        "data": str(source),
+        "data_sha256": sha256_file(source),
+        "records": n,
+        "train_examples": len(ex.train),
+        "val_examples": len(ex.val),
+        "skipped": len(ex.problems),
+        "example_tokens": {"min": min(lengths), "mean": round(sum(lengths) / len(lengths), 1), "max": max(lengths)},
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "runs": rows,
+        "speedup": round(speedup, 3),
+        "goal_met": speedup >= 1.3 and ours["val_loss"] <= naive["val_loss"] * 1.01,
+        "versions": versions(),
+        "machine": {"platform": platform.platform(), "python": sys.version.split()[0]},
+        "note": "val loss 'equal' allows 1% noise; figures measured on a shared machine may be under contention",
+    }
+    print(f"{'run':<42} {'tokens/s':>10} {'train loss':>11} {'val loss':>9} {'wall s':>8}")
+    for label, r in rows.items():
+        print(
+            f"{label:<42} {r['tokens_per_second']:>10,.0f} {r['train_loss']:>11.4f} {r['val_loss']:>9.4f} "
+            f"{r['wall_seconds']:>8.1f}"
+        )
+    print(
+        f"speedup {speedup:.2f}x on {len(ex.train)} examples ({result['example_tokens']}), {args.steps} steps "
+        f"x batch {args.batch_size}; goal (>=1.3x at equal or better val loss) met: {result['goal_met']}"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
