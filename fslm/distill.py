@@ -145,52 +145,63 @@ def prompts_hash(config: StackConfig) -> str:
 
 
 class JsonlLog:
-    """An append-only JSONL file: each append is one write + fsync; a torn tail from a kill is cut on open."""
+    """An append-only JSONL file: each append is one write + fsync.
+
+    Reading ignores a torn last line (a kill mid-write); `open()` cuts it off before the first append, so it is
+    never glued to the next record. Nothing is modified until `open()`, so a refused run leaves files untouched.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict[str, Any]] = []
+        self._f: Any = None
+        self._end = 0
         if path.exists():
             data = path.read_bytes()
-            end = data.rfind(b"\n") + 1
-            if end < len(data):  # a line cut by a crash: drop it, it will be redone
-                with open(path, "r+b") as f:
-                    f.truncate(end)
-                    f.flush()
-                    os.fsync(f.fileno())
-                data = data[:end]
-            for n, line in enumerate(data.split(b"\n"), 1):
+            self._end = data.rfind(b"\n") + 1
+            for n, line in enumerate(data[: self._end].split(b"\n"), 1):
                 if line.strip():
                     try:
                         self.rows.append(json.loads(line))
                     except (json.JSONDecodeError, UnicodeDecodeError):
                         raise FslmError(f"{path}:{n}: not a JSON line (the file was edited or damaged)") from None
-        self._f = open(path, "ab")  # noqa: SIM115 - kept open for the run, closed in close()
+
+    def open(self) -> JsonlLog:
+        if self._f is not None:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "ab")  # noqa: SIM115 - kept open for the run, closed in close()
+        if self._f.tell() > self._end:  # a line cut by a crash: drop it, it will be redone
+            self._f.truncate(self._end)
+            self._sync()
+        return self
 
     def append(self, rows: list[dict[str, Any]]) -> None:
         if not rows:
             return
         self._f.write(b"".join(json.dumps(r, ensure_ascii=False).encode("utf-8") + b"\n" for r in rows))
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        self._sync()
         self.rows.extend(rows)
 
     def truncate(self) -> None:
         self._f.truncate(0)
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        self._sync()
         self.rows = []
 
+    def _sync(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
 
 
 class TeacherCache:
     """Content-addressed teacher answers: sha256 over (teacher id, exact prompt, generation settings)."""
 
     def __init__(self, path: Path) -> None:
-        self.log = JsonlLog(path)
+        self.log = JsonlLog(path).open()
         self.entries = {r["key"]: r for r in self.log.rows if "key" in r}
 
     @staticmethod
@@ -270,19 +281,22 @@ def distill(
     }
     outputs = JsonlLog(paths["out"])
     rejected = JsonlLog(paths["rejected"])
-    cache = TeacherCache(paths["cache"])
+    cache: TeacherCache | None = None
     try:
-        if outputs.rows or rejected.rows:
+        if any(p.exists() and p.stat().st_size > 0 for p in (paths["out"], paths["rejected"])):
             previous = _read_manifest(paths["manifest"])
             if overwrite:
-                outputs.truncate()
-                rejected.truncate()
+                outputs.open().truncate()
+                rejected.open().truncate()
             elif previous is None or previous.get("run") != run:
                 differs = _differences(previous.get("run") if previous else None, run)
                 raise FslmError(
                     f"{paths['out']}: already holds records from a different distill run ({differs}); "
                     "pass --overwrite to replace them (cached teacher answers are kept) or choose another --out"
                 )
+        outputs.open()
+        rejected.open()
+        cache = TeacherCache(paths["cache"])
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         manifest: dict[str, Any] = {
             "format": FORMAT,
@@ -384,7 +398,8 @@ def distill(
     finally:
         outputs.close()
         rejected.close()
-        cache.close()
+        if cache is not None:
+            cache.close()
 
 
 def _distill_chunk(

@@ -284,3 +284,18 @@ def test_contamination_warns_refuses_and_counts(tmp_path, stack_dir):
     r = invoke("check-contamination", out, "--data-dir", bench)
     assert "arc_easy" in r.stdout and "1 of 2" in r.stdout
     assert invoke("check-contamination", out, "--data-dir", bench, "--strict").exit_code == 2
+
+
+def test_refused_run_leaves_an_unrelated_file_untouched(tmp_path, stack_dir):
+    data = make_dataset(tmp_path / "d.json", 2)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes, no trailing newline")
+    r = invoke("distill", data, "--stack", stack_dir, "--out", notes, "--max-new-tokens", "3")
+    assert r.exit_code == 2 and "notes.txt: already holds records from a different distill run" in r.output
+    assert notes.read_text() == "my notes, no trailing newline"
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"a": 1}\nnot json\ntail without newline')
+    before = other.read_bytes()
+    r = invoke("distill", data, "--stack", stack_dir, "--out", other, "--max-new-tokens", "3")
+    assert r.exit_code == 2 and "other.jsonl:2: not a JSON line" in r.output
+    assert other.read_bytes() == before
