@@ -185,19 +185,20 @@ def test_distill_through_a_real_openai_server(tmp_path, stack_dir, server_url):
 
 
 def test_fault_injecting_proxy_every_record_exactly_once(tmp_path, stack_dir, server_url):
-    proxy = FaultProxy(int(server_url.split(":")[2].split("/")[0]), rate=0.3, hang=6.0)
+    proxy = FaultProxy(int(server_url.split(":")[2].split("/")[0]), rate=0.3, hang=7.0)
     try:
         data, out = dataset(tmp_path / "d.json"), tmp_path / "d.jsonl"
         url = f"http://127.0.0.1:{proxy.port}/v1"
-        r = runner.invoke(app, distill_args(data, stack_dir, out, url, "--timeout", "3", "--max-retries", "10"))
+        r = runner.invoke(app, distill_args(data, stack_dir, out, url, "--timeout", "5", "--max-retries", "10"))
         assert r.exit_code == 0, r.output
     finally:
         proxy.close()
     check_output(data, out)
     assert proxy.counts["500"] >= 1 and proxy.counts["hang"] >= 1
     manifest = json.loads(Path(f"{out}.manifest.json").read_text())
-    # Retries are invisible above the client: one teacher answer per prompt, each record once.
-    assert manifest["last_run"]["teacher_calls"] == 10 == proxy.counts["forwarded"]
+    # Retries are invisible above the client: one teacher answer per prompt, each record once. (A forwarded
+    # request can still time out on a slow, busy machine and be retried, hence >=.)
+    assert manifest["last_run"]["teacher_calls"] == 10 <= proxy.counts["forwarded"]
     assert manifest["counts"]["lost"] == 0
 
 
