@@ -287,6 +287,9 @@ def distill(
     overlong_factor: Annotated[
         float, typer.Option(min=0.0, help="overlong: more student tokens than factor x the stage's max_new_tokens.")
     ] = 1.0,
+    trim_cut: Annotated[
+        bool, typer.Option(help="Trim a teacher output cut at the token limit to its last full sentence or line.")
+    ] = True,
     format: Annotated[str, typer.Option(help="auto, alpaca, self-instruct or gsm8k.")] = "auto",
     instruction_field: Annotated[str | None, typer.Option(help="Field holding the instruction.")] = None,
     input_field: Annotated[str | None, typer.Option(help="Field holding the optional input.")] = None,
@@ -311,7 +314,7 @@ def distill(
     unknown = [f for f in chosen if f not in FILTERS]
     if unknown:
         raise FslmError(f"--filters: unknown filter {', '.join(unknown)} (known: {', '.join(FILTERS)}, none)")
-    options = DistillOptions(final_from, show_reference, max_new_tokens, chosen, overlong_factor)  # type: ignore[arg-type]
+    options = DistillOptions(final_from, show_reference, max_new_tokens, chosen, overlong_factor, trim_cut)  # type: ignore[arg-type]
     r = run_command(
         dataset,
         stack,

@@ -54,6 +54,9 @@ class DistillOptions:
     filters: tuple[str, ...] = FILTERS
     # overlong: a target with more tokens (student tokenizer) than the stage's max_new_tokens x this factor
     overlong_factor: float = 1.0
+    # A teacher output cut at the token limit is trimmed to its last complete sentence or line (when that keeps at
+    # least a third of it) instead of counting as overlong.
+    trim_cut: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -62,6 +65,7 @@ class DistillOptions:
             "max_new_tokens": self.max_new_tokens,
             "filters": list(self.filters),
             "overlong_factor": self.overlong_factor,
+            "trim_cut": self.trim_cut,
         }
 
 
@@ -94,6 +98,23 @@ def is_degenerate(text: str, n: int = 4, min_tokens: int = 16, min_distinct: flo
         return False
     grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
     return len(set(grams)) / len(grams) < min_distinct
+
+
+_SENTENCE_END = re.compile(r"(?<!\d)[.!?](?:[\"')\]]*)(?=\s|$)|\n")
+
+
+def trim_to_sentence(text: str, keep: float = 1 / 3) -> str | None:
+    """`text` up to its last complete sentence or line; None when that would keep less than `keep` of it.
+
+    For teacher outputs cut at the token limit: a plan cut inside step 4 becomes a plan of three steps.
+    A period after a digit ("1.") is a list marker, not a sentence end.
+    """
+    text = text.strip()
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    if not ends:
+        return None
+    trimmed = text[: ends[-1]].strip()
+    return trimmed if trimmed and len(trimmed) >= keep * len(text) else None
 
 
 def check_target(
@@ -324,7 +345,7 @@ def distill(
         resumed = len(dataset.records) - len(todo)
         if on_start is not None:
             on_start(len(todo), resumed)
-        stats = {"calls": 0, "hits": 0, "tokens": 0}
+        stats = {"calls": 0, "hits": 0, "tokens": 0, "trimmed": 0}
         start = time.perf_counter()
         for i in range(0, len(todo), teacher.batch_size):
             chunk = todo[i : i + teacher.batch_size]
@@ -385,6 +406,7 @@ def distill(
                 "records": len(todo),
                 "teacher_calls": stats["calls"],
                 "cache_hits": stats["hits"],
+                "targets_trimmed": stats["trimmed"],
                 "output_tokens": stats["tokens"],
                 "seconds": round(seconds, 3),
                 "records_per_second": round(len(todo) / seconds, 4) if seconds > 0 else None,
@@ -454,9 +476,15 @@ def _distill_chunk(
             )
         for rec, _, key in asks:
             entry = cache.get(key)
-            targets[rec.id][stage.name] = entry["text"].strip()
+            text = entry["text"].strip()
             if not entry.get("finished", True):
-                cut[rec.id].add(stage.name)
+                trimmed = trim_to_sentence(text) if options.trim_cut else None
+                if trimmed is None:
+                    cut[rec.id].add(stage.name)
+                else:
+                    text = trimmed
+                    stats["trimmed"] += 1
+            targets[rec.id][stage.name] = text
     return targets, cut
 
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from fslm.cli import app
 from fslm.config import GenerationSettings, load_config
 from fslm.data import read_dataset
-from fslm.distill import REFERENCE_NOTE, DistillOptions, check_target, distill, is_degenerate
+from fslm.distill import REFERENCE_NOTE, DistillOptions, check_target, distill, is_degenerate, trim_to_sentence
 from fslm.init import init_stack
 from fslm.teachers import TorchTeacher
 
@@ -168,6 +168,16 @@ def test_filters_unit():
     assert check_target(loop, stage, [], count, 1.0) is None
 
 
+def test_trim_cut_teacher_output():
+    plan = "1. Read the question.\n2. Find the numbers.\n3. Add them up and then write"
+    assert trim_to_sentence(plan) == "1. Read the question.\n2. Find the numbers."
+    assert trim_to_sentence("Paris is the capital of France. It has 2.1 million people and its ri") == (
+        "Paris is the capital of France."
+    )
+    assert trim_to_sentence("no sentence end at all and cut") is None
+    assert trim_to_sentence("Ok. " + "then a very long unfinished run of words " * 5) is None  # would keep too little
+
+
 def load_config_stage():
     from fslm.config import StageConfig
 
@@ -180,7 +190,7 @@ def test_filtered_records_are_counted_not_lost(tmp_path, stack_dir):
     """Default filters on a random teacher cut at 4 tokens: every record is rejected as overlong, none lost."""
     data = make_dataset(tmp_path / "d.json", 5)
     out = tmp_path / "d.jsonl"
-    r = invoke("distill", data, "--stack", stack_dir, "--out", out, "--max-new-tokens", "4")
+    r = invoke("distill", data, "--stack", stack_dir, "--out", out, "--max-new-tokens", "4", "--no-trim-cut")
     assert r.exit_code == 0, r.output
     manifest = json.loads(Path(f"{out}.manifest.json").read_text())
     rejected = read_jsonl(Path(f"{out}.rejected.jsonl"))
