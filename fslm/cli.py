@@ -381,6 +381,51 @@ def check_contamination(
         raise FslmError(f"{train}: {report.summary()}")
 
 
+@app.command()
+@friendly
+def serve(
+    directory: StackDir,
+    host: Annotated[str, typer.Option(help="Address to bind; the default serves this machine only.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="FSLM_API_KEY", help="Require Authorization: Bearer KEY (env FSLM_API_KEY).")
+    ] = None,
+    max_queue: Annotated[int, typer.Option(min=1, help="Requests in flight before answering 503.")] = 64,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most requests generated together at one stage.")] = 32,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for.")] = 4096,
+    max_body: Annotated[int, typer.Option(min=1, help="Largest request body in bytes (413 beyond).")] = 1 << 20,
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a request may take, queueing included.")] = 300.0,
+    cors_origin: Annotated[
+        list[str] | None, typer.Option(help="Allow browser calls from this origin (repeat).")
+    ] = None,
+    backend: Annotated[
+        str | None, typer.Option(help="Backend: torch, llamacpp or openai (default: the manifest's base.backend).")
+    ] = None,
+) -> None:
+    """Serve the stack: OpenAI-compatible API (/v1/chat/completions), per-stage streaming, and a web page at /."""
+    from fslm.config import load_config
+    from fslm.serve import ServeOptions
+    from fslm.serve import serve as run_server
+    from fslm.stack import Stack
+
+    config = load_config(directory)  # validate before the (slow) model load
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        err.print(f"[yellow]warning:[/] serving on {host} without --api-key: anyone who can reach it can use it")
+    with err.status(f"loading {config.base.model}"):
+        stack = Stack.load(directory, backend=backend)
+    options = ServeOptions(
+        api_key=api_key or None,
+        max_body=max_body,
+        max_queue=max_queue,
+        max_batch=max_batch,
+        max_tokens=max_tokens,
+        timeout=timeout,
+        cors_origins=tuple(cors_origin or ()),
+    )
+    err.print(f"serving [bold]{config.name}[/] on http://{host}:{port}/ (OpenAI base_url http://{host}:{port}/v1)")
+    run_server(stack, host=host, port=port, options=options)
+
+
 def main() -> None:
     app()
 

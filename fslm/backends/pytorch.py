@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 from fslm import models
 from fslm.backends import Completion, TextCallback, TokenizerPrompts, cut_at_stop, fit_to_context
@@ -77,15 +78,16 @@ class TorchBackend(TokenizerPrompts):
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if settings.stop:
             kwargs.update(stop_strings=settings.stop, tokenizer=tok)
+        streamer = _RowStreamer(tok, len(prompts), set(self.eos_ids), on_text) if on_text is not None else None
         with torch.inference_mode(), self.use_adapter(adapter):
-            out = self.model.generate(**enc, **kwargs)
+            out = self.model.generate(**enc, **kwargs, streamer=streamer)
         new = out[:, enc["input_ids"].shape[1] :].tolist()
         results = []
         for n_prompt, ids in zip(lengths, new, strict=True):
             n = next((i + 1 for i, t in enumerate(ids) if t in self.eos_ids), len(ids))
             text = tok.decode(ids[:n], skip_special_tokens=True)
-            if on_text is not None:
-                on_text(len(results), text)
+            if streamer is not None:
+                streamer.flush(len(results), text)
             results.append(Completion(cut_at_stop(text, settings.stop).strip(), int(n_prompt), n))
         return results
 
@@ -108,6 +110,53 @@ class TorchBackend(TokenizerPrompts):
             raise FslmError(f"adapter {adapter!r} is not loaded (loaded: {', '.join(self.adapters) or 'none'})")
         self.model.set_adapter(adapter)
         return contextlib.nullcontext()
+
+
+class _RowStreamer(BaseStreamer):
+    """Per-row incremental decoding of a batched generate, so `on_text` sees text token by token.
+
+    transformers calls `put` with the prompt ids first, then with one new token per row each step. A row's text is
+    re-decoded from all its tokens (byte-level BPE can only be decoded whole) and only the new suffix is sent; a
+    trailing U+FFFD (half a multi-byte character) is held back. `flush` sends what remains of the final text, so
+    the deltas concatenate to exactly the text `generate` returns.
+    """
+
+    def __init__(self, tokenizer: Any, rows: int, eos: set[int], on_text: TextCallback) -> None:
+        self.tokenizer = tokenizer
+        self.on_text = on_text
+        self.eos = eos
+        self.ids: list[list[int]] = [[] for _ in range(rows)]
+        self.sent = [""] * rows
+        self.finished = [False] * rows
+        self.prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:  # the first call carries the prompts
+            self.prompt_seen = True
+            return
+        tokens = value.reshape(len(self.ids), -1).tolist()
+        for row, new in enumerate(tokens):
+            if self.finished[row]:
+                continue
+            for t in new:
+                if t in self.eos:
+                    self.finished[row] = True
+                    break
+                self.ids[row].append(t)
+            text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True).rstrip("\ufffd")
+            self._send(row, text)
+
+    def end(self) -> None:
+        pass
+
+    def flush(self, row: int, final: str) -> None:
+        self._send(row, final)
+
+    def _send(self, row: int, text: str) -> None:
+        sent = self.sent[row]
+        if len(text) > len(sent) and text.startswith(sent):
+            self.sent[row] = text
+            self.on_text(row, text[len(sent) :])
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
