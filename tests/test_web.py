@@ -1,0 +1,75 @@
+"""The web page at / in real headless Chromium: type, run, one card per stage fills in as it streams, then the answer."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import make_model_dir
+from test_serve import running, tiny_stack_dir
+
+from fslm.stack import Stack
+
+CHROMIUM = os.environ.get("FSLM_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install -y chromium, or set FSLM_CHROMIUM)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="python playwright is not installed")
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+def test_page_streams_stage_cards_then_the_answer(browser, tmp_path, models_root):
+    directory = tiny_stack_dir(tmp_path, make_model_dir(models_root, "llama", chat=True), adapters=("plan",))
+    stack = Stack.load(directory)
+    names = stack.config.stage_names
+    expected = stack.run("Explain why the sky is blue.")
+    with running(stack) as url:
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url + "/")
+        page.wait_for_function("document.getElementById('title').textContent.includes('answer')")
+        # Record every text the cards show while streaming, to prove they fill in progressively.
+        page.evaluate(
+            """() => { window.seen = [];
+            new MutationObserver(() => { for (const c of document.querySelectorAll('.card.stage'))
+              window.seen.push([c.dataset.stage, c.querySelector('pre').textContent]); })
+            .observe(document.getElementById('stages'), {subtree: true, childList: true, characterData: true}); }"""
+        )
+        page.fill("#instruction", "Explain why the sky is blue.")
+        page.click("#run")
+        page.wait_for_selector("#answer:not([hidden])", timeout=60_000)
+        cards = page.locator(".card.stage")
+        assert [cards.nth(i).get_attribute("data-stage") for i in range(cards.count())] == names
+        for i, result in enumerate(expected.stages):
+            assert cards.nth(i).locator("pre").text_content() == result.output
+            assert "done" in (cards.nth(i).get_attribute("class") or "")
+        assert "adapter plan" in cards.nth(1).locator(".meta").text_content()
+        assert page.locator("#answer-text").text_content() == expected.answer
+        assert page.locator("#status").text_content() == "done"
+        seen = page.evaluate("window.seen")
+        partial = {s for s, text in seen if text and text != expected.outputs[s]}
+        assert partial, "no card ever showed partial text: nothing streamed"
+        # An empty instruction is refused in the page without a request.
+        page.fill("#instruction", "  ")
+        page.click("#run")
+        assert "Type an instruction" in page.locator("#error").text_content()
+        assert not errors, errors
+        page.close()
