@@ -426,6 +426,29 @@ def serve(
     run_server(stack, host=host, port=port, options=options)
 
 
+@app.command()
+@friendly
+def export(
+    directory: StackDir,
+    format: Annotated[str, typer.Option("--format", help="Export format (only gguf: llama.cpp).")] = "gguf",
+    quant: Annotated[
+        str | None,
+        typer.Option(help="Base weights: q8_0, q4_1, f16 or f32 (default: reuse a GGUF base as is, else f16)."),
+    ] = None,
+) -> None:
+    """Write DIR/gguf/: the base model and one GGUF LoRA adapter per stage, for `fslm run --backend llamacpp`."""
+    from fslm.export import export_gguf
+
+    if format != "gguf":
+        raise FslmError(f"--format {format!r}: only gguf is supported")
+    with err.status("exporting") as status:
+        manifest = export_gguf(directory, quant, on_step=lambda msg: status.update(f"exporting {msg}"))
+    out.print(
+        f"Exported to {directory / 'gguf'}: base ({manifest['base']['quant']}) + "
+        f"{len(manifest['adapters'])} adapter(s) ({', '.join(manifest['adapters']) or 'none'})"
+    )
+
+
 def main() -> None:
     app()
 

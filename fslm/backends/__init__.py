@@ -106,6 +106,7 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
 BACKENDS = {
     "torch": "fslm.backends.pytorch:TorchBackend",
     "openai": "fslm.backends.openai:OpenAIBackend",
+    "llamacpp": "fslm.backends.llamacpp:LlamaCppBackend",
 }
 
 

@@ -1,0 +1,417 @@
+"""`fslm export --format gguf`: the base model and one LoRA adapter per stage as GGUF files for llama.cpp.
+
+Layout of `DIR/gguf/` (see docs/export.md):
+- `base.gguf` (or a link to the shipped GGUF of the embedded model when it already has the requested type),
+- `<stage>.lora.gguf` per stage that has a PEFT adapter,
+- `manifest.json`: what was written, from which source files (sha256), with which library versions.
+
+Written from the GGUF format itself with the `gguf` package: llama.cpp's tensor names, the rotary row order that
+llama.cpp expects for Llama q/k projections, and the adapter metadata llama.cpp reads (`general.type=adapter`,
+`adapter.type=lora`, `adapter.lora.alpha`). Only the Llama architecture (Llama, SmolLM2, Mistral-like without
+sliding window) is supported for now.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fslm import models
+from fslm.config import load_config
+from fslm.errors import FslmError
+from fslm.files import atomic_write_text, sha256_file
+
+GGUF_DIR = "gguf"
+BASE_FILE = "base.gguf"
+QUANTS = ("f32", "f16", "q8_0", "q4_1")
+SUPPORTED = ("llama",)
+
+# HF module name (inside `model.layers.N.`) -> llama.cpp tensor name (inside `blk.N.`), Llama architecture.
+LLAMA_LAYER_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+LLAMA_GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+
+
+def adapter_file(stage: str) -> str:
+    return f"{stage}.lora.gguf"
+
+
+def rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Reorder the rows of a q/k projection from HF's rotate-half layout to llama.cpp's adjacent-pair layout.
+
+    HF rotates dimension i with i + d/2 within each head; llama.cpp's Llama rope rotates 2i with 2i+1. The same row
+    order must apply to the base weight and to the LoRA B matrix (delta = B A, rows of B are output rows).
+    """
+    rows = w.shape[0]
+    head_dim = rows // n_head
+    return w.reshape(n_head, 2, head_dim // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# --- the base model ---------------------------------------------------------------------------------------------
+
+
+def _hf_config(model_dir: Path) -> dict[str, Any]:
+    return json.loads((model_dir / "config.json").read_text())
+
+
+def _hf_tensors(model_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """All tensors of a safetensors model as float32 numpy arrays (bf16 goes through torch)."""
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FslmError(f"{model_dir}: no *.safetensors weights to export")
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                yield key, st.get_tensor(key).float().numpy()
+
+
+def _llama_name(hf: str) -> str | None:
+    stem = hf.removesuffix(".weight")
+    if stem in LLAMA_GLOBAL_NAMES:
+        return LLAMA_GLOBAL_NAMES[stem] + ".weight"
+    parts = stem.split(".")
+    if len(parts) >= 4 and parts[0] == "model" and parts[1] == "layers":
+        sub = ".".join(parts[3:])
+        if sub in LLAMA_LAYER_NAMES and hf.endswith(".weight"):
+            return f"blk.{parts[2]}.{LLAMA_LAYER_NAMES[sub]}.weight"
+    return None
+
+
+def _encode(data: np.ndarray, quant: str, name: str) -> tuple[np.ndarray, Any]:
+    """(data, raw type) for a tensor: norms and 1-D tensors stay f32, matrices take the requested type."""
+    import gguf
+
+    if data.ndim == 1 or quant == "f32" or name.endswith("_norm.weight"):
+        return data.astype(np.float32), None
+    if quant == "f16":
+        return data.astype(np.float16), None
+    qtype = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_1": gguf.GGMLQuantizationType.Q4_1}[quant]
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if data.shape[-1] % block:  # llama.cpp quantises whole rows of blocks; a ragged row stays f16
+        return data.astype(np.float16), None
+    return gguf.quants.quantize(data.astype(np.float32), qtype), qtype
+
+
+def _tokenizer_fields(writer: Any, model_dir: Path, cfg: dict[str, Any], copy_from: Path | None) -> None:
+    """gpt2-style BPE vocabulary + merges (what llama.cpp loads for byte-level BPE tokenizers)."""
+    import gguf
+
+    if copy_from is not None:  # the shipped GGUF's tokenizer is exactly what llama.cpp already accepts
+        reader = gguf.GGUFReader(copy_from)
+        for key, field in reader.fields.items():
+            if key.startswith("tokenizer."):
+                vtype = field.types[0]
+                if vtype == gguf.GGUFValueType.ARRAY:
+                    writer.add_key_value(key, field.contents(), vtype, sub_type=field.types[-1])
+                else:
+                    writer.add_key_value(key, field.contents(), vtype)
+        return
+    tj = model_dir / "tokenizer.json"
+    if not tj.is_file():
+        raise FslmError(f"{model_dir}: no tokenizer.json; only byte-level BPE tokenizers can be exported")
+    data = json.loads(tj.read_text())
+    model = data.get("model", {})
+    if model.get("type") != "BPE":
+        raise FslmError(f"{tj}: tokenizer model {model.get('type')!r} is not BPE; cannot export it to GGUF")
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {t["content"]: t for t in data.get("added_tokens", [])}
+    for content, t in added.items():
+        vocab[content] = t["id"]
+    n_vocab = max(int(cfg.get("vocab_size", 0)), max(vocab.values()) + 1)
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    types = [gguf.TokenType.UNUSED] * n_vocab
+    for text, i in vocab.items():
+        tokens[i] = text
+        t = added.get(text)
+        types[i] = (
+            gguf.TokenType.NORMAL
+            if t is None
+            else gguf.TokenType.CONTROL
+            if t.get("special")
+            else gguf.TokenType.USER_DEFINED
+        )
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_add_bos_token(False)
+    for key, add in (
+        ("bos_token_id", writer.add_bos_token_id),
+        ("eos_token_id", writer.add_eos_token_id),
+        ("pad_token_id", writer.add_pad_token_id),
+    ):
+        value = cfg.get(key)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if isinstance(value, int):
+            add(value)
+
+
+def write_base_gguf(model_dir: Path, out: Path, quant: str, tokenizer_from: Path | None = None) -> None:
+    """Write an HF Llama-architecture safetensors model as one GGUF file (atomically)."""
+    import gguf
+
+    cfg = _hf_config(model_dir)
+    arch = cfg.get("model_type", "unknown")
+    if arch not in SUPPORTED:
+        raise FslmError(f"{model_dir}: GGUF export supports {', '.join(SUPPORTED)} models, not {arch!r}")
+    n_head = int(cfg["num_attention_heads"])
+    n_kv = int(cfg.get("num_key_value_heads") or n_head)
+    hidden = int(cfg["hidden_size"])
+    head_dim = int(cfg.get("head_dim") or hidden // n_head)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    w.add_name(model_dir.name)
+    w.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
+    w.add_embedding_length(hidden)
+    w.add_block_count(int(cfg["num_hidden_layers"]))
+    w.add_feed_forward_length(int(cfg["intermediate_size"]))
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
+    w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
+    w.add_vocab_size(int(cfg["vocab_size"]))
+    w.add_file_type(
+        {
+            "f32": gguf.LlamaFileType.ALL_F32,
+            "f16": gguf.LlamaFileType.MOSTLY_F16,
+            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+            "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+        }[quant]
+    )
+    if (cfg.get("rope_scaling") or {}).get("rope_type", "default") not in ("default", None):
+        raise FslmError(f"{model_dir}: rope_scaling {cfg['rope_scaling']} is not supported by the GGUF export")
+    _tokenizer_fields(w, model_dir, cfg, tokenizer_from)
+    for hf, data in _hf_tensors(model_dir):
+        name = _llama_name(hf)
+        if name is None:
+            if "rotary_emb" in hf:
+                continue
+            raise FslmError(f"{model_dir}: tensor {hf!r} has no llama.cpp name; cannot export this model")
+        if name.endswith("attn_q.weight"):
+            data = rope_permute(data, n_head)
+        elif name.endswith("attn_k.weight"):
+            data = rope_permute(data, n_kv)
+        data, raw = _encode(data, quant, name)
+        w.add_tensor(name, data, raw_dtype=raw)
+    _finish(w, tmp, out)
+
+
+def _finish(writer: Any, tmp: Path, out: Path) -> None:
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# --- adapters ---------------------------------------------------------------------------------------------------
+
+
+def _peft_config(adapter_dir: Path) -> dict[str, Any]:
+    path = adapter_dir / "adapter_config.json"
+    if not path.is_file():
+        raise FslmError(f"{adapter_dir}: no adapter_config.json (not a PEFT adapter)")
+    cfg = json.loads(path.read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise FslmError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(key):
+            raise FslmError(f"{path}: {key} is set; GGUF LoRA has one alpha per file, cannot export it")
+    if cfg.get("use_dora"):
+        raise FslmError(f"{path}: DoRA adapters cannot be exported to GGUF")
+    return cfg
+
+
+def write_adapter_gguf(adapter_dir: Path, base_cfg: dict[str, Any], out: Path, dtype: str = "f32") -> dict[str, Any]:
+    """Convert one PEFT LoRA adapter (Llama architecture) to a llama.cpp GGUF LoRA adapter; returns a summary.
+
+    Tensor pairs are `blk.N.<name>.weight.lora_a` (numpy shape (r, in)) and `.lora_b` ((out, r)); llama.cpp scales
+    B·A by alpha / r with r read from the tensors, so rsLoRA's alpha / sqrt(r) is written as alpha·sqrt(r).
+    """
+    import gguf
+    from safetensors import safe_open
+
+    cfg = _peft_config(adapter_dir)
+    r = int(cfg["r"])
+    alpha = float(cfg.get("lora_alpha", r))
+    if cfg.get("use_rslora"):
+        alpha *= math.sqrt(r)
+    n_head = int(base_cfg["num_attention_heads"])
+    n_kv = int(base_cfg.get("num_key_value_heads") or n_head)
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise FslmError(f"{adapter_dir}: no adapter_model.safetensors")
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    with safe_open(str(weights), framework="pt") as st:
+        for key in st.keys():
+            if ".lora_A." not in key and ".lora_B." not in key:
+                raise FslmError(f"{weights}: tensor {key!r} is not a LoRA A/B matrix (modules_to_save?); cannot export")
+            module, ab = key.rsplit(".lora_", 1)
+            hf = module.removeprefix("base_model.model.") + ".weight"
+            name = _llama_name(hf)
+            if name is None:
+                raise FslmError(f"{weights}: LoRA on {module!r} has no llama.cpp tensor name")
+            pairs.setdefault(name, {})[ab[0]] = st.get_tensor(key).float().numpy()
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    w.add_name(f"{adapter_dir.name} LoRA")
+    np_dtype = np.float16 if dtype == "f16" else np.float32
+    for name in sorted(pairs):
+        ab = pairs[name]
+        if set(ab) != {"A", "B"}:
+            raise FslmError(f"{weights}: {name} has only lora_{''.join(ab)}")
+        a, b = ab["A"], ab["B"]
+        if name.endswith("attn_q.weight"):
+            b = rope_permute(b, n_head)
+        elif name.endswith("attn_k.weight"):
+            b = rope_permute(b, n_kv)
+        w.add_tensor(f"{name}.lora_a", a.astype(np_dtype))
+        w.add_tensor(f"{name}.lora_b", b.astype(np_dtype))
+    _finish(w, tmp, out)
+    return {"r": r, "alpha": alpha, "tensors": 2 * len(pairs)}
+
+
+# --- the command ------------------------------------------------------------------------------------------------
+
+
+def _base_source(ref: models.BaseRef, settings: Any) -> Path:
+    """An HF safetensors directory for the base (the de-quantised cache for a GGUF base)."""
+    if ref.kind == "dir":
+        return Path(ref.location)
+    if ref.kind == "gguf":
+        cache = models.gguf_cache_dir(ref, settings)
+        if not (cache / "config.json").is_file():
+            models.load_base(ref, settings)  # de-quantises once into the cache
+        if not (cache / "config.json").is_file():
+            raise FslmError(f"could not de-quantise {ref.location} into {cache}")
+        return cache
+    raise FslmError(f"{ref.location}: export needs a local base model (a directory or .gguf file), not a hub id")
+
+
+def _gguf_heads(path: Path) -> dict[str, Any]:
+    """The attention head counts of a GGUF base (what the q/k row permutation of the adapters needs)."""
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields
+    arch = fields["general.architecture"].contents()
+    n_head = int(fields[f"{arch}.attention.head_count"].contents())
+    kv = fields.get(f"{arch}.attention.head_count_kv")
+    return {"num_attention_heads": n_head, "num_key_value_heads": int(kv.contents()) if kv else n_head}
+
+
+def _gguf_file_type(path: Path) -> str | None:
+    import gguf
+
+    field = gguf.GGUFReader(path).fields.get("general.file_type")
+    if field is None:
+        return None
+    return {0: "f32", 1: "f16", 3: "q4_1", 7: "q8_0"}.get(int(field.contents()))
+
+
+def export_gguf(
+    directory: str | Path,
+    quant: str | None = None,
+    on_step: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Write DIR/gguf/ (base + one adapter per stage with a PEFT adapter) and return the manifest."""
+    from fslm.stack import Stack
+
+    directory = Path(directory)
+    config = load_config(directory)
+    if quant is not None and quant not in QUANTS:
+        raise FslmError(f"--quant {quant!r}: choose one of {', '.join(QUANTS)}")
+    ref = models.resolve(config.base.model, directory)
+    arch = models.architecture(ref)
+    if arch not in SUPPORTED:
+        raise FslmError(f"{config.base.model}: GGUF export supports {', '.join(SUPPORTED)} models, not {arch!r}")
+    out = directory / GGUF_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    step = on_step or (lambda _: None)
+
+    base_path = out / BASE_FILE
+    shipped_type = _gguf_file_type(Path(ref.location)) if ref.kind == "gguf" else None
+    tmp_link = base_path.with_name(f".{BASE_FILE}.{os.getpid()}.tmp")
+    if ref.kind == "gguf" and quant in (None, shipped_type):
+        step(f"base: linking {Path(ref.location).name} ({shipped_type})")
+        tmp_link.unlink(missing_ok=True)
+        try:
+            tmp_link.symlink_to(ref.location)
+        except OSError:
+            shutil.copyfile(ref.location, tmp_link)
+        os.replace(tmp_link, base_path)
+        quant = shipped_type or "unknown"
+        base_source = ref.location
+    else:
+        quant = quant or "f16"
+        source = _base_source(ref, config.base)
+        step(f"base: writing {quant} GGUF from {source}")
+        write_base_gguf(source, base_path, quant, tokenizer_from=Path(ref.location) if ref.kind == "gguf" else None)
+        base_source = str(source)
+    base_cfg = _gguf_heads(base_path)
+
+    adapter_dtype = "f32" if quant == "f32" else "f16"
+    adapters: dict[str, Any] = {}
+    for stage in config.stages:
+        target = out / adapter_file(stage.name)
+        src = Stack.adapter_dir(directory, stage.name)
+        if not (src / "adapter_model.safetensors").is_file():
+            target.unlink(missing_ok=True)  # a stale adapter from an earlier export would be wrong now
+            continue
+        step(f"adapter: {stage.name}")
+        info = write_adapter_gguf(src, base_cfg, target, adapter_dtype)
+        adapters[stage.name] = {
+            "file": target.name,
+            "source_sha256": sha256_file(src / "adapter_model.safetensors"),
+            **info,
+        }
+    manifest = {
+        "format": "gguf",
+        "architecture": arch,
+        "base": {"file": BASE_FILE, "quant": quant, "source": base_source, "model": config.base.model},
+        "adapters": adapters,
+        "adapter_dtype": adapter_dtype,
+        "versions": {"gguf": _version("gguf"), "llama_cpp_python": _version("llama_cpp_python")},
+    }
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _version(pkg: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(pkg)
+    except PackageNotFoundError:
+        return "?"
