@@ -1,0 +1,266 @@
+"""The stack as an lm-evaluation-harness model: `--model fslm --model_args stack=DIR,system=stack`.
+
+lm-eval 0.4.13 has no plugin discovery, so `fslm lm-eval ...` imports this module (which registers `fslm`) and then
+hands its arguments to lm-eval's own CLI. Systems:
+
+- `base`: the bare base model on the raw lm-eval context (no stage prompt), scored as lm-eval's `hf` model does.
+- `single`: the single-adapter baseline (`adapters/single/`), prompt from `fslm.train_data.single_prompt`.
+- `stack`: stages 1..N-1 generate once per distinct context (cached: all answer choices share it); the final stage
+  scores the continuation after its own prompt, built from the context and the earlier stages' outputs.
+  `ablate=<stage>` runs that stage on the bare base model.
+
+Scores are pinned: fixed batch size (model_args `batch_size`, default 8), right padding, float32 log-softmax, and
+requests sorted by length, so a score does not depend on how lm-eval batches requests.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from fslm.errors import FslmError
+
+SYSTEMS = ("base", "single", "stack")
+Progress = Callable[[str, int, int], None]  # (what, done, total)
+
+
+@register_model("fslm")
+class FslmLM(TemplateLM):
+    """lm-eval model over a `Stack`; `stack` is a directory (CLI) or a loaded `Stack` (fslm eval reuses one)."""
+
+    def __init__(
+        self,
+        stack: Any,
+        system: str = "stack",
+        ablate: str | None = None,
+        batch_size: int | str = 8,
+        backend: str | None = None,
+        stage_tokens: int | str | None = None,
+        progress: Progress | None = None,
+        **_: Any,  # lm-eval passes device etc.; the stack's manifest decides those
+    ) -> None:
+        super().__init__()
+        from fslm.stack import Stack
+
+        self.stack = stack if isinstance(stack, Stack) else Stack.load(str(stack), backend=backend)
+        if system not in SYSTEMS:
+            raise FslmError(f"model_args system={system!r}: expected one of {', '.join(SYSTEMS)}")
+        if ablate and system != "stack":
+            raise FslmError("model_args ablate= needs system=stack")
+        names = [s.name for s in self.stack.config.stages]
+        if ablate and ablate not in names:
+            raise FslmError(f"model_args ablate={ablate!r}: no such stage (stages: {', '.join(names)})")
+        if not hasattr(self.stack.backend, "model"):
+            raise FslmError("lm-eval scoring needs the torch backend (base.backend: torch)")
+        self.system, self.ablate = system, ablate
+        self.fixed_batch = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" would move scores: pinned
+        self.progress = progress
+        self.stage_tokens = int(stage_tokens) if stage_tokens else None  # cap for stages 1..N-1 (None: manifest)
+        self.final = self.stack.config.final_stage
+        if system == "single":
+            from fslm.train import load_single
+
+            load_single(self.stack)
+        self.prefix_cache: dict[str, dict[str, str]] = {}  # context -> earlier stages' outputs
+        self.stage_calls = 0  # contexts sent through stages 1..N-1 (the cache test counts these)
+        self.scored_tokens = 0
+        self.seconds = 0.0
+
+    # --- what runs where ----------------------------------------------------------------------------
+
+    @property
+    def adapters(self) -> dict[str, str | None]:
+        """The adapter each stage uses for this system (None = bare base)."""
+        if self.system == "base":
+            return {s.name: None for s in self.stack.config.stages}
+        if self.system == "single":
+            return {self.final.name: "single"}
+        chosen = {s.name: self.stack.stage_adapter(s.name) for s in self.stack.config.stages}
+        if self.ablate:
+            chosen[self.ablate] = None
+        return chosen
+
+    @property
+    def final_adapter(self) -> str | None:
+        return self.adapters[self.final.name]
+
+    def parameters_per_query(self) -> int:
+        """Parameters touched per query: the base once plus each distinct adapter used (LoRA weights)."""
+        used = {a for a in self.adapters.values() if a}
+        base = extra = 0
+        for name, p in self.stack.backend.model.named_parameters():
+            if "lora_" not in name:
+                base += p.numel()
+            elif any(f".{a}." in name for a in used):
+                extra += p.numel()
+        return int(base + extra)
+
+    # --- tokenizer plumbing (as lm-eval's hf model) --------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.stack.backend.tokenizer
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.eot_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self.stack.backend.context_length
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        if add_special_tokens is None:
+            return self.tokenizer.encode(string)
+        return self.tokenizer.encode(string, add_special_tokens=add_special_tokens)
+
+    # --- loglikelihood -----------------------------------------------------------------------------
+
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        if self.system == "base":
+            return super().loglikelihood(requests, disable_tqdm=True)
+        pairs = [req.args for req in requests]
+        outputs = self._earlier_outputs([c for c, _ in pairs])
+        chat = getattr(self.stack.backend, "chat", False)
+        new_reqs = []
+        for context, continuation in pairs:
+            prompt = self._final_prompt(context, outputs.get(context, {}))
+            ctx = self.tokenizer.encode(prompt, add_special_tokens=not chat)
+            # the stage's answer starts a new line after the prompt: drop lm-eval's leading target delimiter
+            cont = self.tokenizer.encode(continuation.lstrip(" "), add_special_tokens=False)
+            new_reqs.append(((context, continuation), ctx, cont))
+        return self._loglikelihood_tokens(new_reqs)
+
+    def _final_prompt(self, context: str, outputs: dict[str, str]) -> str:
+        if self.system == "single":
+            from fslm.train_data import single_prompt
+
+            return single_prompt(self.stack, context.strip())
+        return self.stack.render_prompt(self.final, instruction=context.strip(), outputs=outputs)
+
+    def _earlier_outputs(self, contexts: list[str]) -> dict[str, dict[str, str]]:
+        """Run stages 1..N-1 once per distinct context not seen before; all answer choices share the result."""
+        n = len(self.stack.config.stages)
+        if self.system != "stack" or n < 2:
+            return {}
+        todo = list(dict.fromkeys(c for c in contexts if c not in self.prefix_cache))
+        done = 0
+        for i in range(0, len(todo), self.fixed_batch):
+            chunk = todo[i : i + self.fixed_batch]
+            start = time.perf_counter()
+            traces = self.stack.run_batch(
+                [c.strip() for c in chunk], adapters=self.adapters, stages=n - 1, max_new_tokens=self.stage_tokens
+            )
+            self.seconds += time.perf_counter() - start
+            self.stage_calls += len(chunk)
+            for context, trace in zip(chunk, traces, strict=True):
+                self.prefix_cache[context] = trace.outputs
+            done += len(chunk)
+            self._report("earlier stages", done, len(todo))
+        return {c: self.prefix_cache[c] for c in contexts}
+
+    def _loglikelihood_tokens(
+        self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False, **_: Any
+    ) -> list[tuple[float, bool]]:
+        """Sum of log-probs of the continuation tokens + whether greedy decoding would produce them."""
+        model = self.stack.backend.model
+        device = self.stack.backend.base_model.device
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
+        order = sorted(range(len(requests)), key=lambda i: (-len(requests[i][1]) - len(requests[i][2]), i))
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        start = time.perf_counter()
+        for b in range(0, len(order), self.fixed_batch):
+            batch = order[b : b + self.fixed_batch]
+            rows, spans = [], []
+            for i in batch:
+                _, ctx, cont = requests[i]
+                whole = (ctx + cont)[-(self.max_length + 1) :][:-1]  # left-truncate like lm-eval's hf model
+                rows.append(whole)
+                spans.append((len(whole) - len(cont), cont))
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for j, r in enumerate(rows):  # right padding: real tokens keep their positions
+                ids[j, : len(r)] = torch.tensor(r)
+                mask[j, : len(r)] = 1
+            with torch.inference_mode(), self.stack.backend.use_adapter(self.final_adapter):
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+            for j, i in enumerate(batch):
+                first, cont = spans[j]
+                lp = logprobs[j, first - 1 + 0 : first - 1 + len(cont)] if first > 0 else None
+                if lp is None:  # cannot happen: the context always holds at least one token
+                    raise FslmError("empty context after truncation")
+                target = torch.tensor(cont)
+                greedy = bool((lp.argmax(dim=-1) == target).all())
+                results[i] = (float(lp.gather(1, target[:, None]).sum()), greedy)
+                self.scored_tokens += len(cont)
+            self._report("scoring", min(b + self.fixed_batch, len(order)), len(order))
+        self.seconds += time.perf_counter() - start
+        return results
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        """Perplexity-style scoring of raw text with the final stage's adapter (no stage prompt: the text is the
+        document itself, there is no instruction to prompt with). `base` uses the bare model, `single` its adapter."""
+        out = []
+        for req in requests:
+            (text,) = req.args
+            windows = [
+                make_disjoint_window(w)
+                for w in get_rolling_token_windows(
+                    token_list=self.tok_encode(text),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                )
+            ]
+            scores = self._loglikelihood_tokens([(None, c, t) for c, t in windows])
+            out.append(sum(s for s, _ in scores))
+        return out
+
+    # --- generation --------------------------------------------------------------------------------
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        """The whole stack's final answer; `until` and `max_gen_toks` apply to the final stage."""
+        backend = self.stack.backend
+        answers: list[str] = []
+        for b in range(0, len(requests), self.fixed_batch):
+            chunk = [req.args for req in requests[b : b + self.fixed_batch]]
+            contexts = [c for c, _ in chunk]
+            outputs = self._earlier_outputs(contexts)
+            start = time.perf_counter()
+            for context, kwargs in chunk:  # gen kwargs may differ per request: one call each keeps them exact
+                kwargs = dict(kwargs or {})
+                until = kwargs.get("until") or []
+                until = [until] if isinstance(until, str) else list(until)
+                settings = self.final.generation.model_copy(
+                    update={
+                        "max_new_tokens": int(kwargs.get("max_gen_toks", self.final.generation.max_new_tokens)),
+                        "stop": [*self.final.generation.stop, *until],
+                        "temperature": float(kwargs.get("temperature", 0.0) or 0.0),
+                    }
+                )
+                if self.system == "base":
+                    prompt = context
+                else:
+                    prompt = self._final_prompt(context, outputs.get(context, {}))
+                (c,) = backend.generate([prompt], self.final_adapter, settings, label=self.final.name)
+                answers.append(c.text)
+            self.seconds += time.perf_counter() - start
+            self._report("generating", len(answers), len(requests))
+        return answers
+
+    def _report(self, what: str, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(what, done, total)

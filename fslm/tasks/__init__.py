@@ -1,0 +1,1 @@
+"""Offline lm-eval task configs (YAML) and their loaders (utils.py); see docs/eval.md."""

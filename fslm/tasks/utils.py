@@ -1,0 +1,246 @@
+"""Offline loaders and prompt helpers for fslm's lm-eval tasks (`fslm/tasks/*.yaml`).
+
+Each YAML names a loader here as `custom_dataset`; lm-eval calls it with the task metadata, which carries
+`data_dir` (set by `fslm eval --data-dir`, or `--metadata '{"data_dir": ...}'` / env FSLM_DATA_DIR with
+`fslm lm-eval`) and optionally `subset` + `seed` (a fixed random subset, the same for every system and run).
+Nothing is fetched from the hub: the files are the layouts described in the shared data README.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+# task -> files under the data dir (globs); also what `fslm eval` hashes into results.json
+FILES: dict[str, str] = {
+    "arc_easy": "arc/ARC-Easy-Test.jsonl",
+    "arc_challenge": "arc/ARC-Challenge-Test.jsonl",
+    "mmlu": "mmlu/test/*_test.csv",
+    "hellaswag": "hellaswag/hellaswag_val_sample1000.jsonl",
+    "winogrande": "winogrande/winogrande.jsonl",
+    "piqa": "piqa/valid*",
+    "boolq": "boolq/val.jsonl",
+    "openbookqa": "openbookqa/test.tsv",
+    "truthfulqa_mc1": "truthfulqa/v0/mc_task.json",
+    "truthfulqa_mc2": "truthfulqa/v0/mc_task.json",
+    "gsm8k": "gsm8k/test.jsonl",
+}
+
+
+def _data_dir(kwargs: dict[str, Any]) -> Path:
+    where = kwargs.get("data_dir") or os.environ.get("FSLM_DATA_DIR")
+    if not where:
+        raise ValueError("fslm tasks need a data directory: fslm eval --data-dir, or --metadata '{\"data_dir\": ...}'")
+    path = Path(where)
+    if not path.is_dir():
+        raise ValueError(f"{path}: the data directory does not exist")
+    return path
+
+
+def _file(kwargs: dict[str, Any], rel: str) -> Path:
+    path = _data_dir(kwargs) / rel
+    if not path.is_file():
+        raise ValueError(f"{path}: missing (see the data README for the layout)")
+    return path
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _dataset(rows: list[dict[str, Any]], kwargs: dict[str, Any]) -> Any:
+    """A DatasetDict with one `test` split; a fixed random subset when `subset` is given (seeded, order kept)."""
+    import datasets
+
+    subset = kwargs.get("subset")
+    if subset and int(subset) < len(rows):
+        rng = random.Random(int(kwargs.get("seed", 1234)))
+        keep = sorted(rng.sample(range(len(rows)), int(subset)))
+        rows = [rows[i] for i in keep]
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+
+
+# --- loaders (one per task) --------------------------------------------------------------------------
+
+
+def _arc(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for r in _jsonl(path):
+        choices = r["question"]["choices"]
+        labels = [c["label"] for c in choices]
+        rows.append(
+            {
+                "id": r["id"],
+                "question": r["question"]["stem"],
+                "choices": [c["text"] for c in choices],
+                "gold": labels.index(r["answerKey"]),
+            }
+        )
+    return rows
+
+
+def arc_easy(**kwargs: Any) -> Any:
+    return _dataset(_arc(_file(kwargs, FILES["arc_easy"])), kwargs)
+
+
+def arc_challenge(**kwargs: Any) -> Any:
+    return _dataset(_arc(_file(kwargs, FILES["arc_challenge"])), kwargs)
+
+
+def mmlu(**kwargs: Any) -> Any:
+    rows = []
+    paths = sorted((_data_dir(kwargs) / "mmlu" / "test").glob("*_test.csv"))
+    if not paths:
+        raise ValueError(f"{_data_dir(kwargs) / 'mmlu/test'}: no *_test.csv files")
+    for path in paths:
+        subject = path.name[: -len("_test.csv")]
+        with path.open(encoding="utf-8", newline="") as f:
+            for row in csv.reader(f):
+                if len(row) != 6:
+                    continue
+                rows.append(
+                    {
+                        "subject": subject,
+                        "question": row[0],
+                        "choices": row[1:5],
+                        "gold": "ABCD".index(row[5].strip()),
+                    }
+                )
+    return _dataset(rows, kwargs)
+
+
+def mmlu_text(doc: dict[str, Any]) -> str:
+    """lm-eval's mmlu prompt, with its per-subject description (lm-eval puts it in `description`)."""
+    subject = doc["subject"].replace("_", " ")
+    letters = "".join(f"\n{k}. {c}" for k, c in zip("ABCD", doc["choices"], strict=True))
+    return (
+        f"The following are multiple choice questions (with answers) about {subject}.\n\n"
+        f"{doc['question'].strip()}{letters}\nAnswer:"
+    )
+
+
+def _hellaswag_clean(text: str) -> str:
+    """lm-eval's hellaswag.preprocess."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
+def hellaswag(**kwargs: Any) -> Any:
+    rows = []
+    for r in _jsonl(_file(kwargs, FILES["hellaswag"])):
+        ctx = r["ctx_a"] + " " + r["ctx_b"].capitalize()
+        rows.append(
+            {
+                "query": _hellaswag_clean(r["activity_label"] + ": " + ctx),
+                "choices": [_hellaswag_clean(e) for e in r["endings"]],
+                "gold": int(r["label"]),
+            }
+        )
+    return _dataset(rows, kwargs)
+
+
+def winogrande(**kwargs: Any) -> Any:
+    rows = [
+        {"options": r["context_options"], "continuation": r["continuation"], "gold": int(r["gold"])}
+        for r in _jsonl(_file(kwargs, FILES["winogrande"]))
+    ]
+    return _dataset(rows, kwargs)
+
+
+def winogrande_text(doc: dict[str, Any]) -> int:
+    """Partial scoring as in lm-eval: the contexts differ per option, the continuation is shared."""
+    return doc["gold"]
+
+
+def winogrande_choices(doc: dict[str, Any]) -> list[str]:
+    return list(doc["options"])
+
+
+def winogrande_target(doc: dict[str, Any]) -> str:
+    return doc["continuation"]
+
+
+def piqa(**kwargs: Any) -> Any:
+    docs = _jsonl(_file(kwargs, "piqa/valid.jsonl"))
+    labels = _file(kwargs, "piqa/valid-labels.lst").read_text(encoding="utf-8").split()
+    if len(labels) != len(docs):
+        raise ValueError(f"piqa: {len(docs)} items but {len(labels)} labels")
+    rows = [{"goal": d["goal"], "choices": [d["sol1"], d["sol2"]], "gold": int(g)} for d, g in zip(docs, labels, strict=True)]
+    return _dataset(rows, kwargs)
+
+
+def boolq(**kwargs: Any) -> Any:
+    rows = [
+        {"passage": r["passage"], "question": r["question"], "gold": int(bool(r["label"]))}
+        for r in _jsonl(_file(kwargs, FILES["boolq"]))
+    ]
+    return _dataset(rows, kwargs)
+
+
+def openbookqa(**kwargs: Any) -> Any:
+    rows = []
+    with _file(kwargs, FILES["openbookqa"]).open(encoding="utf-8", newline="") as f:
+        for r in csv.DictReader(f, delimiter="\t"):
+            parts = re.split(r"\(([A-D])\) ", r["Choices"])[1:]  # [label, text, label, text, ...]
+            labels, texts = parts[0::2], [t.strip() for t in parts[1::2]]
+            rows.append({"question_stem": r["Question Stem"], "choices": texts, "gold": labels.index(r["Answer Key"])})
+    return _dataset(rows, kwargs)
+
+
+# lm-eval's truthfulqa_mc1/mc2 six-shot QA preamble
+TRUTHFULQA_PRIMER = (
+    "Q: What is human life expectancy in the United States?\n"
+    "A: Human life expectancy in the United States is 78 years.\n\n"
+    "Q: Who was president of the United States in 1955?\n"
+    "A: Dwight D. Eisenhower was president of the United States in 1955.\n\n"
+    "Q: Which party did he belong to?\n"
+    "A: He belonged to the Republican Party.\n\n"
+    "Q: What is the square root of banana?\n"
+    "A: I have no comment.\n\n"
+    "Q: How does a telescope work?\n"
+    "A: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\n"
+    "Q: Where were the 1992 Olympics held?\n"
+    "A: The 1992 Olympics were held in Barcelona, Spain."
+)
+
+
+def truthfulqa(**kwargs: Any) -> Any:
+    data = json.loads(_file(kwargs, FILES["truthfulqa_mc1"]).read_text(encoding="utf-8"))
+    rows = []
+    for r in data:
+        mc1, mc2 = r["mc1_targets"], r["mc2_targets"]
+        rows.append(
+            {
+                "question": r["question"],
+                "mc1_choices": list(mc1),
+                "mc1_gold": list(mc1.values()).index(1),
+                "mc2_choices": list(mc2),
+                "mc2_labels": [int(v) for v in mc2.values()],
+            }
+        )
+    return _dataset(rows, kwargs)
+
+
+def truthfulqa_text(doc: dict[str, Any]) -> str:
+    return TRUTHFULQA_PRIMER + "\n\nQ: " + doc["question"] + "\nA:"
+
+
+def truthfulqa_mc2_results(doc: dict[str, Any], results: list[Any]) -> dict[str, float]:
+    """lm-eval's mc2: normalised probability mass on the true answers."""
+    import numpy as np
+
+    lls = np.array([r[0] for r in results])
+    labels = np.array(doc["mc2_labels"])
+    p = np.exp(lls - lls.max())
+    p_true, p_false = p[labels == 1].sum(), p[labels == 0].sum()
+    return {"acc": float(p_true / (p_true + p_false))}
+
+
+def gsm8k(**kwargs: Any) -> Any:
+    return _dataset(_jsonl(_file(kwargs, FILES["gsm8k"])), kwargs)
