@@ -449,6 +449,88 @@ def export(
     )
 
 
+@app.command("eval")
+@friendly
+def eval_cmd(
+    directory: StackDir,
+    data_dir: Annotated[Path, typer.Option(help="Benchmark data directory (layout: docs/eval.md).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Report directory (results.json, report.md, PNG).")],
+    tasks: Annotated[str, typer.Option(help="Comma-separated: arc_easy, arc_challenge, mmlu, hellaswag, ...")] = (
+        "arc_easy,arc_challenge,mmlu"
+    ),
+    systems: Annotated[str, typer.Option(help="Comma-separated: base, single, stack.")] = "base,single,stack",
+    limit: Annotated[int | None, typer.Option(min=1, help="Items per task (a seeded random subset).")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of the subset and of lm-eval.")] = 1234,
+    ablate: Annotated[bool, typer.Option(help="Add one stack row per stage, that stage on the bare base.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Pinned scoring batch size.")] = 8,
+    stage_tokens: Annotated[
+        int | None, typer.Option(min=1, help="Cap new tokens of stages 1..N-1 (default: the manifest's).")
+    ] = None,
+) -> None:
+    """Score base model vs single adapter vs stack on offline benchmarks (lm-evaluation-harness)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from fslm.evaluate import EvalOptions, evaluate
+
+    options = EvalOptions(
+        tasks=[t.strip() for t in tasks.split(",") if t.strip()],
+        data_dir=data_dir,
+        systems=[s.strip() for s in systems.split(",") if s.strip()],
+        limit=limit,
+        seed=seed,
+        ablate=ablate,
+        batch_size=batch_size,
+        stage_tokens=stage_tokens,
+    )
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=False) as bar:
+        ids: dict[str, Any] = {}
+
+        def progress(system: str, what: str, done: int, total: int) -> None:
+            label = f"{system}: {what}"
+            if label not in ids:
+                ids[label] = bar.add_task(label, total=total)
+            bar.update(ids[label], completed=done, total=total)
+
+        results = evaluate(directory, out_dir, options, progress=progress)
+    table = Table("system", *options.tasks, "s/query")
+    for name, s in results["systems"].items():
+        cells = [f"{s['tasks'][t]['accuracy']:.3f} ± {s['tasks'][t]['stderr'] or 0:.3f}" for t in options.tasks]
+        table.add_row(name, *cells, f"{s['seconds_per_query']:.3f}")
+    out.print(table)
+    for w in results["contamination_warnings"]:
+        err.print(f"[yellow]warning:[/] {w}")
+    out.print(f"report: {out_dir / 'report.md'}")
+
+
+@app.command(
+    "lm-eval",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+)
+@friendly
+def lm_eval_cmd(ctx: typer.Context) -> None:
+    """lm-evaluation-harness's own CLI with fslm's model (`--model fslm`) and offline tasks (fslm_*) registered."""
+    import fslm.lm_eval_model  # noqa: F401  registers --model fslm
+    from fslm.evaluate import TASKS_DIR
+
+    argv = list(ctx.args)
+    if argv and argv[0] not in ("run", "ls", "validate", "-h", "--help"):
+        argv = ["run", *argv]  # lm-eval's legacy form (bare options) means `run`; be explicit
+    if argv[:1] and argv[0] != "-h" and argv[0] != "--help" and "--include_path" not in argv:
+        argv += ["--include_path", str(TASKS_DIR)]  # fslm's offline tasks (fslm_arc_easy, ...)
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = ["lm-eval", *argv]
+    cli_evaluate()
+
+
 def main() -> None:
     app()
 
