@@ -150,6 +150,10 @@ class RunState:
             self.done = list(saved.get("done", []))
         elif is_main:
             if self.root.exists():
+                if self.path.is_file() and any(self.root.glob("*/checkpoint-*")):
+                    log.warning(
+                        "discarding the checkpoints of an interrupted run in %s (--resume continues it)", self.root
+                    )
                 shutil.rmtree(self.root)
             self._write()
 
