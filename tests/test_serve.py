@@ -337,3 +337,66 @@ def test_cli_serve_help_and_bad_stack(tmp_path):
     assert r.exit_code == 2 and "Traceback" not in r.output
     r = CliRunner().invoke(app, ["serve", "--help"])
     assert r.exit_code == 0 and "--api-key" in r.output
+
+
+@pytest.mark.slow
+def test_serving_a_stack_whose_stages_run_on_a_real_llama_cpp_server(tmp_path):
+    """Remote stages: every stage is its own model name on `python -m llama_cpp.server` (the embedded GGUF served
+    under four names, as vLLM would serve four LoRAs); fslm serve fronts it with the same API."""
+    import subprocess
+    import sys
+
+    import openai
+
+    from fslm.config import ServerSettings
+    from fslm.models import ALIASES
+
+    gguf = str(ALIASES["smollm2-135m-instruct"].path())
+    names = ["intent", "plan", "reasoning", "answer"]
+    port = free_port()
+    models = [
+        {"model": gguf, "model_alias": f"smol-{n}", "n_ctx": 2048, "n_threads": 1, "verbose": False} for n in names
+    ]
+    config_file = tmp_path / "llama-server.json"
+    config_file.write_text(
+        json.dumps({"host": "127.0.0.1", "port": port, "interrupt_requests": False, "models": models})
+    )
+    log = open(tmp_path / "llama-server.log", "w+")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--config_file", str(config_file)], stdout=log, stderr=log
+    )
+    try:
+        remote = f"http://127.0.0.1:{port}/v1"
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, (tmp_path / "llama-server.log").read_text()[-2000:]
+            try:
+                if httpx.get(f"{remote}/models", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "llama_cpp.server did not come up in 90 s"
+            time.sleep(0.2)
+        directory = tmp_path / "remote"
+        init_stack(directory)  # the embedded base: its tokenizer renders prompts the server completes
+        config = load_config(directory)
+        config.base.backend = "openai"
+        config.base.server = ServerSettings(url=remote, models={n: f"smol-{n}" for n in names}, max_retries=0)
+        save_config(config, directory)
+        stack = Stack.load(directory)
+        with running(stack) as u:
+            client = openai.OpenAI(base_url=f"{u}/v1", api_key="unused", max_retries=0, timeout=120)
+            done = client.chat.completions.create(
+                model="x", messages=[{"role": "user", "content": "Name a primary colour."}], max_tokens=4
+            )
+            trace = done.model_extra["fslm_trace"]
+            assert [(s["name"], s["adapter"]) for s in trace["stages"]] == [(n, n) for n in names]
+            assert all(0 < s["output_tokens"] <= 4 for s in trace["stages"])
+            assert done.choices[0].message.content == trace["answer"]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
