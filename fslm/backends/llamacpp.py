@@ -43,6 +43,7 @@ class LlamaCppBackend(TokenizerPrompts):
         n_threads: int | None = None,
         logits_all: bool = False,
         seed: int = 0,
+        **llama_kwargs: Any,
     ) -> None:
         try:
             import llama_cpp
@@ -63,6 +64,7 @@ class LlamaCppBackend(TokenizerPrompts):
                 logits_all=logits_all,
                 seed=seed,
                 verbose=False,
+                **llama_kwargs,  # e.g. type_k/type_v=0 for an f32 KV cache (exactness checks)
             )
         self.adapters: dict[str, Path] = {}
         self._handles: dict[str, Any] = {}
@@ -83,7 +85,9 @@ class LlamaCppBackend(TokenizerPrompts):
         return backend
 
     @classmethod
-    def from_settings(cls, settings: BaseModelSettings, stack_dir: str | Path | None = None) -> LlamaCppBackend:
+    def from_settings(
+        cls, settings: BaseModelSettings, stack_dir: str | Path | None = None, **llama_kwargs: Any
+    ) -> LlamaCppBackend:
         """The exported stack in `stack_dir/gguf/` (base.gguf + manifest.json); adapters come via add_adapter."""
         if stack_dir is None:
             raise FslmError("the llamacpp backend needs a stack directory with an export (fslm export DIR)")
@@ -97,7 +101,7 @@ class LlamaCppBackend(TokenizerPrompts):
         except (ValueError, KeyError, TypeError) as e:
             raise FslmError(f"{manifest}: unreadable export manifest ({e}); re-run fslm export") from None
         tokenizer = models.load_tokenizer(models.resolve(settings.model, stack_dir), settings)
-        backend = cls(base, tokenizer, settings.prompt_format)
+        backend = cls(base, tokenizer, settings.prompt_format, **llama_kwargs)
         backend.export_dir = out
         backend.manifest = info
         return backend
@@ -112,7 +116,8 @@ class LlamaCppBackend(TokenizerPrompts):
         """Load a GGUF LoRA adapter; a PEFT adapter directory of a stack maps to its exported `<name>.lora.gguf`."""
         path = Path(path)
         if path.is_dir():
-            gguf_file = getattr(self, "export_dir", path.parent / GGUF_DIR) / f"{name}.lora.gguf"
+            # a stack's adapters/<stage>/ -> the stack's gguf/<stage>.lora.gguf
+            gguf_file = getattr(self, "export_dir", path.parent.parent / GGUF_DIR) / f"{name}.lora.gguf"
             if not gguf_file.is_file():
                 raise FslmError(
                     f"{gguf_file}: stage {name!r} has an adapter but no GGUF export of it; re-run fslm export"
@@ -156,7 +161,8 @@ class LlamaCppBackend(TokenizerPrompts):
                 top_p=settings.top_p,
                 top_k=0,
                 min_p=0.0,
-                repeat_penalty=settings.repetition_penalty,
+                repeat_penalty=1.0,
+                logits_processor=_repetition_penalty(settings.repetition_penalty),
             ):
                 if token in self.eos_ids:
                     new.append(token)
@@ -223,6 +229,22 @@ class LlamaCppBackend(TokenizerPrompts):
         if getattr(self, "llm", None) is not None:
             self.llm.close()
             self.llm = None
+
+
+def _repetition_penalty(penalty: float) -> list[Any] | None:
+    """transformers' repetition penalty (over prompt AND output, once per distinct token), so greedy text matches
+    the PyTorch backend; llama.cpp's own penalty only looks at a window of the last 64 sampled tokens."""
+    if penalty == 1.0:
+        return None
+
+    def apply(input_ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        seen = np.unique(np.asarray(input_ids, dtype=np.int64))
+        seen = seen[(seen >= 0) & (seen < logits.shape[0])]
+        values = logits[seen]
+        logits[seen] = np.where(values < 0, values * penalty, values / penalty)
+        return logits
+
+    return [apply]
 
 
 def _eos_ids(tokenizer: Any, llm: Any) -> set[int]:

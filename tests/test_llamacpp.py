@@ -1,0 +1,190 @@
+"""The llamacpp backend agrees with the PyTorch backend on the same stack (f32 export, so no quantisation blur)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import CORPUS, make_adapter
+from typer.testing import CliRunner
+
+from fslm.backends.llamacpp import LlamaCppBackend
+from fslm.cli import app
+from fslm.config import GenerationSettings, load_config
+from fslm.errors import FslmError
+from fslm.export import export_gguf
+from fslm.init import init_stack
+from fslm.stack import Stack
+
+STAGES = ("intent", "plan", "reasoning", "answer")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_llama) -> Path:
+    """A tiny Llama stack with a random, non-trivial adapter on every stage, exported as f32 GGUF."""
+    directory = tmp_path_factory.mktemp("llamacpp") / "stack"
+    init_stack(directory, base=str(tiny_llama))
+    for seed, stage in enumerate(STAGES):
+        make_adapter(tiny_llama, "llama", Stack.adapter_dir(directory, stage), seed=seed)
+    export_gguf(directory, "f32")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def torch_stack(exported) -> Stack:
+    return Stack.load(exported, backend="torch")
+
+
+@pytest.fixture(scope="module")
+def llama_stack(exported) -> Stack:
+    """The llamacpp stack with an f32 KV cache (the default f16 cache flips near-ties of a random model)."""
+    config = load_config(exported)
+    return Stack(config, LlamaCppBackend.from_settings(config.base, exported, type_k=0, type_v=0), exported)
+
+
+def _token_ids(tokenizer, n: int = 64) -> list[int]:
+    ids = tokenizer(" ".join(CORPUS))["input_ids"]
+    assert len(ids) >= n
+    return ids[:n]
+
+
+def test_top1_agrees_on_token_ids(exported, torch_stack):
+    """Same token ids through both backends: top-1 agrees at every position, logits within f32 rounding.
+
+    Measured: 100% of 64 positions for the bare base and each of the 4 adapters, max |logit diff| <= 9e-4 with
+    logits up to ~11 (an adapter moves the logits by several units).
+    """
+    tb = torch_stack.backend
+    lb = LlamaCppBackend.from_gguf(
+        exported / "gguf" / "base.gguf",
+        tb.tokenizer,
+        {s: exported / "gguf" / f"{s}.lora.gguf" for s in STAGES},
+        logits_all=True,
+        type_k=0,  # an f32 KV cache: the default f16 cache alone moves random-model logits by ~0.3
+        type_v=0,
+    )
+    ids = _token_ids(tb.tokenizer)
+    try:
+        base_logits = None
+        for adapter in (None, *STAGES):
+            with torch.inference_mode(), tb.use_adapter(adapter):
+                expect = tb.model(torch.tensor([ids])).logits[0].float().numpy()
+            got = lb.logits(ids, adapter)
+            agree = float((expect.argmax(-1) == got.argmax(-1)).mean())
+            diff = float(np.abs(expect - got).max())
+            scale = float(np.abs(expect).max())
+            assert agree == 1.0, f"{adapter}: top-1 agrees on {agree:.0%} of {len(ids)} positions"
+            assert diff < 5e-3, f"{adapter}: max |logit diff| {diff:.5f} (logit scale {scale:.1f})"
+            if adapter is None:
+                base_logits = got
+            else:  # the adapter really changes what llama.cpp computes
+                assert float(np.abs(got - base_logits).max()) > 1.0
+    finally:
+        lb.close()
+
+
+def test_greedy_stack_run_matches_torch(torch_stack, llama_stack):
+    """The 4-stage trace: same shape, same adapters, same prompt token counts, same greedy outputs."""
+    instruction = "What is the capital of France?"
+    expect = torch_stack.run(instruction, max_new_tokens=8).to_dict()
+    got = llama_stack.run(instruction, max_new_tokens=8).to_dict()
+    assert [s["name"] for s in got["stages"]] == list(STAGES)
+    for e, g in zip(expect["stages"], got["stages"], strict=True):
+        assert set(e) == set(g)
+        assert (g["adapter"], g["prompt_tokens"], g["output_tokens"]) == (
+            e["adapter"],
+            e["prompt_tokens"],
+            e["output_tokens"],
+        )
+        assert g["output"] == e["output"]
+
+
+def test_streaming_concatenates_to_output(llama_stack):
+    backend = llama_stack.backend
+    prompt = llama_stack.render_prompt(llama_stack.config.stages[0], "Explain why the sky is blue.", None, {})
+    deltas: list[str] = []
+    [completion] = backend.generate(
+        [prompt], "intent", GenerationSettings(max_new_tokens=12), on_text=lambda row, d: deltas.append(d)
+    )
+    assert completion.output_tokens > 0
+    assert len(deltas) > 1
+    assert "".join(deltas).strip() == completion.text
+
+
+def test_bare_gguf_without_adapters(exported, torch_stack):
+    """from_gguf with no adapters: the bare base model (e.g. a fast teacher), greedy text equal to torch's base."""
+    tb = torch_stack.backend
+    lb = LlamaCppBackend.from_gguf(exported / "gguf" / "base.gguf", tb.tokenizer)
+    try:
+        prompt = tb.format_prompt("You are helpful.", "Give three tips for staying healthy.")
+        settings = GenerationSettings(max_new_tokens=8)
+        [expect] = tb.generate([prompt], None, settings)
+        [got] = lb.generate([prompt], None, settings)
+        assert got.text == expect.text
+        assert (got.prompt_tokens, got.output_tokens) == (expect.prompt_tokens, expect.output_tokens)
+        with pytest.raises(FslmError, match="not loaded"):
+            lb.generate([prompt], "intent", settings)
+    finally:
+        lb.close()
+
+
+def test_changed_adapter_and_missing_export(tmp_path, exported, tiny_llama):
+    directory = tmp_path / "fresh"
+    init_stack(directory, base=str(tiny_llama))
+    result = CliRunner().invoke(app, ["run", str(directory), "hello", "--backend", "llamacpp"])
+    assert result.exit_code == 2
+    assert "fslm export" in result.output
+    # an adapter retrained after the export must not silently run the old GGUF
+    make_adapter(tiny_llama, "llama", Stack.adapter_dir(directory, "intent"), seed=7)
+    export_gguf(directory, "f32")
+    make_adapter(tiny_llama, "llama", Stack.adapter_dir(directory, "intent"), seed=8)
+    with pytest.raises(FslmError, match="changed since the GGUF export"):
+        Stack.load(directory, backend="llamacpp")
+
+
+def test_cli_run_llamacpp_trace(exported):
+    result = CliRunner().invoke(
+        app, ["run", str(exported), "Name a colour.", "--backend", "llamacpp", "--max-new-tokens", "4", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    import json
+
+    trace = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [s["name"] for s in trace["stages"]] == list(STAGES)
+    assert all(s["adapter"] == s["name"] and s["output_tokens"] > 0 for s in trace["stages"])
+
+
+@pytest.mark.slow
+def test_embedded_model_with_random_adapter(tmp_path):
+    """The real embedded SmolLM2 (f16 export from its de-quantised weights) + a random adapter: top-1 agreement."""
+    from fslm import models
+    from fslm.config import BaseModelSettings
+
+    settings = BaseModelSettings()
+    ref = models.resolve(settings.model)
+    models.load_tokenizer(ref, settings)
+    cache = models.gguf_cache_dir(ref, settings)
+    if not (cache / "config.json").is_file():
+        models.load_base(ref, settings)
+    directory = tmp_path / "stack"
+    init_stack(directory)
+    make_adapter(cache, "llama", Stack.adapter_dir(directory, "answer"), seed=0, r=4)
+    export_gguf(directory, "f16")
+    tb = Stack.load(directory, backend="torch").backend
+    lb = LlamaCppBackend.from_gguf(
+        directory / "gguf" / "base.gguf",
+        tb.tokenizer,
+        {"answer": directory / "gguf" / "answer.lora.gguf"},
+        logits_all=True,
+    )
+    try:
+        ids = _token_ids(tb.tokenizer, 48)
+        with torch.inference_mode(), tb.use_adapter("answer"):
+            expect = tb.model(torch.tensor([ids])).logits[0].float().numpy()
+        got = lb.logits(ids, "answer")
+        agree = float((expect.argmax(-1) == got.argmax(-1)).mean())
+        assert agree >= 0.9, f"top-1 agrees on {agree:.0%} of {len(ids)} positions (f16 base)"
+    finally:
+        lb.close()
