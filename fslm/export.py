@@ -191,7 +191,10 @@ def write_base_gguf(model_dir: Path, out: Path, quant: str, tokenizer_from: Path
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}  # transformers 5 | 4
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        raise FslmError(f"{model_dir}: rope type {rope} is not supported by the GGUF export (only default rope)")
+    w.add_rope_freq_base(float(rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0))
     w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
     w.add_vocab_size(int(cfg["vocab_size"]))
     w.add_file_type(
@@ -202,8 +205,6 @@ def write_base_gguf(model_dir: Path, out: Path, quant: str, tokenizer_from: Path
             "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
         }[quant]
     )
-    if (cfg.get("rope_scaling") or {}).get("rope_type", "default") not in ("default", None):
-        raise FslmError(f"{model_dir}: rope_scaling {cfg['rope_scaling']} is not supported by the GGUF export")
     _tokenizer_fields(w, model_dir, cfg, tokenizer_from)
     for hf, data in _hf_tensors(model_dir):
         name = _llama_name(hf)

@@ -73,6 +73,8 @@ def test_adapter_round_trip(llama_stack: Path, tiny_llama: Path):
     base = GGUFReader(out / "base.gguf")
     assert _field(base, "general.architecture") == "llama"
     assert _field(base, "tokenizer.ggml.model") == "gpt2"
+    assert _field(base, "llama.rope.freq_base") == pytest.approx(hf_cfg["rope_parameters"]["rope_theta"])
+    assert _field(base, "llama.attention.head_count_kv") == hf_cfg["num_key_value_heads"]
     assert len(_field(base, "tokenizer.ggml.tokens")) == hf_cfg["vocab_size"]
     assert len(_field(base, "tokenizer.ggml.merges")) > 0
     names = {t.name for t in base.tensors}

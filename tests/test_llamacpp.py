@@ -158,19 +158,27 @@ def test_cli_run_llamacpp_trace(exported):
 
 @pytest.mark.slow
 def test_embedded_model_with_random_adapter(tmp_path):
-    """The real embedded SmolLM2 (f16 export from its de-quantised weights) + a random adapter: top-1 agreement."""
+    """The real embedded SmolLM2 (f16 export of its de-quantised weights) + a random adapter of realistic size.
+
+    Measured: top-1 agrees on 100% of 48 positions with and without the adapter, max |logit diff| ~0.05 (logits
+    up to ~31); the adapter changes ~40% of the top-1 tokens. (A full-size random adapter, B ~ N(0, 0.5), wrecks
+    the model into chaos where any rounding flips tokens, so B is scaled down.)
+    """
+    from safetensors.numpy import load_file, save_file
+
     from fslm import models
     from fslm.config import BaseModelSettings
 
     settings = BaseModelSettings()
     ref = models.resolve(settings.model)
-    models.load_tokenizer(ref, settings)
     cache = models.gguf_cache_dir(ref, settings)
     if not (cache / "config.json").is_file():
         models.load_base(ref, settings)
     directory = tmp_path / "stack"
     init_stack(directory)
-    make_adapter(cache, "llama", Stack.adapter_dir(directory, "answer"), seed=0, r=4)
+    adapter = make_adapter(cache, "llama", Stack.adapter_dir(directory, "answer"), seed=0, r=4)
+    weights = adapter / "adapter_model.safetensors"
+    save_file({k: v * (0.02 if "lora_B" in k else 1.0) for k, v in load_file(str(weights)).items()}, str(weights))
     export_gguf(directory, "f16")
     tb = Stack.load(directory, backend="torch").backend
     lb = LlamaCppBackend.from_gguf(
@@ -181,10 +189,15 @@ def test_embedded_model_with_random_adapter(tmp_path):
     )
     try:
         ids = _token_ids(tb.tokenizer, 48)
-        with torch.inference_mode(), tb.use_adapter("answer"):
-            expect = tb.model(torch.tensor([ids])).logits[0].float().numpy()
+        with torch.inference_mode():
+            with tb.use_adapter(None):
+                base = tb.model(torch.tensor([ids])).logits[0].float().numpy()
+            with tb.use_adapter("answer"):
+                expect = tb.model(torch.tensor([ids])).logits[0].float().numpy()
         got = lb.logits(ids, "answer")
+        assert (expect.argmax(-1) != base.argmax(-1)).mean() > 0.1  # the adapter matters
         agree = float((expect.argmax(-1) == got.argmax(-1)).mean())
-        assert agree >= 0.9, f"top-1 agrees on {agree:.0%} of {len(ids)} positions (f16 base)"
+        assert agree >= 0.95, f"top-1 agrees on {agree:.0%} of {len(ids)} positions (f16 base)"
+        assert float(np.abs(expect - got).max()) < 0.5
     finally:
         lb.close()
