@@ -116,8 +116,9 @@ def main() -> None:
             for clients in levels:
                 scheduler.batches = []
                 row = level(base_url, stack.config.name, clients, args.requests, args.max_tokens)
-                sizes = [n for _, n in scheduler.batches]
+                sizes = [n for _, n, _ in scheduler.batches]
                 row["mean_batch"] = round(sum(sizes) / max(1, len(sizes)), 2)
+                row["mean_step_s"] = round(sum(t for *_, t in scheduler.batches) / max(1, len(sizes)), 3)
                 rows.append(row)
         finally:
             server.should_exit = True
@@ -131,7 +132,7 @@ def main() -> None:
         r["speedup_vs_1"] = round(r["requests_per_s"] / one, 2) if one else None
         print(
             f"{r['clients']:>7} {r['requests']:>8} {r['requests_per_s']:>8.2f} {r['tokens_per_s']:>8.1f} "
-            f"{r['p50_s']:>7.2f} {r['p99_s']:>7.2f} {r['mean_batch']:>6.1f} {r['speedup_vs_1'] or 0:>6.2f}x"
+            f"{r['p50_s']:>7.2f} {r['p99_s']:>7.2f} {r['mean_batch']:>6.1f} {r['mean_step_s']:>6.2f} {r['speedup_vs_1'] or 0:>6.2f}x"
         )
     report = {
         "benchmark": "serve_load",

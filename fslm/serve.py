@@ -100,6 +100,11 @@ def create_app(stack: Stack, options: ServeOptions | None = None) -> Any:
     async def api_error(_: HttpRequest, e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
+    @app.exception_handler(Exception)
+    async def internal(_: HttpRequest, e: Exception) -> JSONResponse:
+        body = ApiError(500, f"internal error: {type(e).__name__}", "server_error", code="internal_error").body()
+        return JSONResponse(body, status_code=500)
+
     @app.exception_handler(404)
     async def not_found(request: HttpRequest, _: Exception) -> JSONResponse:
         return JSONResponse(ApiError(404, f"no route {request.url.path}", code="not_found").body(), status_code=404)
@@ -135,9 +140,9 @@ def create_app(stack: Stack, options: ServeOptions | None = None) -> Any:
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
 
-    def submit(req: Ask) -> tuple[Any, asyncio.Queue[Event]]:
+    def submit(req: Ask, tokens: bool) -> tuple[Any, asyncio.Queue[Event]]:
         try:
-            return scheduler.submit(req.instruction, req.input, req.max_tokens, asyncio.get_running_loop())
+            return scheduler.submit(req.instruction, req.input, req.max_tokens, asyncio.get_running_loop(), tokens)
         except QueueFull:
             raise ApiError(503, f"the server is busy ({opts.max_queue} requests queued); retry later", "server_error",
                            code="queue_full", headers={"Retry-After": str(opts.retry_after)}) from None  # fmt: skip
@@ -160,7 +165,7 @@ def create_app(stack: Stack, options: ServeOptions | None = None) -> Any:
             scheduler.cancel(job)
 
     async def trace_of(req: Ask) -> dict[str, Any]:
-        job, queue = submit(req)
+        job, queue = submit(req, tokens=False)
         async for kind, data in events(job, queue):
             if kind == "done":
                 return data
@@ -196,7 +201,7 @@ def create_app(stack: Stack, options: ServeOptions | None = None) -> Any:
                              "finish_reason": finish_reason(trace, req.max_tokens, stack)}],
                 "usage": usage(trace), "fslm_trace": trace,
             }  # fmt: skip
-        job, queue = submit(req)
+        job, queue = submit(req, tokens=True)
         last = stack.config.stage_names[-1]
         stop = stack.config.stages[-1].generation.stop
 
@@ -236,7 +241,7 @@ def create_app(stack: Stack, options: ServeOptions | None = None) -> Any:
         return await trace_of(parse_run(await read_json(request), opts.max_tokens))
 
     async def stream_events(req: Ask) -> Any:
-        job, queue = submit(req)
+        job, queue = submit(req, tokens=True)
 
         async def body() -> AsyncIterator[str]:
             try:
@@ -306,6 +311,13 @@ def _max_tokens(body: dict[str, Any], limit: int) -> int | None:
     return None
 
 
+def _utf8(text: str, param: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _bad("text must be valid Unicode (no lone surrogates)", param) from None
+
+
 def _text(content: Any, param: str) -> str:
     """A message's text: a string, or the text parts of a content-part list."""
     if isinstance(content, str):
@@ -334,13 +346,14 @@ def parse_chat(body: Any, max_tokens: int, model: str) -> Ask:
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise _bad(f"messages[{i}] must be an object", f"messages[{i}]")
-        if m.get("role") not in ROLES:
+        if not isinstance(m.get("role"), str) or m["role"] not in ROLES:
             raise _bad(f"messages[{i}].role must be one of {', '.join(sorted(ROLES))}", f"messages[{i}].role")
         text = _text(m.get("content"), f"messages[{i}].content")
         if m["role"] == "user":
             instruction = text
     if instruction is None or not instruction.strip():
         raise _bad("the last user message is the instruction and must not be empty", "messages")
+    _utf8(instruction, "messages")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad("stream must be true or false", "stream")
@@ -363,6 +376,7 @@ def parse_run(body: Any, max_tokens: int, from_query: bool = False) -> Ask:
         raise _bad("instruction must be a non-empty string", "instruction")
     if input is not None and not isinstance(input, str):
         raise _bad("input must be a string", "input")
+    _utf8(instruction + (input or ""), "instruction")
     return Ask(instruction.strip(), (input or "").strip() or None, _max_tokens(body, max_tokens), True, "")
 
 

@@ -1,11 +1,13 @@
 """The server's scheduler: requests advance stage by stage, and requests waiting at the same stage run as one batch.
 
 A request is a `Job` (its trace so far = which stage it is at and every earlier output). One worker thread owns the
-model (transformers models are not thread-safe): each step it takes the stage of the oldest waiting job, gathers
+model (transformers models are not thread-safe): each step it takes the earliest stage any job waits at, gathers
 every job waiting at that stage (same effective max_new_tokens), renders their prompts with `stack.render_prompt`
 and calls `stack.backend.generate` once - one adapter switch, one batched forward per token. A job then moves on to
-its next stage and joins whichever batch forms there. So N concurrent requests cost about one request's number of
-generate calls, and throughput grows with concurrency until a batch saturates the CPU/GPU.
+its next stage; running the earliest stage first lets late arrivals catch up with requests ahead of them, so the
+groups merge (a job passed over 2 x stages times goes first instead, so nothing starves). N concurrent requests
+cost about one request's number of generate calls, and throughput grows with concurrency until a batch saturates
+the CPU/GPU.
 
 Events go back to the asyncio side through `loop.call_soon_threadsafe` onto the job's queue.
 """
@@ -37,8 +39,10 @@ class Job:
     trace: Trace
     max_tokens: int | None
     emit: Callable[[Event], None]
+    tokens: bool = True  # wants `token` events (streaming); without them the backend need not stream
     id: int = 0
     stage: int = 0  # index of the next stage to run
+    skipped: int = 0  # steps run without this job since it last ran
     cancelled: bool = False
     created: float = field(default_factory=time.monotonic)
 
@@ -51,17 +55,23 @@ class Scheduler:
         self.max_queue = max_queue
         self.max_batch = max_batch
         self.jobs: list[Job] = []
+        self.patience = 2 * len(stack.config.stages)  # steps a job may be passed over before it goes first
         self.cond = threading.Condition()
         self.ids = itertools.count(1)
         self.stopping = False
-        self.batches: list[tuple[str, int]] = []  # (stage, batch size) of recent steps, for /health and tests
+        self.batches: list[tuple[str, int, float]] = []  # (stage, batch size, seconds) of recent steps
         self.thread = threading.Thread(target=self._work, name="fslm-generate", daemon=True)
         self.thread.start()
 
     # --- the asyncio side ---------------------------------------------------------------------------
 
     def submit(
-        self, instruction: str, input: str | None, max_tokens: int | None, loop: asyncio.AbstractEventLoop
+        self,
+        instruction: str,
+        input: str | None,
+        max_tokens: int | None,
+        loop: asyncio.AbstractEventLoop,
+        tokens: bool = True,
     ) -> tuple[Job, asyncio.Queue[Event]]:
         """Admit a request or raise QueueFull; its events arrive on the returned asyncio queue."""
         queue: asyncio.Queue[Event] = asyncio.Queue()
@@ -69,7 +79,7 @@ class Scheduler:
         def emit(event: Event) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, event)
 
-        job = Job(Trace(instruction=instruction, input=input), max_tokens, emit)
+        job = Job(Trace(instruction=instruction, input=input), max_tokens, emit, tokens)
         with self.cond:
             if len(self.jobs) >= self.max_queue:
                 raise QueueFull
@@ -104,10 +114,20 @@ class Scheduler:
                 self.cond.wait()
             if self.stopping:
                 return None
-            first = min(self.jobs, key=lambda j: j.created)  # the oldest job's stage goes first: no starvation
+            # The earliest stage goes first, so requests that arrived later catch up with those ahead and the
+            # two groups merge into one batch at the next stage; a job skipped too often goes first (no starvation).
+            starved = max(self.jobs, key=lambda j: (j.skipped, -j.created))
+            if starved.skipped >= self.patience:
+                first = starved
+            else:
+                first = min(self.jobs, key=lambda j: (j.stage, j.created))
             key = (first.stage, self._max_new(first))
-            batch = [j for j in self.jobs if (j.stage, self._max_new(j)) == key]
-            return sorted(batch, key=lambda j: j.created)[: self.max_batch]
+            batch = sorted((j for j in self.jobs if (j.stage, self._max_new(j)) == key), key=lambda j: j.created)
+            batch = batch[: self.max_batch]
+            chosen = {id(j) for j in batch}
+            for job in self.jobs:
+                job.skipped = 0 if id(job) in chosen else job.skipped + 1
+            return batch
 
     def _max_new(self, job: Job) -> int:
         stage = self.stack.config.stages[job.stage]
@@ -156,13 +176,14 @@ class Scheduler:
 
         def on_text(row: int, delta: str) -> None:
             job = batch[row]
-            if not job.cancelled:
+            if job.tokens and not job.cancelled:
                 job.emit(("token", {"stage": stage.name, "delta": delta}))
 
+        stream = on_text if any(j.tokens for j in batch) else None
         start = time.perf_counter()
-        completions = stack.backend.generate(prompts, adapter, settings, label=stage.name, on_text=on_text)
+        completions = stack.backend.generate(prompts, adapter, settings, label=stage.name, on_text=stream)
         seconds = time.perf_counter() - start
-        self.batches = [*self.batches[-999:], (stage.name, len(batch))]
+        self.batches = [*self.batches[-999:], (stage.name, len(batch), seconds)]
         last = len(stack.config.stages) - 1
         with self.cond:
             for job, prompt, c in zip(batch, prompts, completions, strict=True):
