@@ -187,7 +187,7 @@ class FslmLM(TemplateLM):
                 _, ctx, cont = requests[i]
                 whole = (ctx + cont)[-(self.max_length + 1) :][:-1]  # left-truncate like lm-eval's hf model
                 rows.append(whole)
-                spans.append((len(whole) - len(cont), cont))
+                spans.append((len(whole) - len(cont), cont))  # whole = input without the last token
             width = max(len(r) for r in rows)
             ids = torch.full((len(rows), width), pad, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -198,10 +198,8 @@ class FslmLM(TemplateLM):
                 logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
             for j, i in enumerate(batch):
-                first, cont = spans[j]
-                lp = logprobs[j, first - 1 + 0 : first - 1 + len(cont)] if first > 0 else None
-                if lp is None:  # cannot happen: the context always holds at least one token
-                    raise FslmError("empty context after truncation")
+                start, cont = spans[j]  # logits at [start, start+len(cont)) predict the continuation
+                lp = logprobs[j, start : start + len(cont)]
                 target = torch.tensor(cont)
                 greedy = bool((lp.argmax(dim=-1) == target).all())
                 results[i] = (float(lp.gather(1, target[:, None]).sum()), greedy)

@@ -1,0 +1,264 @@
+"""fslm eval and the lm-eval model `fslm`: offline tasks, caching, base parity, ablation, reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_adapter, make_model_dir
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+STAGES = ["intent", "plan", "reasoning", "answer"]
+
+
+def _instance(*args):
+    from lm_eval.api.instance import Instance
+
+    return Instance(request_type="loglikelihood", doc={}, arguments=args, idx=0)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """A tiny synthetic data directory in the shared layout (ARC JSONL, MMLU headerless CSV)."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "arc").mkdir()
+    rows = []
+    for i in range(14):
+        choices = [{"text": f"answer {k} to {i}", "label": "ABCD"[k]} for k in range(4)]
+        rows.append({"id": f"q{i}", "question": {"stem": f"What is item {i}?", "choices": choices}, "answerKey": "B"})
+    (root / "arc" / "ARC-Easy-Test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "mmlu" / "test").mkdir(parents=True)
+    lines = [f'"Which is {i}?",one,two,three,four,{"ABCD"[i % 4]}\n' for i in range(12)]
+    (root / "mmlu" / "test" / "tiny_subject_test.csv").write_text("".join(lines))
+    return root
+
+
+@pytest.fixture(scope="module")
+def eval_stack(tmp_path_factory) -> Path:
+    """A paper4 stack over a tiny chat Llama (context 2048: stage prompts are long in a 400-token vocabulary),
+    with a random adapter for every stage and a single-adapter baseline."""
+    from fslm.init import init_stack
+
+    root = tmp_path_factory.mktemp("evalstack")
+    model_dir = make_model_dir(root, "llama", chat=True, context=2048)
+    directory = root / "stack"
+    init_stack(directory, base=str(model_dir))
+    for seed, name in enumerate([*STAGES, "single"]):
+        make_adapter(model_dir, "llama", directory / "adapters" / name, seed=seed + 1)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def stack(eval_stack):
+    from fslm.stack import Stack
+
+    return Stack.load(eval_stack)
+
+
+def _count_generate(stack, monkeypatch) -> list[tuple[str, str | None, int]]:
+    """Record (stage label, adapter, number of prompts) of every backend.generate call."""
+    calls: list[tuple[str, str | None, int]] = []
+    original = stack.backend.generate
+
+    def counting(prompts, adapter, settings, label="", on_text=None):
+        calls.append((label, adapter, len(prompts)))
+        return original(prompts, adapter, settings, label=label, on_text=on_text)
+
+    monkeypatch.setattr(stack.backend, "generate", counting)
+    return calls
+
+
+def test_loglikelihood_runs_earlier_stages_once_per_context(stack, monkeypatch):
+    from fslm.lm_eval_model import FslmLM
+
+    calls = _count_generate(stack, monkeypatch)
+    lm = FslmLM(stack, system="stack", stage_tokens=4)
+    contexts = [f"Question: what is {w}?\nAnswer:" for w in ("red", "blue", "green")]
+    requests = [_instance(c, f" choice {k}") for c in contexts for k in range(4)]
+    scores = lm.loglikelihood(requests)
+    assert len(scores) == 12 and all(s < 0 for s, _ in scores)
+    per_stage = {}
+    for label, _, n in calls:
+        per_stage[label] = per_stage.get(label, 0) + n
+    assert per_stage == {"intent": 3, "plan": 3, "reasoning": 3}  # not 12, and the final stage only scores
+    assert lm.stage_calls == 3
+    lm.loglikelihood(requests[:4])  # the same context again: served from the cache
+    assert lm.stage_calls == 3 and sum(n for _, _, n in calls) == 9
+
+
+def test_base_scores_equal_plain_transformers(stack, eval_stack):
+    """system=base scores the raw context + continuation like lm-eval's hf model, at any batch size."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fslm.config import load_config
+    from fslm.lm_eval_model import FslmLM
+
+    pairs = [("Question: What is the capital of France?\nAnswer:", " Paris"), ("The sky is", " blue because")]
+    pairs += [("Give three tips ", "for staying healthy.")]  # trailing space moves to the continuation
+    model_dir = Path(load_config(eval_stack).base.model)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    expected = []
+    for context, continuation in pairs:
+        n = len(context) - len(context.rstrip())
+        context, continuation = context[: len(context) - n], context[len(context) - n :] + continuation
+        whole = tok.encode(context + continuation)
+        n_ctx = len(tok.encode(context))
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([whole])).logits[0].float(), dim=-1)
+        target = whole[n_ctx:]
+        lp = logprobs[n_ctx - 1 : len(whole) - 1]
+        expected.append(
+            (
+                float(lp.gather(1, torch.tensor(target)[:, None]).sum()),
+                bool((lp.argmax(-1) == torch.tensor(target)).all()),
+            )
+        )
+    for batch_size in (1, 8):
+        got = FslmLM(stack, system="base", batch_size=batch_size).loglikelihood([_instance(*p) for p in pairs])
+        for (g, g_greedy), (e, e_greedy) in zip(got, expected, strict=True):
+            assert g == pytest.approx(e, abs=1e-4)
+            assert g_greedy == e_greedy
+
+
+def test_ablate_runs_that_stage_on_the_bare_base(stack, monkeypatch):
+    from fslm.lm_eval_model import FslmLM
+
+    full = FslmLM(stack, system="stack", stage_tokens=4)
+    assert full.adapters == {s: s for s in STAGES}
+    ablated = FslmLM(stack, system="stack", ablate="plan", stage_tokens=4)
+    assert ablated.adapters == {"intent": "intent", "plan": None, "reasoning": "reasoning", "answer": "answer"}
+    calls = _count_generate(stack, monkeypatch)
+    ablated.loglikelihood([_instance("Question: why?\nAnswer:", " because")])
+    assert [(label, adapter) for label, adapter, _ in calls] == [
+        ("intent", "intent"),
+        ("plan", None),
+        ("reasoning", "reasoning"),
+    ]
+    # ablating the final stage scores with the bare base: the score changes
+    req = [_instance("Question: why?\nAnswer:", " because")]
+    with_answer = FslmLM(stack, system="stack", stage_tokens=4).loglikelihood(req)[0][0]
+    without = FslmLM(stack, system="stack", ablate="answer", stage_tokens=4).loglikelihood(req)[0][0]
+    assert with_answer != pytest.approx(without, abs=1e-6)
+
+
+def test_generate_until_honours_until_and_max_gen_toks(stack, monkeypatch):
+    from lm_eval.api.instance import Instance
+
+    from fslm.lm_eval_model import FslmLM
+
+    lm = FslmLM(stack, system="base")
+    ctx = "Question: What is the capital of France?\nAnswer:"
+    produced = []
+    original = stack.backend.generate
+
+    def recording(prompts, adapter, settings, label="", on_text=None):
+        out = original(prompts, adapter, settings, label=label, on_text=on_text)
+        produced.extend(c.output_tokens for c in out)
+        return out
+
+    monkeypatch.setattr(stack.backend, "generate", recording)
+
+    def gen(**kwargs):
+        return lm.generate_until([Instance("generate_until", {}, (ctx, kwargs), 0)])[0]
+
+    free = gen(until=[], max_gen_toks=12)
+    assert produced == [12] and len(free.strip()) > 4  # a random model never stops early by itself
+    stop = free.strip()[2:4]
+    cut = gen(until=[stop], max_gen_toks=12)
+    assert stop not in cut and free.strip().startswith(cut.strip())
+
+
+def test_subset_is_fixed_by_seed(data_dir):
+    from fslm.tasks.utils import arc_easy
+
+    def ids(seed):
+        return arc_easy(data_dir=str(data_dir), subset=5, seed=seed)["test"]["id"]
+
+    assert ids(1) == ids(1) and len(ids(1)) == 5
+    assert ids(1) != ids(2)
+    assert len(arc_easy(data_dir=str(data_dir))["test"]) == 14
+
+
+def test_lm_eval_wrapper_runs_a_shipped_task(eval_stack, data_dir, tmp_path):
+    """`fslm lm-eval --model fslm` = lm-eval's own CLI with our model and the offline tasks registered."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "fslm", "lm-eval", "--model", "fslm"]
+    cmd += ["--model_args", f"stack={eval_stack},system=stack,stage_tokens=4", "--tasks", "fslm_arc_easy"]
+    cmd += ["--limit", "3", "--metadata", json.dumps({"data_dir": str(data_dir)}), "--output_path", str(out)]
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result_file,) = out.rglob("results_*.json")
+    result = json.loads(result_file.read_text())["results"]["fslm_arc_easy"]
+    assert 0.0 <= result["acc,none"] <= 1.0 and "acc_norm,none" in result
+
+
+def test_fslm_eval_writes_the_report(eval_stack, data_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from fslm.cli import app
+
+    report = tmp_path / "report"
+    args = ["eval", str(eval_stack), "--tasks", "arc_easy,mmlu", "--data-dir", str(data_dir), "--limit", "10"]
+    args += ["--systems", "base,single,stack", "--out", str(report), "--stage-tokens", "4"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((report / "results.json").read_text())
+    assert list(data["systems"]) == ["base", "single", "stack"]
+    for system in data["systems"].values():
+        assert set(system["tasks"]) == {"arc_easy", "mmlu"}
+        assert all(
+            t["n"] == 10 and 0 <= t["accuracy"] <= 1 and t["stderr"] is not None for t in system["tasks"].values()
+        )
+        assert system["seconds_per_query"] > 0 and system["peak_rss_mb"] > 0 and system["parameters_per_query"] > 0
+    assert data["systems"]["stack"]["earlier_stage_runs"] == 20  # 10 contexts per task, not one per choice
+    assert data["systems"]["base"]["parameters_per_query"] < data["systems"]["stack"]["parameters_per_query"]
+    assert data["seed"] == 1234 and set(data["data_hashes"]) == {"arc_easy", "mmlu"} and data["versions"]["lm_eval"]
+    assert "| single |" in (report / "report.md").read_text()
+    assert (report / "accuracy_vs_cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_missing_single_adapter_is_a_clear_error(tmp_path, data_dir, eval_stack):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from fslm.cli import app
+
+    directory = tmp_path / "stack"
+    shutil.copytree(eval_stack, directory)
+    shutil.rmtree(directory / "adapters" / "single")
+    args = ["eval", str(directory), "--tasks", "arc_easy", "--data-dir", str(data_dir), "--systems", "base,single"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2
+    assert (
+        str(directory / "adapters" / "single") in result.output.replace("\n", "") and "Traceback" not in result.output
+    )
+
+
+def test_contamination_warning_when_training_data_overlaps(tmp_path, data_dir, eval_stack):
+    import shutil
+
+    from fslm.config import StageTraining, load_config, save_config
+    from fslm.evaluate import EvalOptions, contamination_warnings
+
+    directory = tmp_path / "stack"
+    shutil.copytree(eval_stack, directory)
+    train = tmp_path / "train.jsonl"
+    rows = [{"instruction": "what is ITEM 3 ?", "output": "x"}, {"instruction": "Unrelated thing.", "output": "y"}]
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = load_config(directory)
+    config.stages[0].training = StageTraining(data_file=str(train))
+    save_config(config, directory)
+    options = EvalOptions(tasks=["arc_easy"], data_dir=data_dir)
+    (warning,) = contamination_warnings(directory, options)
+    assert "1 of 2" in warning and "arc_easy" in warning
+    assert contamination_warnings(directory, EvalOptions(tasks=["mmlu"], data_dir=data_dir)) == []
