@@ -171,7 +171,10 @@ def piqa(**kwargs: Any) -> Any:
     labels = _file(kwargs, "piqa/valid-labels.lst").read_text(encoding="utf-8").split()
     if len(labels) != len(docs):
         raise ValueError(f"piqa: {len(docs)} items but {len(labels)} labels")
-    rows = [{"goal": d["goal"], "choices": [d["sol1"], d["sol2"]], "gold": int(g)} for d, g in zip(docs, labels, strict=True)]
+    rows = [
+        {"goal": d["goal"], "choices": [d["sol1"], d["sol2"]], "gold": int(g)}
+        for d, g in zip(docs, labels, strict=True)
+    ]
     return _dataset(rows, kwargs)
 
 
