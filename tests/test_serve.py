@@ -399,3 +399,34 @@ def test_serving_a_stack_whose_stages_run_on_a_real_llama_cpp_server(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def test_scheduler_merges_groups_and_never_starves(stack):
+    """The batching policy itself: earliest stage first, but a job passed over 2 x stages times goes first."""
+    from fslm.serve_batching import Job, Scheduler
+    from fslm.stack import Trace
+
+    scheduler = Scheduler(stack)
+    scheduler.close()  # stop the worker: this test drives the policy by hand
+    scheduler.stopping = False
+
+    def job(stage: int, created: float) -> Job:
+        j = Job(Trace(instruction="q"), None, lambda event: None, created=created)
+        j.stage = stage
+        scheduler.jobs.append(j)
+        return j
+
+    ahead = job(2, 0.0)
+    late = [job(0, 1.0), job(1, 2.0)]
+    assert scheduler._next_batch() == [late[0]]  # the earliest stage first...
+    late[0].stage = 1
+    assert scheduler._next_batch() == late  # ...so it catches up and merges with the job at stage 1
+    # A steady stream of new requests at stage 0 would always come first; the old job still runs in time.
+    for step in range(scheduler.patience + 1):
+        scheduler.jobs = [j for j in scheduler.jobs if j is ahead]
+        job(0, 10.0 + step)
+        if scheduler._next_batch() == [ahead]:
+            break
+    else:
+        raise AssertionError("the job at stage 2 starved")
+    assert step >= scheduler.patience - 2
