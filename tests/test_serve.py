@@ -180,6 +180,9 @@ def test_bad_requests_are_400_with_an_openai_error(url):
         assert r.status_code == 400, (body, r.text)
         err = r.json()["error"]
         assert err["type"] == "invalid_request_error" and err["message"]
+    lone_surrogate = json.dumps({"messages": [{"role": "user", "content": "a\ud800"}]}).encode()
+    r = httpx.post(f"{url}/v1/chat/completions", content=lone_surrogate)
+    assert r.status_code == 400 and "Unicode" in r.json()["error"]["message"]
     r = httpx.post(f"{url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     # Longer than the tiny model's 512-token context: refused clearly, not a 500.
