@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import json
 import os
+import threading
 import weakref
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,7 @@ class LlamaCppBackend(TokenizerPrompts):
         self.adapters: dict[str, Path] = {}
         self._handles: dict[str, Any] = {}
         self._active: str | None = None
+        self._lock = threading.Lock()  # one context: callers from several threads (serve) take turns
         self.eos_ids = _eos_ids(tokenizer, self.llm)
         # Free adapters and context before interpreter teardown (llama-cpp-python's __del__ fails late in exit).
         ref = weakref.ref(self)
@@ -148,6 +150,17 @@ class LlamaCppBackend(TokenizerPrompts):
         on_text: TextCallback | None = None,
     ) -> list[Completion]:
         """Rows run one after the other (llama.cpp decodes one sequence per context at a time)."""
+        with self._lock:
+            return self._generate(prompts, adapter, settings, label, on_text)
+
+    def _generate(
+        self,
+        prompts: list[str],
+        adapter: str | None,
+        settings: GenerationSettings,
+        label: str,
+        on_text: TextCallback | None,
+    ) -> list[Completion]:
         encoded = [self.tokenizer(p, add_special_tokens=not self.chat)["input_ids"] for p in prompts]
         max_new = fit_to_context([len(e) for e in encoded], settings.max_new_tokens, self.context_length, label)
         self.use_adapter(adapter)
@@ -209,11 +222,12 @@ class LlamaCppBackend(TokenizerPrompts):
         """Logits at every position of `token_ids` (needs logits_all=True): for agreement checks against torch."""
         if not self.llm._logits_all:
             raise FslmError("logits() needs a backend made with logits_all=True")
-        self.use_adapter(adapter)
-        self.llm.reset()
-        self.llm._ctx.kv_cache_clear()
-        self.llm.eval(token_ids)
-        return np.array(self.llm.scores[: len(token_ids)], dtype=np.float32)
+        with self._lock:
+            self.use_adapter(adapter)
+            self.llm.reset()
+            self.llm._ctx.kv_cache_clear()
+            self.llm.eval(token_ids)
+            return np.array(self.llm.scores[: len(token_ids)], dtype=np.float32)
 
     def _free(self, name: str) -> None:
         handle = self._handles.pop(name, None)
