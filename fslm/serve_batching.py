@@ -77,7 +77,10 @@ class Scheduler:
         queue: asyncio.Queue[Event] = asyncio.Queue()
 
         def emit(event: Event) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+                pass
 
         job = Job(Trace(instruction=instruction, input=input), max_tokens, emit, tokens)
         with self.cond:
