@@ -19,7 +19,7 @@ def test_two_processes_over_gloo(tmp_path, tiny_llama):
     cmd = [sys.executable, "-m", "fslm", "train", str(d), "--data", str(data), "--processes", "2"]
     cmd += ["--stages", "intent,answer", "--max-steps", "6", "--batch-size", "4", "--lr", "3e-3"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     config = load_config(d)
     for stage in ("intent", "answer"):

@@ -28,10 +28,10 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_llama)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     # Kill in the second stage, in its second epoch, just after a complete checkpoint.
     marker = killed / ".fslm-train" / "plan" / "checkpoint-10" / "trainer_state.json"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600  # generous: CI machines may be shared
     while not marker.exists():
         assert proc.poll() is None, f"training ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        assert time.monotonic() < deadline, "no checkpoint within 600 s"
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -41,10 +41,10 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_llama)
 
     # A resume with other settings is refused with one clear line (and leaves the checkpoints alone).
     other = [*cmd[: -len(ARGS)], *ARGS[:-1], "8", "--resume"]
-    r = subprocess.run(other, capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(other, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 2 and "cannot resume: options differs" in r.stderr, r.stderr[-2000:]
 
-    r = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "already trained" in r.stderr and "from checkpoint-" in r.stderr
     assert (killed / "adapters" / "intent" / "adapter_model.safetensors").stat().st_mtime_ns == intent_mtime
