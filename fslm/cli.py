@@ -531,6 +531,33 @@ def lm_eval_cmd(ctx: typer.Context) -> None:
     cli_evaluate()
 
 
+@app.command()
+@friendly
+def quickstart(
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to write the stack, data and report.")] = Path(
+        "fslm-quickstart"
+    ),
+) -> None:
+    """The whole pipeline on the embedded model, offline, in minutes: init, distill, train, run, eval."""
+    import fslm.cli as commands
+    from fslm.quickstart import Budget
+    from fslm.quickstart import quickstart as run_quickstart
+
+    paths = run_quickstart(out_dir, Budget(), say=lambda text: err.print(text), commands=commands)
+    out.print("\n[bold]Written:[/]")
+    for what, path in paths.items():
+        out.print(f"  {what:<10} {path}")
+    stack_dir, report = paths["stack"], paths["report"]
+    out.print(
+        "\n[bold]Next:[/]\n"
+        f"  fslm info {stack_dir}                      # stages, adapters, training losses\n"
+        f'  fslm run {stack_dir} "Explain photosynthesis in two sentences." --prompts\n'
+        f"  fslm serve {stack_dir}                     # chat UI at http://127.0.0.1:8000\n"
+        f"  open {report}/report.md                  # the accuracy table\n"
+        "  docs/experiments.md: the full experiment (1,000 Alpaca records, ARC and MMLU)"
+    )
+
+
 def main() -> None:
     app()
 
