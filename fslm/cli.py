@@ -553,8 +553,7 @@ def quickstart(
         f"  fslm info {stack_dir}                      # stages, adapters, training losses\n"
         f'  fslm run {stack_dir} "Explain photosynthesis in two sentences." --prompts\n'
         f"  fslm serve {stack_dir}                     # chat UI at http://127.0.0.1:8000\n"
-        f"  open {report}/report.md                  # the accuracy table\n"
-        "  docs/experiments.md: the full experiment (1,000 Alpaca records, ARC and MMLU)"
+        f"  open {report}/report.md                  # the accuracy table"
     )
 
 
