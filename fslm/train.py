@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -285,7 +284,6 @@ def train_stack(
     from fslm.card import write_model_card
     from fslm.stack import Stack
 
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft calls a deprecated name
     options = options or TrainOptions()
     directory, data = Path(directory), Path(data)
     config = load_config(directory)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,9 @@ from fslm import models
 from fslm.backends import Completion, TextCallback, TokenizerPrompts, cut_at_stop, fit_to_context
 from fslm.config import BaseModelSettings, GenerationSettings
 from fslm.errors import FslmError
+
+# peft (0.21) calls a transformers method deprecated in v5; the warning is noise for our users, not theirs to fix.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 class TorchBackend(TokenizerPrompts):
