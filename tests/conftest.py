@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -134,3 +140,39 @@ def tiny_stack(tmp_path, tiny_model) -> tuple[str, Path]:
     directory = tmp_path / "stack"
     init_stack(directory, base=str(model_dir))
     return arch, directory
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def llama_server(args: list[str], port: int, log_path: Path) -> Iterator[str]:
+    """A real `python -m llama_cpp.server ARGS` on 127.0.0.1:port; yields its /v1 URL once it answers."""
+    import httpx
+
+    with open(log_path, "w+") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", *args], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}/v1"
+            deadline = time.monotonic() + 90
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    pytest.fail(f"llama_cpp.server exited with {proc.returncode}: {log.read()[-2000:]}")
+                try:
+                    if httpx.get(f"{url}/models", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, "llama_cpp.server did not come up in 90 s"
+                time.sleep(0.2)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()

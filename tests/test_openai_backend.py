@@ -8,16 +8,12 @@ import json
 import os
 import random
 import re
-import socket
-import subprocess
-import sys
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
-import httpx
 import pytest
+from conftest import free_port, llama_server
 from typer.testing import CliRunner
 
 from fslm.cli import app
@@ -30,41 +26,15 @@ runner = CliRunner()
 SERVED = "smol"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server_url():
     """llama.cpp's OpenAI-compatible server over the embedded SmolLM2 GGUF, for this module."""
     port = free_port()
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(ALIASES["smollm2-135m-instruct"].path())]
-    cmd += ["--model_alias", SERVED, "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048"]
-    cmd += ["--n_threads", "1", "--verbose", "False", "--interrupt_requests", "False"]
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"fslm-llama-server-{port}.log", "w+")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 90
-    while True:
-        if proc.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"llama_cpp.server exited with {proc.returncode}: {log.read()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/models", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "llama_cpp.server did not come up in 90 s"
-        time.sleep(0.2)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    args = ["--model", str(ALIASES["smollm2-135m-instruct"].path()), "--model_alias", SERVED, "--host", "127.0.0.1"]
+    args += ["--port", str(port), "--n_ctx", "2048", "--n_threads", "1", "--verbose", "False"]
+    args += ["--interrupt_requests", "False"]
+    with llama_server(args, port, Path(os.environ.get("TMPDIR", "/tmp")) / f"fslm-llama-server-{port}.log") as url:
+        yield url
 
 
 class FaultProxy:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import make_adapter, make_model_dir
+from conftest import free_port, llama_server, make_adapter, make_model_dir
 
 from fslm.config import load_config, save_config
 from fslm.init import init_stack
@@ -20,12 +19,6 @@ from fslm.serve import ServeOptions, create_app
 from fslm.stack import Stack
 
 MAX_NEW = 6
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -345,8 +338,6 @@ def test_cli_serve_help_and_bad_stack(tmp_path):
 def test_serving_a_stack_whose_stages_run_on_a_real_llama_cpp_server(tmp_path):
     """Remote stages: every stage is its own model name on `python -m llama_cpp.server` (the embedded GGUF served
     under four names, as vLLM would serve four LoRAs); fslm serve fronts it with the same API."""
-    import subprocess
-    import sys
 
     import openai
 
@@ -363,22 +354,7 @@ def test_serving_a_stack_whose_stages_run_on_a_real_llama_cpp_server(tmp_path):
     config_file.write_text(
         json.dumps({"host": "127.0.0.1", "port": port, "interrupt_requests": False, "models": models})
     )
-    log = open(tmp_path / "llama-server.log", "w+")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--config_file", str(config_file)], stdout=log, stderr=log
-    )
-    try:
-        remote = f"http://127.0.0.1:{port}/v1"
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, (tmp_path / "llama-server.log").read_text()[-2000:]
-            try:
-                if httpx.get(f"{remote}/models", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "llama_cpp.server did not come up in 90 s"
-            time.sleep(0.2)
+    with llama_server(["--config_file", str(config_file)], port, tmp_path / "llama-server.log") as remote:
         directory = tmp_path / "remote"
         init_stack(directory)  # the embedded base: its tokenizer renders prompts the server completes
         config = load_config(directory)
@@ -395,13 +371,6 @@ def test_serving_a_stack_whose_stages_run_on_a_real_llama_cpp_server(tmp_path):
             assert [(s["name"], s["adapter"]) for s in trace["stages"]] == [(n, n) for n in names]
             assert all(0 < s["output_tokens"] <= 4 for s in trace["stages"])
             assert done.choices[0].message.content == trace["answer"]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def test_scheduler_merges_groups_and_never_starves(stack):
