@@ -63,7 +63,7 @@ def write_eval_data(target: Path) -> Path:
     return target
 
 
-def _trained(stack_dir: Path, names: list[str], data_sha: str) -> bool:
+def trained_on(stack_dir: Path, names: list[str], data_sha: str) -> bool:
     """Every named adapter exists and was trained on this data (so a rerun can skip it)."""
     config = load_config(stack_dir)
     shas = {s.name: s.training.data_sha256 if s.training else None for s in config.stages}
@@ -74,10 +74,33 @@ def _trained(stack_dir: Path, names: list[str], data_sha: str) -> bool:
     )
 
 
-def quickstart(out: Path, budget: Budget, say: Callable[[str], None], commands: Any) -> dict[str, Path]:
-    """Run the five steps; `commands` is the CLI module (its command functions do the work and the printing)."""
+def train_stack_and_single(
+    stack_dir: Path, data: Path, train_cmd: Callable[..., None], say: Callable[[str], None], **kwargs: Any
+) -> None:
+    """Train every stage, then the single baseline, skipping what is already trained on this data.
+
+    An interrupted run leaves checkpoints in DIR/.fslm-train/: continue from them, and start afresh only when they
+    belong to another run (train refuses to resume those).
+    """
     from fslm.files import sha256_file
 
+    sha = sha256_file(data)
+    stages = load_config(stack_dir).stage_names
+    for single, names in ((False, stages), (True, ["single"])):
+        if trained_on(stack_dir, names, sha):
+            say(f"adapters {', '.join(names)} already trained on this data: kept")
+            continue
+        resume = (stack_dir / ".fslm-train" / "run.json").is_file()
+        try:
+            train_cmd(stack_dir, data=data, resume=resume, single=single, **kwargs)
+        except FslmError:
+            if not resume:
+                raise
+            train_cmd(stack_dir, data=data, resume=False, single=single, **kwargs)
+
+
+def quickstart(out: Path, budget: Budget, say: Callable[[str], None], commands: Any) -> dict[str, Path]:
+    """Run the five steps; `commands` is the CLI module (its command functions do the work and the printing)."""
     out = out.expanduser()
     stack_dir, data, report, eval_data = out / "stack", out / "distilled.jsonl", out / "eval", out / "eval-data"
     # The CLI's command functions, undecorated: they raise FslmError, which the quickstart command reports once.
@@ -104,20 +127,9 @@ def quickstart(out: Path, budget: Budget, say: Callable[[str], None], commands: 
         )
 
     def train() -> None:
-        sha = sha256_file(data)
-        stages = load_config(stack_dir).stage_names
-        for single, names in ((False, stages), (True, ["single"])):
-            if _trained(stack_dir, names, sha):
-                say(f"adapters {', '.join(names)} already trained on this data: kept")
-                continue
-            resume = (stack_dir / ".fslm-train" / "run.json").is_file()
-            kwargs = {"max_steps": budget.train_steps, "batch_size": budget.batch_size, "single": single}
-            try:
-                train_cmd(stack_dir, data=data, resume=resume, **kwargs)
-            except FslmError:
-                if not resume:
-                    raise
-                train_cmd(stack_dir, data=data, resume=False, **kwargs)
+        train_stack_and_single(
+            stack_dir, data, train_cmd, say, max_steps=budget.train_steps, batch_size=budget.batch_size
+        )
 
     def run() -> None:
         run_cmd(stack_dir, INSTRUCTION)

@@ -114,6 +114,8 @@ class LlamaCppTeacher:
         self.ref = models.resolve(model, stack_dir)
         if self.ref.kind != "gguf":
             raise FslmError(f"{model}: the llamacpp teacher needs a .gguf file or a GGUF alias (got {self.ref.kind})")
+        # llama-cpp-python defaults to half the cores; a teacher run is the only job, so use them all (up to 4).
+        threads = threads or max(1, min(4, os.cpu_count() or 1))
         self.llm = Llama(model_path=self.ref.location, n_ctx=context, n_threads=threads, seed=0, verbose=False)
         self.batch_size = 1
         self.id = f"llamacpp:{self.ref.alias or Path(self.ref.location).name}:{model_fingerprint(self.ref)}"

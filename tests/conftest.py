@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -95,6 +96,22 @@ def make_model_dir(root: Path, arch: str, chat: bool, context: int = 512) -> Pat
         model.save_pretrained(path, safe_serialization=True)
         tok.save_pretrained(path)
     return path
+
+
+def make_benchmark_dir(root: Path) -> Path:
+    """A tiny synthetic benchmark directory in the shared layout (ARC JSONL, MMLU headerless CSV)."""
+    (root / "arc").mkdir(parents=True)
+    for split, key in (("Easy", "B"), ("Challenge", "C")):
+        rows = []
+        for i in range(14):
+            choices = [{"text": f"answer {k} to {i}", "label": "ABCD"[k]} for k in range(4)]
+            stem = f"What is {split.lower()} item {i}?"
+            rows.append({"id": f"{split}{i}", "question": {"stem": stem, "choices": choices}, "answerKey": key})
+        (root / "arc" / f"ARC-{split}-Test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "mmlu" / "test").mkdir(parents=True)
+    lines = [f'"Which is {i}?",one,two,three,four,{"ABCD"[i % 4]}\n' for i in range(12)]
+    (root / "mmlu" / "test" / "tiny_subject_test.csv").write_text("".join(lines))
+    return root
 
 
 def make_adapter(model_dir: Path, arch: str, out: Path, seed: int, r: int = 4) -> Path:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_adapter, make_model_dir
+from conftest import make_adapter, make_benchmark_dir, make_model_dir
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,18 +25,7 @@ def _instance(*args):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    """A tiny synthetic data directory in the shared layout (ARC JSONL, MMLU headerless CSV)."""
-    root = tmp_path_factory.mktemp("data")
-    (root / "arc").mkdir()
-    rows = []
-    for i in range(14):
-        choices = [{"text": f"answer {k} to {i}", "label": "ABCD"[k]} for k in range(4)]
-        rows.append({"id": f"q{i}", "question": {"stem": f"What is item {i}?", "choices": choices}, "answerKey": "B"})
-    (root / "arc" / "ARC-Easy-Test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "mmlu" / "test").mkdir(parents=True)
-    lines = [f'"Which is {i}?",one,two,three,four,{"ABCD"[i % 4]}\n' for i in range(12)]
-    (root / "mmlu" / "test" / "tiny_subject_test.csv").write_text("".join(lines))
-    return root
+    return make_benchmark_dir(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

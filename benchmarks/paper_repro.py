@@ -1,0 +1,222 @@
+"""The first real experiment: does a fine-tuned 4-stage stack beat its base model and a single adapter?
+
+One command runs the whole pipeline through fslm's own commands (the same functions the CLI calls), on data
+passed by flag, and writes everything under --out:
+
+    python benchmarks/paper_repro.py --alpaca ../shared/data/alpaca/alpaca_data_1k.json \
+        --data-dir ../shared/data --out runs/paper-repro
+
+    init     a paper4 stack on --base (default: the embedded SmolLM2-135M-Instruct)
+    distill  the teacher writes intent/plan/reasoning for every Alpaca record; the answer target is the reference
+    train    one LoRA per stage, then the single-adapter baseline (instruction -> reference answer)
+    eval     base / single / stack on ARC-Easy, ARC-Challenge and MMLU test subsets (--eval-items each, fixed seed)
+
+Rerunning the same command continues a killed run: distill resumes from its cache, trained adapters are kept
+(interrupted training resumes from its checkpoints), and eval reuses finished systems. Wall-clock seconds of every
+step are summed over all invocations in OUT/paper_repro.json, with seeds, data hashes, versions and the table;
+OUT/paper_repro.md is the same as a Markdown section for docs/experiments.md.
+
+A stronger teacher served by vLLM (or any OpenAI-compatible server) is one flag away: --teacher-url
+http://HOST:8000/v1 --teacher-model NAME (see docs/experiments.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+TASKS = "arc_easy,arc_challenge,mmlu"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--alpaca", type=Path, required=True, help="Alpaca JSON, e.g. DATA/alpaca/alpaca_data_1k.json")
+    p.add_argument("--data-dir", type=Path, required=True, help="benchmark data directory (docs/eval.md)")
+    p.add_argument("--out", type=Path, default=Path("runs/paper-repro"))
+    p.add_argument("--base", default="smollm2-135m-instruct", help="student base model (alias, HF dir or .gguf)")
+    p.add_argument("--teacher-backend", default="llamacpp", help="llamacpp, torch or openai")
+    p.add_argument("--teacher-model", default=None, help="teacher (default: the base; with --teacher-url: served name)")
+    p.add_argument("--teacher-url", default=None, help="OpenAI-compatible server, e.g. vLLM: http://HOST:8000/v1")
+    p.add_argument("--teacher-tokens", type=int, default=48, help="teacher's new tokens per stage")
+    p.add_argument("--filters", default="empty,overlong,repetition", help="distill's quality filters")
+    p.add_argument("--limit", type=int, default=None, help="distil a seeded sample of N records (default: all)")
+    p.add_argument("--train-steps", type=int, default=60, help="optimizer steps per adapter")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--seed", type=int, default=0, help="seed of distill sampling and of training")
+    p.add_argument("--tasks", default=TASKS)
+    p.add_argument("--eval-items", type=int, default=200, help="items per task (a seeded random subset)")
+    p.add_argument("--eval-seed", type=int, default=1234)
+    p.add_argument("--stage-tokens", type=int, default=48, help="new tokens of stages 1..N-1 during eval")
+    return p.parse_args(argv)
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in ("fslm", "torch", "transformers", "peft", "lm_eval", "llama_cpp_python"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+class Ledger:
+    """OUT/paper_repro.json: settings, and seconds per step summed over every invocation (a killed run resumes)."""
+
+    def __init__(self, path: Path, settings: dict[str, Any]) -> None:
+        self.path = path
+        self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+        if self.data.get("settings") not in (None, settings):
+            sys.exit(f"{path}: written with other settings; use another --out or delete it")
+        self.data.update(settings=settings, versions=versions())
+        self.data.setdefault("steps", {})
+
+    def step(self, name: str, fn: Callable[[], Any]) -> Any:
+        entry = self.data["steps"].setdefault(name, {"seconds": 0.0, "invocations": 0, "finished": False})
+        start = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            entry["seconds"] = round(entry["seconds"] + time.perf_counter() - start, 1)
+            entry["invocations"] += 1
+            self.save()
+
+    def finish(self, name: str) -> None:
+        self.data["steps"][name]["finished"] = True
+        self.save()
+
+    def save(self) -> None:
+        from fslm.files import atomic_write_text
+
+        self.data["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n")
+
+
+def markdown(ledger: dict[str, Any], results: dict[str, Any], tasks: list[str], command: str) -> str:
+    lines = [f"Command: `{command}`", "", "| system | " + " | ".join(tasks) + " | mean | s/query |"]
+    lines.append("|---" * (len(tasks) + 3) + "|")
+    for name, s in results["systems"].items():
+        accs = [s["tasks"][t]["accuracy"] for t in tasks]
+        cells = [f"{s['tasks'][t]['accuracy']:.3f} ± {s['tasks'][t]['stderr'] or 0:.3f}" for t in tasks]
+        lines.append(
+            f"| {name} | " + " | ".join(cells) + f" | {sum(accs) / len(accs):.3f} | {s['seconds_per_query']:.3f} |"
+        )
+    lines += ["", "| step | wall-clock | invocations |", "|---|---|---|"]
+    for step, e in ledger["steps"].items():
+        lines.append(f"| {step} | {e['seconds'] / 60:.1f} min | {e['invocations']} |")
+    lines += ["", "Hashes and seeds:", ""]
+    for key, value in ledger["hashes"].items():
+        lines.append(f"- {key}: `{value}`")
+    s = ledger["settings"]
+    lines.append(f"- seeds: distill/train {s['seed']}, eval subset and lm-eval {s['eval_seed']}")
+    lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in ledger["versions"].items()))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import fslm.cli as cli
+    from fslm.errors import FslmError
+    from fslm.files import atomic_write_text, sha256_file
+    from fslm.quickstart import train_stack_and_single
+
+    out = args.out.expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    stack_dir, data, report = out / "stack", out / "distilled.jsonl", out / "eval"
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("out",)}
+    settings["alpaca_sha256"] = sha256_file(args.alpaca)
+    for key in ("alpaca", "data_dir"):  # paths differ between machines; the hashes identify the data
+        settings.pop(key)
+    ledger = Ledger(out / "paper_repro.json", settings)
+    # the CLI's command functions, undecorated: they raise FslmError, reported here once
+    init_cmd, distill_cmd, train_cmd, eval_cmd = (
+        getattr(f, "__wrapped__", f) for f in (cli.init, cli.distill, cli.train, cli.eval_cmd)
+    )
+
+    def say(text: str) -> None:
+        cli.err.print(text)
+
+    def init() -> None:
+        if not (stack_dir / "stack.yaml").is_file():
+            init_cmd(stack_dir, base=args.base)
+
+    def distill() -> None:
+        distill_cmd(
+            args.alpaca,
+            stack=stack_dir,
+            out_path=data,
+            teacher_backend=args.teacher_backend if not args.teacher_url else "openai",
+            teacher_model=args.teacher_model,
+            teacher_url=args.teacher_url,
+            max_new_tokens=args.teacher_tokens,
+            filters=args.filters,
+            limit=args.limit,
+            seed=args.seed,
+            data_dir=args.data_dir,
+        )
+
+    def train() -> None:
+        train_stack_and_single(
+            stack_dir,
+            data,
+            train_cmd,
+            say,
+            max_steps=args.train_steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+        )
+
+    def evaluate() -> None:
+        eval_cmd(
+            stack_dir,
+            data_dir=args.data_dir,
+            out_dir=report,
+            tasks=args.tasks,
+            systems="base,single,stack",
+            limit=args.eval_items,
+            seed=args.eval_seed,
+            stage_tokens=args.stage_tokens,
+        )
+
+    try:
+        for name, fn in (("init", init), ("distill", distill), ("train", train), ("eval", evaluate)):
+            say(f"[bold cyan]paper_repro: {name}[/]")
+            ledger.step(name, fn)
+            ledger.finish(name)
+    except FslmError as e:
+        say(f"[red]error:[/] {e}")
+        return 2
+
+    results = json.loads((report / "results.json").read_text())
+    distilled = json.loads(Path(f"{data}.manifest.json").read_text())
+    ledger.data["hashes"] = {
+        "alpaca": settings["alpaca_sha256"],
+        "distilled": sha256_file(data),
+        "distilled records written": (distilled.get("counts") or {}).get("written"),
+        **{f"benchmark {k}": v for t in results["data_hashes"].values() for k, v in t.items()},
+    }
+    ledger.data["results"] = {
+        name: {t: s["tasks"][t] for t in s["tasks"]} | {"seconds_per_query": s["seconds_per_query"]}
+        for name, s in results["systems"].items()
+    }
+    ledger.save()
+    command = "python benchmarks/paper_repro.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = markdown(ledger.data, results, args.tasks.split(","), command)
+    atomic_write_text(out / "paper_repro.md", text)
+    print(text)
+    print(f"written: {out / 'paper_repro.json'}, {out / 'paper_repro.md'}, {report}/report.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
