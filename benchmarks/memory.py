@@ -79,8 +79,11 @@ def main() -> None:
     lora = config.lora
     rows = [
         ("bare base model (0 adapters)", base["peak_rss_mib"], 1.0),
-        (f"stack, {len(config.stages)} adapters (r={lora.r}, {len(lora.target_modules)} modules)",
-         stacked["peak_rss_mib"], ratio),
+        (
+            f"stack, {len(config.stages)} adapters (r={lora.r}, {len(lora.target_modules)} modules)",
+            stacked["peak_rss_mib"],
+            ratio,
+        ),
     ]
     print(f"{'configuration':<48} {'peak RSS (MiB)':>15} {'ratio':>7}")
     for name, mib, r in rows:

@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher-backend", default="llamacpp", help="llamacpp, torch or openai")
     p.add_argument("--teacher-model", default=None, help="teacher (default: the base; with --teacher-url: served name)")
     p.add_argument("--teacher-url", default=None, help="OpenAI-compatible server, e.g. vLLM: http://HOST:8000/v1")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight to --teacher-url (vLLM: 32)")
     p.add_argument("--teacher-tokens", type=int, default=48, help="teacher's new tokens per stage")
     p.add_argument("--filters", default="empty,overlong,repetition", help="distill's quality filters")
     p.add_argument("--limit", type=int, default=None, help="distil a seeded sample of N records (default: all)")
@@ -132,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.expanduser()
     out.mkdir(parents=True, exist_ok=True)
     stack_dir, data, report = out / "stack", out / "distilled.jsonl", out / "eval"
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("out",)}
+    settings = {
+        k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("out", "concurrency")
+    }
     settings["alpaca_sha256"] = sha256_file(args.alpaca)
     for key in ("alpaca", "data_dir"):  # paths differ between machines; the hashes identify the data
         settings.pop(key)
@@ -157,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             teacher_backend=args.teacher_backend if not args.teacher_url else "openai",
             teacher_model=args.teacher_model,
             teacher_url=args.teacher_url,
+            concurrency=args.concurrency,
             max_new_tokens=args.teacher_tokens,
             filters=args.filters,
             limit=args.limit,

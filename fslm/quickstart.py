@@ -99,8 +99,20 @@ def train_stack_and_single(
             train_cmd(stack_dir, data=data, resume=False, single=single, **kwargs)
 
 
-def quickstart(out: Path, budget: Budget, say: Callable[[str], None], commands: Any) -> dict[str, Path]:
-    """Run the five steps; `commands` is the CLI module (its command functions do the work and the printing)."""
+def quickstart(
+    out: Path,
+    budget: Budget,
+    say: Callable[[str], None],
+    commands: Any,
+    base: str | None = None,
+    teacher_backend: str = "llamacpp",
+    filters: str = "empty,overlong,repetition",
+) -> dict[str, Path]:
+    """Run the five steps; `commands` is the CLI module (its command functions do the work and the printing).
+
+    `base`, `teacher_backend` and `filters` exist for tests on tiny random models (which never stop by
+    themselves, so every teacher text counts as cut); the command uses the embedded default.
+    """
     out = out.expanduser()
     stack_dir, data, report, eval_data = out / "stack", out / "distilled.jsonl", out / "eval", out / "eval-data"
     # The CLI's command functions, undecorated: they raise FslmError, which the quickstart command reports once.
@@ -113,14 +125,15 @@ def quickstart(out: Path, budget: Budget, say: Callable[[str], None], commands: 
         if (stack_dir / "stack.yaml").is_file():
             say(f"reusing the stack in {stack_dir}")
         else:
-            init_cmd(stack_dir)
+            init_cmd(stack_dir, **({"base": base} if base else {}))
 
     def distill() -> None:
         distill_cmd(
             sample_path("self_instruct_seed_tasks.jsonl"),
             stack=stack_dir,
             out_path=data,
-            teacher_backend="llamacpp",
+            teacher_backend=teacher_backend,
+            filters=filters,
             limit=budget.records,
             seed=0,
             max_new_tokens=budget.teacher_tokens,
@@ -149,7 +162,7 @@ def quickstart(out: Path, budget: Budget, say: Callable[[str], None], commands: 
     # Each step with its rough share of the wall time (measured on 2 cores), for the "time left" estimate.
     steps: list[tuple[str, float, Callable[[], None]]] = [
         ("init: write the stack directory", 0.01, init),
-        (f"distill: the embedded model (llama.cpp) writes targets for {budget.records} instructions", 0.12, distill),
+        (f"distill: the base model as teacher ({teacher_backend}) writes {budget.records} records", 0.12, distill),
         (f"train: 4 stage adapters + the single baseline, {budget.train_steps} steps each", 0.55, train),
         (f"run: {INSTRUCTION!r} through the trained stack", 0.07, run),
         (f"eval: base vs single vs stack on {budget.eval_items} MMLU validation items", 0.25, evaluate),
