@@ -102,6 +102,30 @@ class Ledger:
         atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n")
 
 
+def distilled_diagnostics(path: Path) -> dict[str, dict[str, float]]:
+    """How much each stage's target says something of its own: a weak teacher copies the reference into every stage."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    stages = list(rows[0]["targets"]) if rows else []
+    counts = {s: {"chars": 0, "equals_reference": 0, "contains_reference_start": 0, "equals_previous_stage": 0}
+              for s in stages}  # fmt: skip
+    for r in rows:
+        ref = (r.get("reference") or "").strip()
+        previous = None
+        for stage in stages:
+            text = r["targets"][stage].strip()
+            c = counts[stage]
+            c["chars"] += len(text)
+            c["equals_reference"] += text == ref
+            c["contains_reference_start"] += bool(ref) and ref[:40] in text
+            c["equals_previous_stage"] += text == previous
+            previous = text
+    n = max(len(rows), 1)
+    return {
+        stage: {"mean_chars": round(c.pop("chars") / n, 1), **{k: round(v / n, 3) for k, v in c.items()}}
+        for stage, c in counts.items()
+    }
+
+
 def markdown(ledger: dict[str, Any], results: dict[str, Any], tasks: list[str], command: str) -> str:
     lines = [f"Command: `{command}`", "", "| system | " + " | ".join(tasks) + " | mean | s/query |"]
     lines.append("|---" * (len(tasks) + 3) + "|")
@@ -114,6 +138,13 @@ def markdown(ledger: dict[str, Any], results: dict[str, Any], tasks: list[str], 
     lines += ["", "| step | wall-clock | invocations |", "|---|---|---|"]
     for step, e in ledger["steps"].items():
         lines.append(f"| {step} | {e['seconds'] / 60:.1f} min | {e['invocations']} |")
+    lines += ["", "| distilled target | mean chars | = reference | holds reference start | = previous stage |"]
+    lines.append("|---|---|---|---|---|")
+    for stage, d in ledger["distilled"].items():
+        lines.append(
+            f"| {stage} | {d['mean_chars']:.0f} | {d['equals_reference']:.0%} | {d['contains_reference_start']:.0%} "
+            f"| {d['equals_previous_stage']:.0%} |"
+        )
     lines += ["", "Hashes and seeds:", ""]
     for key, value in ledger["hashes"].items():
         lines.append(f"- {key}: `{value}`")
@@ -209,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         "distilled records written": (distilled.get("counts") or {}).get("written"),
         **{f"benchmark {k}": v for t in results["data_hashes"].values() for k, v in t.items()},
     }
+    ledger.data["distilled"] = distilled_diagnostics(data)
     ledger.data["results"] = {
         name: {t: s["tasks"][t] for t in s["tasks"]} | {"seconds_per_query": s["seconds_per_query"]}
         for name, s in results["systems"].items()

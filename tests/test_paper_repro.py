@@ -67,9 +67,11 @@ def test_paper_repro_runs_every_step_and_resumes(tmp_path, capsys):
         assert {"arc_easy", "arc_challenge", "mmlu"} <= set(row)
         assert all(row[t]["n"] == 3 for t in ("arc_easy", "arc_challenge", "mmlu"))
     assert ledger["hashes"]["distilled records written"] >= 1
+    assert set(ledger["distilled"]) == {"intent", "plan", "reasoning", "answer"}
+    assert ledger["distilled"]["answer"]["equals_reference"] == 1.0  # the final target is the reference
     assert ledger["settings"]["seed"] == 0 and ledger["settings"]["eval_seed"] == 1234
     table = (out / "paper_repro.md").read_text()
-    assert "| stack |" in table and "| train |" in table and "alpaca" in table
+    assert "| stack |" in table and "| train |" in table and "| answer | " in table and "alpaca" in table
 
     # A rerun keeps the adapters and the finished eval rows: the results are the same, and train does not rerun.
     adapter = out / "stack" / "adapters" / "answer" / "adapter_model.safetensors"
