@@ -7,6 +7,8 @@ Each finished system is saved under REPORT/systems/, so a killed run resumes whe
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -14,7 +16,7 @@ import platform
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -69,6 +71,29 @@ def _hash_task_files(data_dir: Path, task: str) -> dict[str, str]:
         return {str(paths[0].relative_to(data_dir)): sha256_file(paths[0])}
     digest = hashlib.sha256("".join(f"{p.name}:{sha256_file(p)}\n" for p in paths).encode()).hexdigest()
     return {FILES[task]: digest}  # many files (MMLU): one hash over the sorted names + file hashes
+
+
+@contextlib.contextmanager
+def quiet_lm_eval() -> Iterator[None]:
+    """Keep lm-eval's own chatter off fslm eval's screen, which shows one progress bar per system instead.
+
+    lm-eval (0.4.13) prints, per task and system, a warning about `--metadata` (fslm's tasks take their data
+    directory that way on purpose), a tqdm bar while it builds requests, and git's "fatal: not a git repository"
+    when run outside a repository (it records the cwd's commit; fslm records versions itself). Its errors still show.
+    """
+    import lm_eval.api.task as task_module
+    import lm_eval.evaluator as evaluator_module
+
+    logger = logging.getLogger("lm_eval")
+    level, tqdm, git_hash = logger.level, task_module.tqdm, evaluator_module.get_git_commit_hash
+    logger.setLevel(logging.ERROR)
+    task_module.tqdm = functools.partial(tqdm, disable=True)
+    evaluator_module.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        task_module.tqdm, evaluator_module.get_git_commit_hash = tqdm, git_hash
 
 
 def check_options(directory: Path, options: EvalOptions) -> list[tuple[str, str | None]]:
@@ -231,17 +256,18 @@ def evaluate(directory: Path, out: Path, options: EvalOptions, progress: Progres
             progress=report,
         )
         start = time.perf_counter()
-        result = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=[f"fslm_{t}" for t in options.tasks],
-            task_manager=manager,
-            num_fewshot=None,
-            log_samples=False,
-            random_seed=options.seed,
-            numpy_random_seed=options.seed,
-            torch_random_seed=options.seed,
-            fewshot_random_seed=options.seed,
-        )
+        with quiet_lm_eval():
+            result = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=[f"fslm_{t}" for t in options.tasks],
+                task_manager=manager,
+                num_fewshot=None,
+                log_samples=False,
+                random_seed=options.seed,
+                numpy_random_seed=options.seed,
+                torch_random_seed=options.seed,
+                fewshot_random_seed=options.seed,
+            )
         seconds = time.perf_counter() - start
         tasks = {}
         queries = 0

@@ -251,3 +251,19 @@ def test_contamination_warning_when_training_data_overlaps(tmp_path, data_dir, e
     (warning,) = contamination_warnings(directory, options)
     assert "1 of 2" in warning and "arc_easy" in warning
     assert contamination_warnings(directory, EvalOptions(tasks=["mmlu"], data_dir=data_dir)) == []
+
+
+def test_fslm_eval_keeps_lm_eval_chatter_off_the_screen(eval_stack, data_dir, tmp_path, monkeypatch, capfd):
+    """No lm-eval warnings, tqdm bars or git errors (outside a repository) between fslm's own progress bars."""
+    import logging
+
+    from fslm.evaluate import EvalOptions, evaluate
+
+    level = logging.getLogger("lm_eval").level
+    monkeypatch.chdir(tmp_path)  # not a git repository: lm-eval's `git describe` would print "fatal: ..."
+    options = EvalOptions(tasks=["mmlu"], data_dir=data_dir, systems=["base"], limit=3)
+    evaluate(eval_stack, tmp_path / "report", options)
+    captured = capfd.readouterr()
+    shown = captured.out + captured.err
+    assert "Custom kwargs" not in shown and "it/s]" not in shown and "fatal:" not in shown
+    assert logging.getLogger("lm_eval").level == level  # restored afterwards
