@@ -109,12 +109,15 @@ class LlamaCppTeacher:
     def __init__(self, model: str, stack_dir: str | Path | None, context: int = 4096, threads: int | None = None):
         try:
             from llama_cpp import Llama
+
+            from fslm.backends.llamacpp import avoid_amx
         except ImportError:
             raise FslmError("the llamacpp teacher needs llama-cpp-python: pip install llama-cpp-python") from None
         self.ref = models.resolve(model, stack_dir)
         if self.ref.kind != "gguf":
             raise FslmError(f"{model}: the llamacpp teacher needs a .gguf file or a GGUF alias (got {self.ref.kind})")
         # llama-cpp-python defaults to half the cores; a teacher run is the only job, so use them all (up to 4).
+        avoid_amx()
         threads = threads or max(1, min(4, os.cpu_count() or 1))
         self.llm = Llama(model_path=self.ref.location, n_ctx=context, n_threads=threads, seed=0, verbose=False)
         self.batch_size = 1

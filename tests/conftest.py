@@ -171,7 +171,10 @@ def llama_server(args: list[str], port: int, log_path: Path) -> Iterator[str]:
     import httpx
 
     with open(log_path, "w+") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", *args], stdout=log, stderr=subprocess.STDOUT)
+        # the server in a process that first keeps llama.cpp off AMX (fslm.backends.llamacpp.avoid_amx)
+        code = "import runpy, sys; from fslm.backends.llamacpp import avoid_amx; avoid_amx(); "
+        code += "sys.argv[0] = 'llama_cpp.server'; runpy.run_module('llama_cpp.server', run_name='__main__')"
+        proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=log, stderr=subprocess.STDOUT)
         try:
             url = f"http://127.0.0.1:{port}/v1"
             deadline = time.monotonic() + 90

@@ -201,3 +201,31 @@ def test_embedded_model_with_random_adapter(tmp_path):
         assert float(np.abs(expect - got).max()) < 0.5
     finally:
         lb.close()
+
+
+def test_avoid_amx_turns_off_extra_buffer_types_only_where_cpu_advertises_amx(monkeypatch):
+    """llama.cpp's AMX kernels fault on VMs that advertise AMX (seen on this project's machines): avoid_amx keeps
+    the weights off the AMX buffer type there, leaves other CPUs alone, and FSLM_LLAMACPP_AMX=1 opts out."""
+    import llama_cpp.llama_cpp as lc
+
+    from fslm.backends import llamacpp
+
+    original = lc.llama_model_default_params
+    monkeypatch.setattr(lc, "llama_model_default_params", original)  # undone after the test
+    monkeypatch.delenv("FSLM_LLAMACPP_AMX", raising=False)
+
+    monkeypatch.setattr(llamacpp, "cpu_advertises_amx", lambda: False)
+    llamacpp.avoid_amx()
+    assert lc.llama_model_default_params().use_extra_bufts is True
+
+    monkeypatch.setattr(llamacpp, "cpu_advertises_amx", lambda: True)
+    monkeypatch.setenv("FSLM_LLAMACPP_AMX", "1")
+    llamacpp.avoid_amx()
+    assert lc.llama_model_default_params().use_extra_bufts is True
+
+    monkeypatch.delenv("FSLM_LLAMACPP_AMX")
+    llamacpp.avoid_amx()
+    llamacpp.avoid_amx()  # idempotent: one wrapper, not a chain
+    assert lc.llama_model_default_params().use_extra_bufts is False
+    assert lc.llama_model_default_params is not original
+    assert getattr(lc.llama_model_default_params, "fslm_avoids_amx", False)

@@ -32,6 +32,41 @@ from fslm.errors import FslmError
 GGUF_DIR = "gguf"
 
 
+def cpu_advertises_amx() -> bool:
+    """True where /proc/cpuinfo lists Intel AMX (Linux x86; elsewhere the question does not arise)."""
+    try:
+        return "amx_int8" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
+def avoid_amx() -> None:
+    """Keep llama.cpp off its AMX kernels, which fault on machines that advertise AMX without enabling it.
+
+    Seen on this project's 2-core VMs (Xeon, amx_int8 in cpuinfo): a source build of llama-cpp-python picks up AMX
+    via -march=native, repacks weights into its AMX buffer type, and the first multi-token decode dies with a
+    general protection fault on `ldtilecfg`. Turning off llama.cpp's extra buffer types (weight repacking) keeps
+    the weights in plain CPU buffers and off those kernels. Set FSLM_LLAMACPP_AMX=1 to keep them on a machine
+    where AMX works. Patches llama-cpp-python's default model parameters once, process-wide, so it also covers a
+    `llama_cpp.server` run in this process (tests/conftest.py does that).
+    """
+    import llama_cpp.llama_cpp as lc
+
+    if os.environ.get("FSLM_LLAMACPP_AMX") == "1" or not cpu_advertises_amx():
+        return
+    if getattr(lc.llama_model_default_params, "fslm_avoids_amx", False):
+        return
+    original = lc.llama_model_default_params
+
+    def defaults() -> Any:
+        params = original()
+        params.use_extra_bufts = False
+        return params
+
+    defaults.fslm_avoids_amx = True  # type: ignore[attr-defined]
+    lc.llama_model_default_params = defaults
+
+
 class LlamaCppBackend(TokenizerPrompts):
     name = "llamacpp"
 
@@ -51,6 +86,7 @@ class LlamaCppBackend(TokenizerPrompts):
         except ImportError:
             raise FslmError("the llamacpp backend needs llama-cpp-python: pip install llama-cpp-python") from None
         self._lc = llama_cpp
+        avoid_amx()
         path = Path(gguf_path)
         if not path.is_file():
             raise FslmError(f"{path}: GGUF file not found (run `fslm export DIR --format gguf` first)")
