@@ -226,6 +226,10 @@ def _load(ref: BaseRef, settings: BaseModelSettings) -> tuple[Any, Any]:
         )
     except (OSError, ValueError) as e:
         raise FslmError(f"cannot load the base model {ref.location!r}: {_first_line(e)}") from None
+    if ref.kind == "gguf" and getattr(model, "hf_quantizer", None) is not None:
+        # transformers de-quantises GGUF weights on load but keeps marking the model quantized, and its Trainer
+        # refuses to fine-tune a "quantized" model (transformers 5.24: validate_quantization_for_training).
+        model.hf_quantizer.remove_quantization_config(model)
     if torch.cuda.is_available():
         model = model.to("cuda")
     model.eval()
@@ -238,10 +242,6 @@ def _save_cache(model: Any, tokenizer: Any, target: Path) -> None:
 
     staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        # The weights are already de-quantised; drop the GGUF marker so transformers will serialise them.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         atomic_replace_dir(staging, target)

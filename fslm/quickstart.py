@@ -25,7 +25,7 @@ INSTRUCTION = "Give three tips for staying healthy."
 
 @dataclass(frozen=True)
 class Budget:
-    """Sizes that keep the quickstart near 10 minutes on 2 CPU cores (see docs/quickstart.md for figures)."""
+    """Sizes that keep the quickstart near 10 minutes on 2 CPU cores (measured time in README.md)."""
 
     records: int = 16  # instructions distilled from the shipped Self-Instruct seed tasks
     teacher_tokens: int = 48  # new tokens per stage for the teacher

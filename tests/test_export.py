@@ -120,3 +120,23 @@ def test_cli_export(llama_stack: Path):
     assert manifest["base"]["quant"] == "f16"
     assert manifest["adapters"]["intent"]["r"] == 4
     assert len(manifest["adapters"]["intent"]["source_sha256"]) == 64
+
+
+def test_a_gguf_base_loads_for_training_not_marked_quantized(llama_stack: Path, tmp_path, monkeypatch):
+    """transformers de-quantises a GGUF base on load but marks the model quantized, and its Trainer then refuses
+    to fine-tune it; fslm clears the marker (the first `fslm train` on the embedded GGUF died of this)."""
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    from fslm import models
+    from fslm.config import BaseModelSettings
+
+    monkeypatch.setenv("FSLM_CACHE", str(tmp_path / "cache"))
+    export_gguf(llama_stack, "f32")
+    ref = models.resolve(str(llama_stack / "gguf" / "base.gguf"))
+    assert ref.kind == "gguf"
+    for load in ("from the GGUF file", "from the de-quantised cache"):
+        model, _ = models.load_base(ref, BaseModelSettings(model=ref.location))
+        assert not getattr(model, "is_quantized", False), load
+        assert getattr(model, "hf_quantizer", None) is None, load
+        validate_quantization_for_training(model)  # raised on the marked model
+    assert any((tmp_path / "cache" / "gguf").iterdir())
