@@ -181,7 +181,11 @@ def load_base(ref: BaseRef, settings: BaseModelSettings) -> tuple[Any, Any]:
     # transformers' GGUF conversion draws a tqdm bar that ignores its progress-bar switch.
     with contextlib.redirect_stderr(io.StringIO()):
         model, tokenizer = _load(ref, settings)
-    _save_cache(model, tokenizer, gguf_cache_dir(ref, settings))
+    cache = gguf_cache_dir(ref, settings)
+    if _save_cache(model, tokenizer, cache):
+        # Name the model after its safetensors copy, as a later load does: adapters then record a base that has a
+        # config.json (peft warns about, and checks the vocabulary against, the base it names).
+        model.name_or_path = model.config._name_or_path = str(cache)
     return model, tokenizer
 
 
@@ -236,7 +240,7 @@ def _load(ref: BaseRef, settings: BaseModelSettings) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _save_cache(model: Any, tokenizer: Any, target: Path) -> None:
+def _save_cache(model: Any, tokenizer: Any, target: Path) -> bool:
     """Best effort: a cache we cannot write only costs time on the next load."""
     from fslm.files import atomic_replace_dir
 
@@ -245,12 +249,14 @@ def _save_cache(model: Any, tokenizer: Any, target: Path) -> None:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         atomic_replace_dir(staging, target)
+        return True
     except OSError as e:
         import logging
         import shutil
 
         shutil.rmtree(staging, ignore_errors=True)
         logging.getLogger("fslm").warning("could not cache the de-quantised model in %s: %s", target, e)
+        return False
 
 
 def _first_line(e: BaseException) -> str:

@@ -139,4 +139,6 @@ def test_a_gguf_base_loads_for_training_not_marked_quantized(llama_stack: Path, 
         assert not getattr(model, "is_quantized", False), load
         assert getattr(model, "hf_quantizer", None) is None, load
         validate_quantization_for_training(model)  # raised on the marked model
+        # named after its safetensors copy, so adapters record a base with a config.json (peft warned otherwise)
+        assert (Path(model.name_or_path) / "config.json").is_file(), load
     assert any((tmp_path / "cache" / "gguf").iterdir())
