@@ -242,7 +242,7 @@ def test_contamination_warning_when_training_data_overlaps(tmp_path, data_dir, e
     directory = tmp_path / "stack"
     shutil.copytree(eval_stack, directory)
     train = tmp_path / "train.jsonl"
-    rows = [{"instruction": "what is ITEM 3 ?", "output": "x"}, {"instruction": "Unrelated thing.", "output": "y"}]
+    rows = [{"instruction": "what is EASY item 3 ?", "output": "x"}, {"instruction": "Unrelated thing.", "output": "y"}]
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = load_config(directory)
     config.stages[0].training = StageTraining(data_file=str(train))

@@ -210,8 +210,10 @@ def test_avoid_amx_turns_off_extra_buffer_types_only_where_cpu_advertises_amx(mo
 
     from fslm.backends import llamacpp
 
-    original = lc.llama_model_default_params
-    monkeypatch.setattr(lc, "llama_model_default_params", original)  # undone after the test
+    current = lc.llama_model_default_params  # already patched when an earlier test loaded a model on this CPU
+    monkeypatch.setattr(lc, "llama_model_default_params", current)  # restored after the test
+    original = getattr(current, "fslm_original", current)
+    monkeypatch.setattr(lc, "llama_model_default_params", original)
     monkeypatch.delenv("FSLM_LLAMACPP_AMX", raising=False)
 
     monkeypatch.setattr(llamacpp, "cpu_advertises_amx", lambda: False)

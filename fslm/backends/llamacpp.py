@@ -64,6 +64,7 @@ def avoid_amx() -> None:
         return params
 
     defaults.fslm_avoids_amx = True  # type: ignore[attr-defined]
+    defaults.fslm_original = original  # type: ignore[attr-defined]
     lc.llama_model_default_params = defaults
 
 
