@@ -110,15 +110,14 @@ class LlamaCppTeacher:
         try:
             from llama_cpp import Llama
 
-            from fslm.backends.llamacpp import avoid_amx
+            from fslm.backends.llamacpp import avoid_amx, default_threads
         except ImportError:
             raise FslmError("the llamacpp teacher needs llama-cpp-python: pip install llama-cpp-python") from None
         self.ref = models.resolve(model, stack_dir)
         if self.ref.kind != "gguf":
             raise FslmError(f"{model}: the llamacpp teacher needs a .gguf file or a GGUF alias (got {self.ref.kind})")
-        # llama-cpp-python defaults to half the cores; a teacher run is the only job, so use them all (up to 4).
         avoid_amx()
-        threads = threads or max(1, min(4, os.cpu_count() or 1))
+        threads = threads or default_threads()  # a teacher run is the only job: use the cores
         self.llm = Llama(model_path=self.ref.location, n_ctx=context, n_threads=threads, seed=0, verbose=False)
         self.batch_size = 1
         self.id = f"llamacpp:{self.ref.alias or Path(self.ref.location).name}:{model_fingerprint(self.ref)}"

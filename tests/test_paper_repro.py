@@ -32,30 +32,13 @@ def test_paper_repro_runs_every_step_and_resumes(tmp_path, capsys):
     ]
     alpaca.write_text(json.dumps(records))
     out = tmp_path / "run"
-    argv = [
-        "--alpaca",
-        str(alpaca),
-        "--data-dir",
-        str(data_dir),
-        "--out",
-        str(out),
-        "--base",
-        str(model_dir),
-        "--teacher-backend",
-        "torch",
-        "--teacher-tokens",
-        "4",
-        "--filters",
-        "empty",
-        "--train-steps",
-        "1",
-        "--batch-size",
-        "2",
-        "--eval-items",
-        "3",
-        "--stage-tokens",
-        "3",
-    ]  # fmt: skip  (a random model never stops by itself: every teacher text is cut, so no overlong filter)
+    # a random model never stops by itself: every teacher text is cut, so no overlong filter
+    flags = {
+        "--alpaca": alpaca, "--data-dir": data_dir, "--out": out, "--base": model_dir, "--teacher-backend": "torch",
+        "--teacher-tokens": 4, "--filters": "empty", "--train-steps": 1, "--batch-size": 2, "--eval-items": 3,
+        "--stage-tokens": 3,
+    }  # fmt: skip
+    argv = [str(x) for flag in flags.items() for x in flag]
     script = _script()
     assert script.main(argv) == 0
 

@@ -32,6 +32,11 @@ from fslm.errors import FslmError
 GGUF_DIR = "gguf"
 
 
+def default_threads() -> int:
+    """All cores up to 4: llama-cpp-python defaults to half of them, and more than 4 gains little for small models."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 def cpu_advertises_amx() -> bool:
     """True where /proc/cpuinfo lists Intel AMX (Linux x86; elsewhere the question does not arise)."""
     try:
@@ -98,7 +103,7 @@ class LlamaCppBackend(TokenizerPrompts):
                 model_path=str(path),
                 n_ctx=n_ctx or 0,  # 0: the model's training context
                 n_batch=512,
-                n_threads=n_threads or max(1, min(4, os.cpu_count() or 1)),
+                n_threads=n_threads or default_threads(),
                 logits_all=logits_all,
                 seed=seed,
                 verbose=False,
