@@ -27,6 +27,7 @@ from rich.table import Table
 from fslm.backends.llamacpp import LlamaCppBackend
 from fslm.config import load_config
 from fslm.stack import Stack
+from fslm.stackdir import StackDir
 
 INSTRUCTIONS = [
     "Give three tips for staying healthy.",
@@ -44,8 +45,8 @@ def build_demo_stack(root: Path, rank: int = 16) -> Path:
 
     from fslm import models
     from fslm.config import BaseModelSettings
-    from fslm.export import export_gguf
-    from fslm.init import init_stack
+    from fslm.steps.export import export_gguf
+    from fslm.steps.init import init
 
     settings = BaseModelSettings()
     ref = models.resolve(settings.model)
@@ -53,9 +54,9 @@ def build_demo_stack(root: Path, rank: int = 16) -> Path:
     if not (cache / "config.json").is_file():
         models.load_base(ref, settings)
     directory = root / "stack"
-    config = init_stack(directory)
+    config = init(directory).config
     for seed, stage in enumerate(config.stage_names):
-        path = make_adapter(cache, "llama", Stack.adapter_dir(directory, stage), seed=seed, r=rank)
+        path = make_adapter(cache, "llama", StackDir(directory).adapter(stage), seed=seed, r=rank)
         weights = path / "adapter_model.safetensors"
         save_file({k: v * (0.02 if "lora_B" in k else 1.0) for k, v in load_file(str(weights)).items()}, str(weights))
     export_gguf(directory, None)
@@ -107,7 +108,7 @@ def memory_child(directory: Path, layout: str) -> None:
         backends = {}
         for s in config.stages:
             b = LlamaCppBackend.from_settings(config.base, directory)
-            b.add_adapter(s.name, Stack.adapter_dir(directory, s.name))
+            b.add_adapter(s.name, StackDir(directory).adapter(s.name))
             backends[s.name] = b
     for s in config.stages:
         prompt = stack.render_prompt(s, INSTRUCTIONS[0], None, {p: "..." for p in s.reads})

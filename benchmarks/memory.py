@@ -65,12 +65,12 @@ def main() -> None:
         return print("{}")
 
     from fslm import __version__
-    from fslm.init import init_stack
+    from fslm.steps.init import InitOptions, init
 
     with tempfile.TemporaryDirectory() as tmp:
         bare, full = Path(tmp) / "bare", Path(tmp) / "full"
-        init_stack(bare, base=args.base)
-        config = init_stack(full, base=args.base)
+        init(bare, InitOptions(base=args.base))
+        config = init(full, InitOptions(base=args.base)).config
         _run("--make-adapters", str(full))
         base = _run("--child", str(bare))
         stacked = _run("--child", str(full))

@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from fslm.provenance import versions
 
 TASKS = "arc_easy,arc_challenge,mmlu"
 
@@ -58,16 +58,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-seed", type=int, default=1234)
     p.add_argument("--stage-tokens", type=int, default=48, help="new tokens of stages 1..N-1 during eval")
     return p.parse_args(argv)
-
-
-def versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for name in ("fslm", "torch", "transformers", "peft", "lm_eval", "llama_cpp_python"):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
 
 
 class Ledger:
@@ -156,10 +146,17 @@ def markdown(ledger: dict[str, Any], results: dict[str, Any], tasks: list[str], 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import fslm.cli as cli
+    from fslm.cli import EventView, err
+    from fslm.config import ServerSettings
     from fslm.errors import FslmError
     from fslm.files import atomic_write_text, sha256_file
-    from fslm.quickstart import train_stack_and_single
+    from fslm.quickstart import train_all
+    from fslm.stackdir import StackDir
+    from fslm.steps.distill import DistillOptions, distill
+    from fslm.steps.evaluate import EvalOptions, evaluate
+    from fslm.steps.init import InitOptions, init
+    from fslm.steps.train import TrainOptions
+    from fslm.teachers import TeacherSpec
 
     out = args.out.expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -171,62 +168,48 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("alpaca", "data_dir"):  # paths differ between machines; the hashes identify the data
         settings.pop(key)
     ledger = Ledger(out / "paper_repro.json", settings)
-    # the CLI's command functions, undecorated: they raise FslmError, reported here once
-    init_cmd, distill_cmd, train_cmd, eval_cmd = (
-        getattr(f, "__wrapped__", f) for f in (cli.init, cli.distill, cli.train, cli.eval_cmd)
-    )
 
     def say(text: str) -> None:
-        cli.err.print(text)
+        err.print(text)
 
-    def init() -> None:
+    def make_stack() -> None:
         if not (stack_dir / "stack.yaml").is_file():
-            init_cmd(stack_dir, base=args.base)
+            init(stack_dir, InitOptions(base=args.base))
 
-    def distill() -> None:
-        distill_cmd(
-            args.alpaca,
-            stack=stack_dir,
-            out_path=data,
-            teacher_backend=args.teacher_backend if not args.teacher_url else "openai",
-            teacher_model=args.teacher_model,
-            teacher_url=args.teacher_url,
-            concurrency=args.concurrency,
+    def distil(view: EventView) -> None:
+        server = ServerSettings(url=args.teacher_url, concurrency=args.concurrency) if args.teacher_url else None
+        backend = "openai" if args.teacher_url else args.teacher_backend
+        options = DistillOptions(
+            teacher=TeacherSpec(backend=backend, model=args.teacher_model, server=server),
             max_new_tokens=args.teacher_tokens,
             filters=args.filters,
             limit=args.limit,
             seed=args.seed,
             data_dir=args.data_dir,
         )
+        distill(args.alpaca, stack_dir, data, options, on_event=view)
 
-    def train() -> None:
-        train_stack_and_single(
-            stack_dir,
-            data,
-            train_cmd,
-            say,
-            max_steps=args.train_steps,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            seed=args.seed,
-        )
+    def train(view: EventView) -> None:
+        options = TrainOptions(max_steps=args.train_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+        train_all(StackDir(stack_dir), data, options, on_event=view)
 
-    def evaluate() -> None:
-        eval_cmd(
-            stack_dir,
+    def evaluate_all(view: EventView) -> None:
+        options = EvalOptions(
             data_dir=args.data_dir,
-            out_dir=report,
             tasks=args.tasks,
-            systems="base,single,stack",
+            systems=["base", "single", "stack"],
             limit=args.eval_items,
             seed=args.eval_seed,
             stage_tokens=args.stage_tokens,
         )
+        evaluate(stack_dir, report, options, on_event=view)
 
+    steps = (("init", lambda _: make_stack()), ("distill", distil), ("train", train), ("eval", evaluate_all))
     try:
-        for name, fn in (("init", init), ("distill", distill), ("train", train), ("eval", evaluate)):
+        for name, fn in steps:
             say(f"[bold cyan]paper_repro: {name}[/]")
-            ledger.step(name, fn)
+            with EventView() as view:
+                ledger.step(name, lambda fn=fn, view=view: fn(view))
             ledger.finish(name)
     except FslmError as e:
         say(f"[red]error:[/] {e}")

@@ -88,16 +88,16 @@ def main() -> None:
     import torch
     import uvicorn
 
-    from fslm.init import init_stack
-    from fslm.serve import ServeOptions, create_app
     from fslm.stack import Stack
+    from fslm.steps.init import InitOptions, init
+    from fslm.steps.serve import ServeOptions, create_app
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         directory = args.stack
         if directory is None:
             directory = Path(tmp) / "stack"
-            init_stack(directory, base=args.base)
+            init(directory, InitOptions(base=args.base))
         stack = Stack.load(directory)
         levels = [int(c) for c in args.clients.split(",")]
         opts = ServeOptions(max_queue=max(64, max(levels)), max_batch=args.max_batch, timeout=3600)

@@ -65,14 +65,17 @@ def main() -> None:
     args = parser.parse_args()
 
     from fslm import Stack
+    from fslm.distilled import read_distilled
     from fslm.files import sha256_file
-    from fslm.init import init_stack
-    from fslm.train import TrainOptions, train_stack, versions
-    from fslm.train_data import SINGLE, build_examples, read_records, split_validation
+    from fslm.provenance import versions
+    from fslm.stackdir import SINGLE
+    from fslm.steps.init import InitOptions, init
+    from fslm.steps.train import TrainOptions, train
+    from fslm.steps.train_data import build_examples, split_validation
 
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "stack"
-        config = init_stack(directory, base=args.base)
+        config = init(directory, InitOptions(base=args.base)).config
         data = Path(tmp) / "records.jsonl"
         if args.alpaca:
             n = alpaca_to_distilled(args.alpaca, data, args.records, config.final_stage.name)
@@ -81,7 +84,7 @@ def main() -> None:
             n = first_records(args.data, data, args.records)
             name, source = args.stage or config.final_stage.name, args.data
         stack = Stack.load(directory)
-        records, _ = read_records(data)
+        records, _ = read_distilled(data)
         train_recs, val_recs = split_validation(records, 0.1, args.seed)
         ex = build_examples(stack, train_recs, val_recs, name, args.max_length)
         lengths = [len(e["input_ids"]) for e in ex.train]
@@ -95,7 +98,6 @@ def main() -> None:
             max_length=args.max_length,
             save_steps=10**9,
             eval_each_epoch=False,
-            progress=False,
         )
         runs = {
             "fslm (length-grouped, dynamic padding)": TrainOptions(**common),
@@ -106,7 +108,7 @@ def main() -> None:
         rows = {}
         for label, options in runs.items():
             start = time.perf_counter()
-            t = train_stack(directory, data, options, stack=stack)[name].training
+            t = train(directory, data, options, loaded=stack).adapters[name].training
             extra = t.model_extra or {}
             rows[label] = {
                 "tokens_per_second": extra.get("tokens_per_second"),

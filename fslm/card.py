@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fslm.config import ADAPTERS_DIR, StackConfig
+from fslm.config import StackConfig
 from fslm.files import atomic_write_text
-
-CARD = "README.md"
+from fslm.stackdir import ADAPTERS, StackDir
 
 
 def _cell(text: object) -> str:
@@ -35,11 +34,12 @@ def render_model_card(config: StackConfig, adapters: dict[str, bool]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for i, s in enumerate(config.stages, 1):
-        adapter = f"`{ADAPTERS_DIR}/{s.name}/`" if adapters.get(s.name) else "none (base model)"
+        adapter = f"`{ADAPTERS}/{s.name}/`" if adapters.get(s.name) else "none (base model)"
         lines.append(
             f"| {i} | {s.name} | {', '.join(s.reads) or '-'} | {adapter} | {s.generation.max_new_tokens} | {_cell(s.role)} |"
         )
-    trained = [s for s in config.stages if s.training is not None]
+    trained = [(s.name, s.training) for s in config.stages if s.training is not None]
+    trained += [(f"{name} (baseline)", t) for name, t in config.baselines.items()]
     if trained:
         lines += [
             "",
@@ -48,15 +48,13 @@ def render_model_card(config: StackConfig, adapters: dict[str, bool]) -> str:
             "| stage | examples | epochs | steps | train loss | val loss | seconds | data sha256 |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        for s in trained:
-            t = s.training
-            assert t is not None
+        for name, t in trained:
 
             def f(x: float | None) -> str:
                 return "-" if x is None else f"{x:.4g}"
 
             lines.append(
-                f"| {s.name} | {t.examples or '-'} | {f(t.epochs)} | {t.steps or '-'} | {f(t.train_loss)} | "
+                f"| {name} | {t.examples or '-'} | {f(t.epochs)} | {t.steps or '-'} | {f(t.train_loss)} | "
                 f"{f(t.val_loss)} | {f(t.seconds)} | `{(t.data_sha256 or '-')[:12]}` |"
             )
     lines += [
@@ -73,8 +71,7 @@ def render_model_card(config: StackConfig, adapters: dict[str, bool]) -> str:
 
 
 def write_model_card(directory: str | Path, config: StackConfig) -> Path:
-    directory = Path(directory)
-    adapters = {s.name: (directory / ADAPTERS_DIR / s.name / "adapter_config.json").is_file() for s in config.stages}
-    path = directory / CARD
-    atomic_write_text(path, render_model_card(config, adapters))
-    return path
+    stack_dir = StackDir(directory)
+    adapters = {s.name: stack_dir.is_trained(s.name) for s in config.stages}
+    atomic_write_text(stack_dir.card, render_model_card(config, adapters))
+    return stack_dir.card

@@ -1,22 +1,42 @@
-"""The `fslm` command line: small commands that compose, one clear line and exit code 2 on bad input."""
+"""The `fslm` command line: small commands that compose, one clear line and exit code 2 on bad input.
+
+Every command builds a step's options object from its flags (defaults and help text come from that class, written
+once), calls the library step, and prints the result. Progress arrives as events (`fslm.events`) and is drawn here;
+no other module of fslm draws on the terminal.
+"""
 
 from __future__ import annotations
 
 import functools
 import json
 import logging
+import os
+import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from fslm.config import ServerSettings
 from fslm.errors import FslmError
+from fslm.events import Progress as ProgressEvent
+from fslm.quickstart import QuickstartOptions
+from fslm.stack import StageResult, Trace
+from fslm.steps.distill import DistillOptions
+from fslm.steps.evaluate import EvalOptions
+from fslm.steps.export import ExportOptions
+from fslm.steps.init import InitOptions
+from fslm.steps.train import TrainOptions
+from fslm.teachers import TeacherSpec
 
 app = typer.Typer(
     name="fslm",
@@ -57,6 +77,56 @@ def _setup_logging() -> None:
         logger.propagate = False
 
 
+def flag(model: type[BaseModel], field: str, *decls: str, **kwargs: Any) -> Any:
+    """A typer option whose default and help text are the options class's own (comma lists shown as text)."""
+    info = model.model_fields[field]
+    default = info.get_default(call_default_factory=True)
+    if default is PydanticUndefined:
+        default = ...
+    elif isinstance(default, (list, tuple)):
+        default = ",".join(map(str, default))
+    return typer.Option(default, *decls, help=info.description, **kwargs)
+
+
+class EventView:
+    """Rich progress bars drawn from step events: one bar per (step, task); quickstart's steps as headlines."""
+
+    def __init__(self) -> None:
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+        )
+        self.progress = Progress(*columns, console=err, transient=False)
+        self.tasks: dict[tuple[str, str], Any] = {}
+
+    def __enter__(self) -> EventView:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if event.step == "quickstart":
+            times = ", ".join(f"{v} {k}" for k, v in event.info.items())
+            if event.task == "done":
+                err.print(f"[bold green]done[/] in {event.info.get('elapsed', '?')}")
+            else:
+                err.print(f"[bold cyan]step {event.done}/{event.total}[/] {event.task}  [dim]({times})[/]")
+            return
+        key = (event.step, event.task)
+        info = " · ".join(event.info.values())
+        if key not in self.tasks:
+            label = event.task if event.step in ("train", "eval") else f"{event.step}: {event.task}"
+            self.tasks[key] = self.progress.add_task(label, total=event.total, info=info)
+        self.progress.update(self.tasks[key], completed=event.done, total=event.total, info=info)
+
+
 StackDir = Annotated[Path, typer.Argument(help="Stack directory (holds stack.yaml).")]
 
 
@@ -64,16 +134,14 @@ StackDir = Annotated[Path, typer.Argument(help="Stack directory (holds stack.yam
 @friendly
 def init(
     directory: Annotated[Path, typer.Argument(help="Where to create the stack.")],
-    recipe: Annotated[str, typer.Option(help="Shipped recipe name or path to a recipe YAML.")] = "paper4",
-    base: Annotated[str, typer.Option(help="Base model: alias, local HF directory, .gguf file or hub id.")] = (
-        "smollm2-135m-instruct"
-    ),
-    force: Annotated[bool, typer.Option(help="Overwrite an existing stack.yaml.")] = False,
+    recipe: str = flag(InitOptions, "recipe"),
+    base: str = flag(InitOptions, "base"),
+    force: bool = flag(InitOptions, "force"),
 ) -> None:
     """Create a stack directory: stack.yaml, adapters/, README.md."""
-    from fslm.init import init_stack
+    from fslm.steps.init import init as init_step
 
-    config = init_stack(directory, recipe=recipe, base=base, force=force)
+    config = init_step(directory, InitOptions.build(recipe=recipe, base=base, force=force)).config
     out.print(
         f"Created stack [bold]{config.name}[/] in {directory} "
         f"({len(config.stages)} stages: {' -> '.join(config.stage_names)}; base {config.base.model})"
@@ -86,10 +154,10 @@ def init(
 def info(directory: StackDir) -> None:
     """Show a stack's base model, stages, adapters and parameter counts."""
     from fslm import models
-    from fslm.config import load_config
-    from fslm.stack import Stack
+    from fslm.stackdir import StackDir as Layout
 
-    config = load_config(directory)
+    layout = Layout(directory)
+    config = layout.load()
     ref = models.resolve(config.base.model, directory)
     base_params = models.count_parameters(ref)
     out.print(f"[bold]{config.name}[/]  {config.description}".rstrip())
@@ -100,8 +168,7 @@ def info(directory: StackDir) -> None:
     table = Table("#", "stage", "reads", "adapter", "adapter params", "max new tokens", "val loss")
     total = 0
     for i, s in enumerate(config.stages, 1):
-        path = Stack.adapter_dir(directory, s.name)
-        weights = path / "adapter_model.safetensors"
+        weights = layout.weights(s.name)
         n = models.safetensors_parameters(weights) if weights.is_file() else 0
         total += n
         val = s.training.val_loss if s.training and s.training.val_loss is not None else None
@@ -116,6 +183,22 @@ def info(directory: StackDir) -> None:
         )
     out.print(table)
     out.print(f"resident parameters: {(base_params + total) / 1e6:.1f} M (base + {len(config.stages)} stages)")
+    for name, t in config.baselines.items():
+        val = f", val loss {t.val_loss:.3f}" if t.val_loss is not None else ""
+        out.print(f"baseline {name}: adapters/{name} ({t.examples or '?'} examples, {t.steps or '?'} steps{val})")
+
+
+def print_stage(r: StageResult, prompts: bool = False) -> None:
+    """One finished stage as a panel (what `fslm run` shows)."""
+    used = f"adapter {r.adapter}" if r.adapter else "base model"
+    title = f"[bold]{r.name}[/] · {used} · {r.output_tokens} tokens · {r.seconds:.1f}s"
+    if prompts:
+        out.print(Panel(r.prompt, title=f"{r.name} prompt", border_style="dim"))
+    out.print(Panel(r.output or "[dim](empty)[/]", title=title, title_align="left"))
+
+
+def print_answer(trace: Trace) -> None:
+    out.print(Panel(trace.answer, title="[bold green]answer[/]", title_align="left", border_style="green"))
 
 
 @app.command()
@@ -130,6 +213,9 @@ def run(
     backend: Annotated[
         str | None, typer.Option(help="Backend: torch, llamacpp or openai (default: the manifest's base.backend).")
     ] = None,
+    system: Annotated[
+        str, typer.Option(help="stack (every stage), or one direct answer: base, single or multitask.")
+    ] = "stack",
 ) -> None:
     """Answer an instruction through every stage and show the trace."""
     from fslm.config import load_config
@@ -138,73 +224,64 @@ def run(
     if not instruction.strip():
         raise FslmError("the instruction is empty")
     config = load_config(directory)  # validate before the (slow) model load
-    names = config.stage_names
+    names = config.stage_names if system == "stack" else [system]
     with err.status(f"loading {config.base.model}") as status:
         stack = Stack.load(directory, backend=backend)
 
         def on_stage(_: int, r: Any) -> None:
             if not as_json:
-                used = f"adapter {r.adapter}" if r.adapter else "base model"
-                title = f"[bold]{r.name}[/] · {used} · {r.output_tokens} tokens · {r.seconds:.1f}s"
-                if prompts:
-                    out.print(Panel(r.prompt, title=f"{r.name} prompt", border_style="dim"))
-                out.print(Panel(r.output or "[dim](empty)[/]", title=title, title_align="left"))
+                print_stage(r, prompts)
             nxt = names.index(r.name) + 1
             if nxt < len(names):
                 status.update(f"stage {nxt + 1}/{len(names)}: {names[nxt]}")
 
         status.update(f"stage 1/{len(names)}: {names[0]}")
-        trace = stack.run(instruction, input, on_stage=on_stage, max_new_tokens=max_new_tokens)
+        (trace,) = stack.answer([(instruction, input)], system, on_stage=on_stage, max_new_tokens=max_new_tokens)
     if as_json:
         sys.stdout.write(json.dumps(trace.to_dict(prompts=prompts), ensure_ascii=False) + "\n")
     else:
-        out.print(Panel(trace.answer, title="[bold green]answer[/]", title_align="left", border_style="green"))
+        print_answer(trace)
 
 
 @app.command()
 @friendly
 def train(
     directory: StackDir,
-    data: Annotated[Path, typer.Option("--data", help="Distilled JSONL (docs/formats.md), e.g. from fslm distill.")],
-    stages: Annotated[str | None, typer.Option(help="Comma-separated stages to train (default: all).")] = None,
-    single: Annotated[
-        bool, typer.Option("--single", help="Train only the single-adapter baseline (adapters/single/).")
-    ] = False,
-    epochs: Annotated[float, typer.Option(min=0.01, help="Epochs per stage.")] = 3.0,
-    max_steps: Annotated[
-        int | None, typer.Option(min=1, help="Optimizer steps per stage (overrides --epochs).")
-    ] = None,
-    lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate.")] = 2e-4,
-    batch_size: Annotated[int, typer.Option(min=1, help="Examples per batch per process.")] = 4,
-    grad_accum: Annotated[int, typer.Option(min=1, help="Gradient accumulation steps.")] = 1,
-    scheduler: Annotated[str, typer.Option(help="cosine, linear or constant_with_warmup.")] = "cosine",
-    warmup: Annotated[
-        float, typer.Option(min=0.0, help="Warm-up: a fraction of the steps (<1) or steps (>=1).")
-    ] = 0.05,
-    seed: Annotated[int, typer.Option(help="Seed for LoRA init, data order, dropout and the validation split.")] = 0,
-    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.5, help="Records held out for validation.")] = 0.1,
-    save_steps: Annotated[int, typer.Option(min=1, help="Checkpoint every N optimizer steps.")] = 50,
-    max_length: Annotated[
-        int | None, typer.Option(min=8, help="Skip examples longer than this (default: the context).")
-    ] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its checkpoints.")] = False,
-    strict: Annotated[bool, typer.Option("--strict", help="Stop on the first bad record instead of skipping.")] = False,
-    keep_checkpoints: Annotated[bool, typer.Option(help="Keep DIR/.fslm-train/ after a finished run.")] = False,
+    data: Path = typer.Option(..., "--data", help="Distilled JSONL (docs/formats.md), e.g. from fslm distill."),
+    stages: str | None = flag(TrainOptions, "stages"),
+    single: bool = flag(TrainOptions, "single", "--single"),
+    multitask: bool = flag(TrainOptions, "multitask", "--multitask"),
+    answer_inputs: str = flag(TrainOptions, "answer_inputs"),
+    student_backend: str = flag(TrainOptions, "student_backend"),
+    epochs: float = flag(TrainOptions, "epochs", min=0.01),
+    max_steps: int | None = flag(TrainOptions, "max_steps", min=1),
+    lr: float = flag(TrainOptions, "lr", min=0.0),
+    batch_size: int = flag(TrainOptions, "batch_size", min=1),
+    grad_accum: int = flag(TrainOptions, "grad_accum", min=1),
+    scheduler: str = flag(TrainOptions, "scheduler"),
+    warmup: float = flag(TrainOptions, "warmup", min=0.0),
+    seed: int = flag(TrainOptions, "seed"),
+    val_fraction: float = flag(TrainOptions, "val_fraction", min=0.0, max=0.5),
+    save_steps: int = flag(TrainOptions, "save_steps", min=1),
+    max_length: int | None = flag(TrainOptions, "max_length", min=8),
+    resume: bool = flag(TrainOptions, "resume", "--resume"),
+    strict: bool = flag(TrainOptions, "strict", "--strict"),
+    keep_checkpoints: bool = flag(TrainOptions, "keep_checkpoints"),
     processes: Annotated[
         int, typer.Option(min=1, help="Data-parallel processes on this machine (via accelerate launch).")
     ] = 1,
 ) -> None:
     """Train one LoRA adapter per stage (or --single: the one-adapter baseline) on distilled data."""
-    import os
-
-    from fslm import train as training
+    from fslm.steps.train import train as train_step
 
     if processes > 1 and "LOCAL_RANK" not in os.environ:
-        code = training.launch(training.strip_processes(sys.argv[2:]), processes)
-        raise typer.Exit(code)
-    options = training.TrainOptions(
-        stages=[s.strip() for s in stages.split(",") if s.strip()] if stages else None,
+        raise typer.Exit(launch(strip_processes(sys.argv[2:]), processes))
+    options = TrainOptions.build(
+        stages=stages,
         single=single,
+        multitask=multitask,
+        answer_inputs=answer_inputs,
+        student_backend=student_backend,
         epochs=epochs,
         max_steps=max_steps,
         lr=lr,
@@ -220,11 +297,13 @@ def train(
         resume=resume,
         keep_checkpoints=keep_checkpoints,
     )
-    results = training.train_stack(directory, data, options)
-    if os.environ.get("RANK", "0") != "0":
+    main_process = os.environ.get("RANK", "0") == "0"
+    with EventView() if main_process else _nothing() as view:
+        result = train_step(directory, data, options, on_event=view)
+    if not main_process:
         return
     table = Table("adapter", "examples", "val", "epochs", "steps", "train loss", "val loss", "tok/s", "seconds")
-    for name, r in results.items():
+    for name, r in result.adapters.items():
         t = r.training
         extra = t.model_extra or {}
         table.add_row(
@@ -239,12 +318,55 @@ def train(
             f"{t.seconds:.1f}",
         )
     out.print(table)
-    if not results:
+    if not result.adapters:
         out.print("nothing left to train (every adapter of this run was already written)")
-    elif single:
-        out.print(f"Wrote {directory}/adapters/single (the single-adapter baseline)")
+    elif single or multitask:
+        name = "single" if single else "multitask"
+        out.print(f"Wrote {directory}/adapters/{name} (the {name} baseline; fslm run {directory} ... --system {name})")
     else:
         out.print(f'Next: fslm run {directory} "Give three tips for staying healthy."')
+
+
+class _nothing:
+    """A context that draws nothing (ranks other than the first of a data-parallel run stay quiet)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def launch(argv: Sequence[str], processes: int) -> int:
+    """Re-run `fslm train ARGV` under `accelerate launch` with N data-parallel processes on this machine.
+
+    CPU: gloo; GPU: one process per GPU (NCCL). For multi-node, FSDP or DeepSpeed call `accelerate launch`
+    yourself with an accelerate config (docs/train.md).
+    """
+    import torch
+
+    # `--multi_gpu` selects accelerate's torchrun launcher, which is also the one that starts N CPU processes
+    # (its `--cpu` flag starts a single process unless run under MPI); without a GPU each process uses gloo.
+    if torch.cuda.is_available() and torch.cuda.device_count() < processes:
+        raise FslmError(f"--processes {processes}: only {torch.cuda.device_count()} GPU(s) visible")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
+    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += ["-m", "fslm", "train", *argv]
+    return subprocess.call(cmd)
+
+
+def strip_processes(argv: Sequence[str]) -> list[str]:
+    """argv without its --processes option (the launched processes must not launch again)."""
+    out_args: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--processes":
+            skip = True
+        elif not a.startswith("--processes="):
+            out_args.append(a)
+    return out_args
 
 
 @app.command()
@@ -255,80 +377,54 @@ def distill(
         Path, typer.Option(help="Stack directory: its stages' roles and templates are the teacher's tasks.")
     ],
     out_path: Annotated[Path, typer.Option("--out", help="Output JSONL (a <out>.manifest.json is written beside it).")],
-    teacher_model: Annotated[
-        str | None,
-        typer.Option(help="Teacher: alias, HF dir or .gguf (torch/llamacpp; default the stack's base) or served name."),
-    ] = None,
-    teacher_backend: Annotated[
-        str | None, typer.Option(help="torch, llamacpp or openai (default: openai with --teacher-url, else torch).")
-    ] = None,
-    teacher_url: Annotated[
-        str | None, typer.Option(help="OpenAI-compatible server, e.g. http://127.0.0.1:8080/v1.")
-    ] = None,
-    api_key_env: Annotated[
-        str, typer.Option(help="Environment variable holding the server's API key.")
-    ] = "FSLM_API_KEY",
-    concurrency: Annotated[int, typer.Option(min=1, max=256, help="Requests in flight (openai teacher).")] = 4,
-    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds per request before it is retried (openai).")] = 120.0,
-    max_retries: Annotated[int, typer.Option(min=0, max=50, help="Retries with exponential backoff (openai).")] = 5,
-    batch_size: Annotated[int, typer.Option(min=1, help="Records per batched generate call (torch teacher).")] = 8,
-    final_from: Annotated[
-        str, typer.Option(help="Final stage target: reference (when the record has one) or teacher.")
-    ] = ("reference"),
-    show_reference: Annotated[
-        bool, typer.Option(help="Show the reference output to the teacher when it writes earlier stages.")
-    ] = True,
-    max_new_tokens: Annotated[
-        int | None, typer.Option(min=1, help="Override every stage's budget for the teacher.")
-    ] = None,
-    filters: Annotated[str, typer.Option(help="Quality filters: comma list of empty,overlong,repetition, or none.")] = (
-        "empty,overlong,repetition"
-    ),
-    overlong_factor: Annotated[
-        float, typer.Option(min=0.0, help="overlong: more student tokens than factor x the stage's max_new_tokens.")
-    ] = 1.0,
-    trim_cut: Annotated[
-        bool, typer.Option(help="Trim a teacher output cut at the token limit to its last full sentence or line.")
-    ] = True,
-    format: Annotated[str, typer.Option(help="auto, alpaca, self-instruct or gsm8k.")] = "auto",
-    instruction_field: Annotated[str | None, typer.Option(help="Field holding the instruction.")] = None,
-    input_field: Annotated[str | None, typer.Option(help="Field holding the optional input.")] = None,
-    output_field: Annotated[str | None, typer.Option(help="Field holding the reference output.")] = None,
-    limit: Annotated[int | None, typer.Option(min=1, help="Distil a reproducible random sample of N records.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the --limit sample.")] = 0,
-    strict: Annotated[bool, typer.Option(help="Bad rows and benchmark contamination are fatal (exit 2).")] = False,
-    data_dir: Annotated[
-        Path | None, typer.Option(help="Benchmark data directory: warn when instructions appear in a test split.")
-    ] = None,
-    cache: Annotated[
-        Path | None, typer.Option(help="Teacher cache (default <out>.cache.jsonl); share it across runs.")
-    ] = (None),
-    overwrite: Annotated[bool, typer.Option(help="Replace an output written by a different distill run.")] = False,
+    teacher_model: str | None = flag(TeacherSpec, "model", "--teacher-model"),
+    teacher_backend: str | None = flag(TeacherSpec, "backend", "--teacher-backend"),
+    teacher_url: str | None = typer.Option(None, help="OpenAI-compatible server, e.g. http://127.0.0.1:8080/v1."),
+    api_key_env: str = flag(ServerSettings, "api_key_env"),
+    concurrency: int = flag(ServerSettings, "concurrency", min=1, max=256),
+    timeout: float = flag(ServerSettings, "timeout", min=0.1),
+    max_retries: int = flag(ServerSettings, "max_retries", min=0, max=50),
+    batch_size: int = flag(TeacherSpec, "batch_size", min=1),
+    reference: str = flag(DistillOptions, "reference"),
+    final_from: str = flag(DistillOptions, "final_from"),
+    samples: int = flag(DistillOptions, "samples", min=1, max=16),
+    sample_temperature: float = flag(DistillOptions, "sample_temperature"),
+    sample_top_p: float = flag(DistillOptions, "sample_top_p"),
+    max_new_tokens: int | None = flag(DistillOptions, "max_new_tokens", min=1),
+    filters: str = flag(DistillOptions, "filters"),
+    overlong_factor: float = flag(DistillOptions, "overlong_factor", min=0.0),
+    trim_cut: bool = flag(DistillOptions, "trim_cut"),
+    format: str = flag(DistillOptions, "format"),
+    instruction_field: str | None = flag(DistillOptions, "instruction_field"),
+    input_field: str | None = flag(DistillOptions, "input_field"),
+    output_field: str | None = flag(DistillOptions, "output_field"),
+    limit: int | None = flag(DistillOptions, "limit", min=1),
+    seed: int = flag(DistillOptions, "seed"),
+    strict: bool = flag(DistillOptions, "strict"),
+    data_dir: Path | None = flag(DistillOptions, "data_dir"),
+    cache: Path | None = flag(DistillOptions, "cache"),
+    overwrite: bool = flag(DistillOptions, "overwrite"),
 ) -> None:
     """Teacher-written training targets for every stage of a stack (resumable: rerun the same command)."""
-    from fslm.distill import FILTERS, DistillOptions, run_command
+    from fslm.steps.distill import distill as distill_step
 
-    if final_from not in ("reference", "teacher"):
-        raise FslmError(f"--final-from must be reference or teacher, not {final_from!r}")
-    chosen = tuple(f.strip() for f in filters.split(",") if f.strip() and f.strip() != "none")
-    unknown = [f for f in chosen if f not in FILTERS]
-    if unknown:
-        raise FslmError(f"--filters: unknown filter {', '.join(unknown)} (known: {', '.join(FILTERS)}, none)")
-    options = DistillOptions(final_from, show_reference, max_new_tokens, chosen, overlong_factor, trim_cut)  # type: ignore[arg-type]
-    r = run_command(
-        dataset,
-        stack,
-        out_path,
-        console=err,
-        teacher_backend=teacher_backend,
-        teacher_model=teacher_model,
-        teacher_url=teacher_url,
-        api_key_env=api_key_env,
-        concurrency=concurrency,
-        timeout=timeout,
-        max_retries=max_retries,
-        batch_size=batch_size,
-        options=options,
+    server = None
+    if teacher_url:
+        server = ServerSettings(
+            url=teacher_url, api_key_env=api_key_env, concurrency=concurrency, timeout=timeout, max_retries=max_retries
+        )
+    teacher = TeacherSpec.build(backend=teacher_backend, model=teacher_model, server=server, batch_size=batch_size)
+    options = DistillOptions.build(
+        teacher=teacher,
+        reference=reference,
+        final_from=final_from,
+        samples=samples,
+        sample_temperature=sample_temperature,
+        sample_top_p=sample_top_p,
+        max_new_tokens=max_new_tokens,
+        filters=filters,
+        overlong_factor=overlong_factor,
+        trim_cut=trim_cut,
         format=format,
         instruction_field=instruction_field,
         input_field=input_field,
@@ -340,6 +436,8 @@ def distill(
         cache=cache,
         overwrite=overwrite,
     )
+    with EventView() as view:
+        r = distill_step(dataset, stack, out_path, options, on_event=view)
     dropped = ", ".join(f"{n} {k}" for k, n in r.filtered.items() if n) or "none"
     rate = (
         f"{(r.selected - r.resumed) / r.seconds:.2f} records/s, {r.output_tokens / r.seconds:.1f} tokens/s"
@@ -347,9 +445,18 @@ def distill(
         else "-"
     )
     out.print(
-        f"{r.written} of {r.selected} records written to {r.out} (filtered: {dropped}; lost: {r.lost}); "
-        f"{r.resumed} resumed, {r.teacher_calls} teacher calls, {r.cache_hits} cache hits; {rate}"
+        f"{r.written_records} of {r.selected} records written to {r.out} ({r.written} chains; rejected: {dropped}; "
+        f"lost: {r.lost}); {r.resumed} resumed, {r.teacher_calls} teacher calls, {r.cache_hits} cache hits; {rate}"
     )
+    c = r.checks
+    if c.get("checked_records"):
+        out.print(
+            f"teacher answers checked: {c['teacher_blind_correct']} of {c['checked_records']} right blind "
+            f"({c['teacher_blind_accuracy']:.0%}); {c['correct_after_hint']} of {c['retried_with_hint']} right after a hint"
+        )
+    if c.get("leak_rate_all_intermediate") is not None:
+        rates = ", ".join(f"{k} {v['rate']:.0%}" for k, v in c["leaks"].items())
+        out.print(f"earlier-stage targets that contain the reference: {c['leak_rate_all_intermediate']:.1%} ({rates})")
     out.print(f"manifest: {r.manifest}")
 
 
@@ -404,9 +511,9 @@ def serve(
 ) -> None:
     """Serve the stack: OpenAI-compatible API (/v1/chat/completions), per-stage streaming, and a web page at /."""
     from fslm.config import load_config
-    from fslm.serve import ServeOptions
-    from fslm.serve import serve as run_server
     from fslm.stack import Stack
+    from fslm.steps.serve import ServeOptions
+    from fslm.steps.serve import serve as run_server
 
     config = load_config(directory)  # validate before the (slow) model load
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
@@ -430,84 +537,67 @@ def serve(
 @friendly
 def export(
     directory: StackDir,
-    format: Annotated[str, typer.Option("--format", help="Export format (only gguf: llama.cpp).")] = "gguf",
-    quant: Annotated[
-        str | None,
-        typer.Option(help="Base weights: q8_0, q4_1, f16 or f32 (default: reuse a GGUF base as is, else f16)."),
-    ] = None,
+    format: str = flag(ExportOptions, "format", "--format"),
+    quant: str | None = flag(ExportOptions, "quant"),
 ) -> None:
     """Write DIR/gguf/: the base model and one GGUF LoRA adapter per stage, for `fslm run --backend llamacpp`."""
-    from fslm.export import export_gguf
+    from fslm.steps.export import export as export_step
 
-    if format != "gguf":
-        raise FslmError(f"--format {format!r}: only gguf is supported")
     with err.status("exporting") as status:
-        manifest = export_gguf(directory, quant, on_step=lambda msg: status.update(f"exporting {msg}"))
+        result = export_step(
+            directory,
+            ExportOptions.build(format=format, quant=quant),
+            on_event=lambda e: status.update(f"exporting {e.task}"),
+        )
+    manifest = result.manifest
     out.print(
-        f"Exported to {directory / 'gguf'}: base ({manifest['base']['quant']}) + "
+        f"Exported to {result.directory}: base ({manifest['base']['quant']}) + "
         f"{len(manifest['adapters'])} adapter(s) ({', '.join(manifest['adapters']) or 'none'})"
     )
+
+
+def print_eval_table(results: dict[str, Any]) -> None:
+    tasks = results["tasks"]
+    table = Table("system", *tasks, "s/query")
+    for name, s in results["systems"].items():
+        cells = [f"{s['tasks'][t]['accuracy']:.3f} ± {s['tasks'][t]['stderr'] or 0:.3f}" for t in tasks]
+        table.add_row(name, *cells, f"{s['seconds_per_query']:.3f}")
+    out.print(table)
+    for w in results["contamination_warnings"]:
+        err.print(f"[yellow]warning:[/] {w}")
 
 
 @app.command("eval")
 @friendly
 def eval_cmd(
     directory: StackDir,
-    data_dir: Annotated[Path, typer.Option(help="Benchmark data directory (layout: docs/eval.md).")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Report directory (results.json, report.md, PNG).")],
-    tasks: Annotated[str, typer.Option(help="Comma-separated: arc_easy, arc_challenge, mmlu, hellaswag, ...")] = (
-        "arc_easy,arc_challenge,mmlu"
-    ),
-    systems: Annotated[str, typer.Option(help="Comma-separated: base, single, stack.")] = "base,single,stack",
-    limit: Annotated[int | None, typer.Option(min=1, help="Items per task (a seeded random subset).")] = 100,
-    seed: Annotated[int, typer.Option(help="Seed of the subset and of lm-eval.")] = 1234,
-    ablate: Annotated[bool, typer.Option(help="Add one stack row per stage, that stage on the bare base.")] = False,
-    batch_size: Annotated[int, typer.Option(min=1, help="Pinned scoring batch size.")] = 8,
-    stage_tokens: Annotated[
-        int | None, typer.Option(min=1, help="Cap new tokens of stages 1..N-1 (default: the manifest's).")
-    ] = None,
+    data_dir: Path = flag(EvalOptions, "data_dir"),
+    out_dir: Annotated[Path, typer.Option("--out", help="Report directory (results.json, report.md, PNG).")] = ...,  # type: ignore[assignment]
+    tasks: str = flag(EvalOptions, "tasks"),
+    systems: str = flag(EvalOptions, "systems"),
+    limit: int | None = flag(EvalOptions, "limit", min=1),
+    seed: int = flag(EvalOptions, "seed"),
+    ablate: bool = flag(EvalOptions, "ablate"),
+    batch_size: int = flag(EvalOptions, "batch_size", min=1),
+    stage_tokens: int | None = flag(EvalOptions, "stage_tokens", min=1),
 ) -> None:
     """Score base model vs single adapter vs stack on offline benchmarks (lm-evaluation-harness)."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from fslm.steps.evaluate import evaluate
 
-    from fslm.evaluate import EvalOptions, evaluate
-
-    options = EvalOptions(
-        tasks=[t.strip() for t in tasks.split(",") if t.strip()],
+    options = EvalOptions.build(
+        tasks=tasks,
         data_dir=data_dir,
-        systems=[s.strip() for s in systems.split(",") if s.strip()],
+        systems=systems,
         limit=limit,
         seed=seed,
         ablate=ablate,
         batch_size=batch_size,
         stage_tokens=stage_tokens,
     )
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=False) as bar:
-        ids: dict[str, Any] = {}
-
-        def progress(system: str, what: str, done: int, total: int) -> None:
-            label = f"{system}: {what}"
-            if label not in ids:
-                ids[label] = bar.add_task(label, total=total)
-            bar.update(ids[label], completed=done, total=total)
-
-        results = evaluate(directory, out_dir, options, progress=progress)
-    table = Table("system", *options.tasks, "s/query")
-    for name, s in results["systems"].items():
-        cells = [f"{s['tasks'][t]['accuracy']:.3f} ± {s['tasks'][t]['stderr'] or 0:.3f}" for t in options.tasks]
-        table.add_row(name, *cells, f"{s['seconds_per_query']:.3f}")
-    out.print(table)
-    for w in results["contamination_warnings"]:
-        err.print(f"[yellow]warning:[/] {w}")
-    out.print(f"report: {out_dir / 'report.md'}")
+    with EventView() as view:
+        result = evaluate(directory, out_dir, options, on_event=view)
+    print_eval_table(result.results)
+    out.print(f"report: {result.report}")
 
 
 @app.command(
@@ -517,8 +607,8 @@ def eval_cmd(
 @friendly
 def lm_eval_cmd(ctx: typer.Context) -> None:
     """lm-evaluation-harness's own CLI with fslm's model (`--model fslm`) and offline tasks (fslm_*) registered."""
-    import fslm.lm_eval_model  # noqa: F401  registers --model fslm
-    from fslm.evaluate import TASKS_DIR
+    import fslm.steps.lm_eval_model  # noqa: F401  registers --model fslm
+    from fslm.steps.evaluate import TASKS_DIR
 
     argv = list(ctx.args)
     if argv and argv[0] not in ("run", "ls", "validate", "-h", "--help"):
@@ -537,23 +627,46 @@ def quickstart(
     out_dir: Annotated[Path, typer.Option("--out", help="Where to write the stack, data and report.")] = Path(
         "fslm-quickstart"
     ),
+    records: int = flag(QuickstartOptions, "records", min=1),
+    teacher_tokens: int = flag(QuickstartOptions, "teacher_tokens", min=1),
+    train_steps: int = flag(QuickstartOptions, "train_steps", min=1),
+    batch_size: int = flag(QuickstartOptions, "batch_size", min=1),
+    eval_items: int = flag(QuickstartOptions, "eval_items", min=1),
+    stage_tokens: int = flag(QuickstartOptions, "stage_tokens", min=1),
+    base: str = flag(QuickstartOptions, "base"),
+    teacher_backend: str = flag(QuickstartOptions, "teacher_backend"),
+    filters: str = flag(QuickstartOptions, "filters"),
 ) -> None:
     """The whole pipeline on the embedded model, offline, in minutes: init, distill, train, run, eval."""
-    import fslm.cli as commands
-    from fslm.quickstart import Budget
-    from fslm.quickstart import quickstart as run_quickstart
+    from fslm.quickstart import quickstart as quickstart_step
 
-    paths = run_quickstart(out_dir, Budget(), say=lambda text: err.print(text), commands=commands)
+    options = QuickstartOptions.build(
+        records=records,
+        teacher_tokens=teacher_tokens,
+        train_steps=train_steps,
+        batch_size=batch_size,
+        eval_items=eval_items,
+        stage_tokens=stage_tokens,
+        base=base,
+        teacher_backend=teacher_backend,
+        filters=filters,
+    )
+    with EventView() as view:
+        result = quickstart_step(out_dir, options, on_event=view)
+    out.print(f"\n[bold]{result.trace.instruction}[/]")
+    for stage in result.trace.stages:
+        print_stage(stage)
+    print_answer(result.trace)
+    print_eval_table(result.evaluation.results)
     out.print("\n[bold]Written:[/]")
-    for what, path in paths.items():
+    for what, path in result.paths.items():
         out.print(f"  {what:<10} {path}")
-    stack_dir, report = paths["stack"], paths["report"]
     out.print(
         "\n[bold]Next:[/]\n"
-        f"  fslm info {stack_dir}                      # stages, adapters, training losses\n"
-        f'  fslm run {stack_dir} "Explain photosynthesis in two sentences." --prompts\n'
-        f"  fslm serve {stack_dir}                     # chat UI at http://127.0.0.1:8000\n"
-        f"  open {report}/report.md                  # the accuracy table"
+        f"  fslm info {result.stack}                      # stages, adapters, training losses\n"
+        f'  fslm run {result.stack} "Explain photosynthesis in two sentences." --prompts\n'
+        f"  fslm serve {result.stack}                     # chat UI at http://127.0.0.1:8000\n"
+        f"  open {result.report}/report.md                  # the accuracy table"
     )
 
 

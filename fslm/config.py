@@ -12,8 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fslm.errors import FslmError
 
 MANIFEST = "stack.yaml"
-ADAPTERS_DIR = "adapters"  # adapters/<stage>/ holds that stage's PEFT adapter
 FORMAT_VERSION = 1
+# The environment variable that holds an OpenAI-compatible server's key unless the user names another.
+DEFAULT_API_KEY_ENV = "FSLM_API_KEY"
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 # Variables every stage template may use, besides the outputs of the stages it reads.
 BUILTIN_VARIABLES = ("instruction", "input")
@@ -31,6 +32,7 @@ class GenerationSettings(_Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=3.0)
     stop: list[str] = Field(default_factory=list)
+    seed: int | None = None  # sampling seed (temperature > 0): the same seed draws the same text
 
     @field_validator("stop")
     @classmethod
@@ -43,13 +45,15 @@ class GenerationSettings(_Strict):
 class ServerSettings(_Strict):
     """An OpenAI-compatible server that serves the stages (backend: openai), e.g. vLLM with --enable-lora."""
 
-    url: str = "http://127.0.0.1:8000/v1"
-    api_key_env: str = "FSLM_API_KEY"  # name of the environment variable holding the key (never the key itself)
+    url: str = Field("http://127.0.0.1:8000/v1", description="OpenAI-compatible server, e.g. http://127.0.0.1:8080/v1.")
+    api_key_env: str = Field(
+        DEFAULT_API_KEY_ENV, description="Environment variable holding the server's API key (never the key itself)."
+    )
     base_model: str | None = None  # served model name for stages without an adapter
     models: dict[str, str] = Field(default_factory=dict)  # stage name -> served model (LoRA) name
-    concurrency: int = Field(4, ge=1, le=256)
-    timeout: float = Field(120.0, gt=0)
-    max_retries: int = Field(5, ge=0, le=50)
+    concurrency: int = Field(4, ge=1, le=256, description="Requests in flight.")
+    timeout: float = Field(120.0, gt=0, description="Seconds per request before it is retried.")
+    max_retries: int = Field(5, ge=0, le=50, description="Retries with exponential backoff.")
 
 
 class BaseModelSettings(_Strict):
@@ -120,7 +124,21 @@ class StackConfig(_Strict):
     base: BaseModelSettings = Field(default_factory=BaseModelSettings)
     lora: LoraSettings
     stages: list[StageConfig] = Field(min_length=1)
+    # Training records of the baseline adapters beside the stages (adapters/single/, adapters/multitask/).
+    baselines: dict[str, StageTraining] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _migrate(cls, data: Any) -> Any:
+        """Manifests written before `baselines:` kept the single baseline's record in metadata.single_training."""
+        if isinstance(data, dict) and isinstance(data.get("metadata"), dict) and "single_training" in data["metadata"]:
+            data = dict(data)
+            metadata = dict(data["metadata"])
+            baselines = dict(data.get("baselines") or {})
+            baselines.setdefault("single", metadata.pop("single_training"))
+            data.update(metadata=metadata, baselines=baselines)
+        return data
 
     @field_validator("format_version")
     @classmethod

@@ -22,8 +22,9 @@ from typing import Any
 from fslm.errors import FslmError
 from fslm.files import sha256_file
 
-FORMATS = ("auto", "alpaca", "self-instruct", "gsm8k")
-SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+# Instruction formats, then the multiple-choice benchmark formats (fslm.choices).
+FORMATS = ("auto", "alpaca", "self-instruct", "gsm8k", "arc", "openbookqa", "sciq", "mmlu")
+SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".tsv")
 _SURROGATE = re.compile("[\udc80-\udcff]")
 
 
@@ -44,7 +45,7 @@ BUILTIN: dict[str, FieldMap] = {
 
 
 @dataclass
-class Record:
+class DatasetRecord:
     """One instruction of a dataset, with where it came from (file and 0-based row index, 1-based line)."""
 
     instruction: str
@@ -53,9 +54,16 @@ class Record:
     file: str
     index: int
     line: int
+    # Multiple-choice records (fslm.choices): the options, the gold option's index, and whether the reference is
+    # the gold option's text or its letter.
+    choices: list[str] | None = None
+    gold: int | None = None
+    answer_format: str | None = None
 
     @property
     def id(self) -> str:
+        if self.choices:  # the same question with other options is another item
+            return record_id(self.instruction, "\x1e".join([self.input or "", *self.choices]))
         return record_id(self.instruction, self.input)
 
 
@@ -78,7 +86,7 @@ class Dataset:
     format: str
     fields: FieldMap
     rows: int  # rows in the file (good and bad)
-    records: list[Record]
+    records: list[DatasetRecord]
     bad: list[BadRow] = field(default_factory=list)
     duplicates: int = 0  # rows whose (instruction, input) repeats an earlier row; the first one is kept
     limit: int | None = None
@@ -131,46 +139,63 @@ def read_dataset(
     strict: bool = False,
     on_bad: Callable[[BadRow], None] | None = None,
 ) -> Dataset:
-    """Read a dataset file into records.
+    """Read a dataset (a file, a directory of files, or a glob such as `shards/*.json`) into records.
 
-    format: auto (detected from the first good row), alpaca, self-instruct or gsm8k; explicit field flags override
-    the mapping. Bad rows go to `on_bad` and are skipped; with strict=True the first one raises FslmError.
+    format: auto (detected from the first file), an instruction format (alpaca, self-instruct, gsm8k; explicit
+    field flags override the mapping) or a multiple-choice benchmark (arc, openbookqa, sciq, mmlu). Bad rows go to
+    `on_bad` and are skipped; with strict=True the first one raises FslmError. Several files are one dataset, read
+    in name order; duplicates across files count as duplicates.
     """
     path = Path(path)
     if format not in FORMATS:
         raise FslmError(f"unknown dataset format {format!r} (known: {', '.join(FORMATS)})")
-    if not path.is_file():
-        raise FslmError(f"{path}: no such file")
-    if path.suffix.lower() not in SUFFIXES:
-        raise FslmError(f"{path}: unsupported dataset file type {path.suffix!r} (known: {', '.join(SUFFIXES)})")
+    files = dataset_files(path)
     if limit is not None and limit < 1:
         raise FslmError(f"--limit must be at least 1, got {limit}")
     bad: list[BadRow] = []
+    current = [str(files[0])]
 
     def report(line: int, reason: str) -> None:
-        row = BadRow(str(path), line, reason)
+        row = BadRow(current[0], line, reason)
         if strict:
             raise FslmError(f"{row} (bad row; without --strict it would be skipped)")
         bad.append(row)
         if on_bad is not None:
             on_bad(row)
 
-    rows = list(_raw_rows(path, report))
-    total = len(rows) + len(bad)  # rows that could not even be decoded count as rows too
+    from fslm.choices import CHOICE_FORMATS, detect, read_choice_rows
+
     chosen = format
     if chosen == "auto":
-        chosen = _detect(next((r for _, r in rows if isinstance(r, dict)), {}))
+        chosen = detect(files[0]) or "auto"
+    rows: list[tuple[str, int, Any]] = []  # (file, line, row)
+    for f in files:
+        current[0] = str(f)
+        if chosen in CHOICE_FORMATS:
+            rows += [(str(f), n, row) for n, row in enumerate(read_choice_rows(f, chosen), 1)]
+        else:
+            rows += [(str(f), line, row) for line, row in _raw_rows(f, report)]
+    total = len(rows) + len(bad)  # rows that could not even be decoded count as rows too
+    if chosen == "auto":
+        chosen = _detect(next((r for _, _, r in rows if isinstance(r, dict)), {}))
     fields = BUILTIN.get(chosen, BUILTIN["alpaca"])
     fields = FieldMap(
         instruction_field or fields.instruction,
         input_field if input_field is not None else fields.input,
         output_field if output_field is not None else fields.output,
     )
-    records: list[Record] = []
+    records: list[DatasetRecord] = []
     seen: set[str] = set()
     duplicates = 0
-    for index, (line, row) in enumerate(rows):
-        rec = _to_record(row, fields, chosen, str(path), index, line, report)
+    for index, (file, line, row) in enumerate(rows):
+        current[0] = file
+        if chosen in CHOICE_FORMATS:
+            rec: DatasetRecord | None = DatasetRecord(
+                row["instruction"], None, row["reference"], file, index, line, row["choices"], row["gold"],
+                row["answer_format"],
+            )  # fmt: skip
+        else:
+            rec = _to_record(row, fields, chosen, file, index, line, report)
         if rec is None:
             continue
         if rec.id in seen:
@@ -178,13 +203,43 @@ def read_dataset(
             continue
         seen.add(rec.id)
         records.append(rec)
-    bad.sort(key=lambda b: b.line)
+    bad.sort(key=lambda b: (b.file, b.line))
     if not records:
         raise FslmError(f"{path}: no usable records ({total} rows, {len(bad)} bad)")
     if limit is not None and limit < len(records):
         keep = sorted(random.Random(seed).sample(range(len(records)), limit))
         records = [records[i] for i in keep]
-    return Dataset(path, sha256_file(path), chosen, fields, total, records, bad, duplicates, limit, seed)
+    return Dataset(path, files_sha256(files), chosen, fields, total, records, bad, duplicates, limit, seed)
+
+
+def dataset_files(path: Path) -> list[Path]:
+    """The files of a dataset: the file itself, the dataset files of a directory, or a glob's matches; sorted."""
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES)
+        if not files:
+            raise FslmError(f"{path}: a directory without dataset files ({', '.join(SUFFIXES)})")
+    elif any(c in str(path) for c in "*?["):
+        files = sorted(
+            p for p in Path(path.anchor or ".").glob(str(path.relative_to(path.anchor or "."))) if p.is_file()
+        )
+        if not files:
+            raise FslmError(f"{path}: no file matches")
+    else:
+        raise FslmError(f"{path}: no such file")
+    for f in files:
+        if f.suffix.lower() not in SUFFIXES:
+            raise FslmError(f"{f}: unsupported dataset file type {f.suffix!r} (known: {', '.join(SUFFIXES)})")
+    return files
+
+
+def files_sha256(files: list[Path]) -> str:
+    """sha256 of one file; of several, sha256 over their names and hashes (in read order)."""
+    if len(files) == 1:
+        return sha256_file(files[0])
+    lines = "".join(f"{f.name}:{sha256_file(f)}\n" for f in files)
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def _detect(row: dict[str, Any]) -> str:
@@ -209,7 +264,7 @@ def _text(value: Any) -> str | None:
 
 def _to_record(
     row: Any, fields: FieldMap, fmt: str, file: str, index: int, line: int, report: Callable[[int, str], None]
-) -> Record | None:
+) -> DatasetRecord | None:
     if not isinstance(row, dict):
         report(line, f"expected an object with fields, got {type(row).__name__}")
         return None
@@ -231,7 +286,7 @@ def _to_record(
     if instruction is None:
         report(line, f"missing instruction (field {fields.instruction!r} is absent or empty)")
         return None
-    return Record(instruction, input, reference, file, index, line)
+    return DatasetRecord(instruction, input, reference, file, index, line)
 
 
 def _raw_rows(path: Path, report: Callable[[int, str], None]) -> Iterator[tuple[int, Any]]:

@@ -1,12 +1,16 @@
-"""Crash-safe file writes: write to a temporary sibling, fsync, rename over the target."""
+"""Crash-safe files: atomic writes (a temporary sibling, fsync, rename over the target) and append-only JSONL logs."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
+
+from fslm.errors import FslmError
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -67,3 +71,56 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+class JsonlLog:
+    """An append-only JSONL file: each append is one write + fsync.
+
+    Reading ignores a torn last line (a kill mid-write); `open()` cuts it off before the first append, so it is
+    never glued to the next record. Nothing is modified until `open()`, so a refused run leaves files untouched.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+        self._f: Any = None
+        self._end = 0
+        if path.exists():
+            data = path.read_bytes()
+            self._end = data.rfind(b"\n") + 1
+            for n, line in enumerate(data[: self._end].split(b"\n"), 1):
+                if line.strip():
+                    try:
+                        self.rows.append(json.loads(line))
+                    except (json.JSONDecodeError, UnicodeDecodeError):
+                        raise FslmError(f"{path}:{n}: not a JSON line (the file was edited or damaged)") from None
+
+    def open(self) -> JsonlLog:
+        if self._f is not None:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "ab")  # noqa: SIM115 - kept open for the run, closed in close()
+        if self._f.tell() > self._end:  # a line cut by a crash: drop it, it will be redone
+            self._f.truncate(self._end)
+            self._sync()
+        return self
+
+    def append(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        self._f.write(b"".join(json.dumps(r, ensure_ascii=False).encode("utf-8") + b"\n" for r in rows))
+        self._sync()
+        self.rows.extend(rows)
+
+    def truncate(self) -> None:
+        self._f.truncate(0)
+        self._sync()
+        self.rows = []
+
+    def _sync(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()

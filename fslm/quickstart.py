@@ -1,38 +1,63 @@
 """`fslm quickstart`: the whole pipeline on the embedded default model, offline, in minutes on a laptop CPU.
 
-It composes the real commands (init -> distill -> train -> run -> eval) with small settings, on data shipped
-inside the package (`fslm/samples/`, see its NOTICE.md), so what it prints is what those commands print.
-Rerunning the same command continues where a killed run stopped: distill resumes from its cache, finished
-adapters are kept, and the evaluation reuses finished rows.
+It composes the library's steps (init -> distill -> train -> run -> evaluate) with small settings, on data shipped
+inside the package (`fslm/samples/`, see its NOTICE.md). Rerunning the same command continues where a killed run
+stopped: distill resumes from its cache, finished adapters are kept, and the evaluation reuses finished rows.
+Progress goes out as events (`step="quickstart"` for the five steps, and each step's own events); the CLI draws them.
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
-from fslm.config import load_config
+from pydantic import Field
+
+from fslm import models
 from fslm.errors import FslmError
-from fslm.files import atomic_write_text
+from fslm.events import EventHandler, Progress, emit
+from fslm.files import atomic_write_text, sha256_file
+from fslm.options import Options
+from fslm.stack import Trace
+from fslm.stackdir import SINGLE, StackDir
+from fslm.steps.evaluate import EvalResult
+from fslm.steps.train import TrainOptions, train
 
 INSTRUCTION = "Give three tips for staying healthy."
+log = logging.getLogger("fslm")
 
 
-@dataclass(frozen=True)
-class Budget:
+class QuickstartOptions(Options):
     """Sizes that keep the quickstart near 10 minutes on 2 CPU cores (measured time in README.md)."""
 
-    records: int = 16  # instructions distilled from the shipped Self-Instruct seed tasks
-    teacher_tokens: int = 48  # new tokens per stage for the teacher
-    train_steps: int = 12  # optimizer steps per adapter (4 stages + the single baseline)
-    batch_size: int = 4
-    eval_items: int = 20  # shipped MMLU validation items scored by each system
-    stage_tokens: int = 24  # new tokens of stages 1..N-1 during the evaluation
+    records: int = Field(16, ge=1, description="Instructions distilled from the shipped Self-Instruct seed tasks.")
+    teacher_tokens: int = Field(48, ge=1, description="New tokens per stage for the teacher.")
+    train_steps: int = Field(12, ge=1, description="Optimizer steps per adapter (4 stages + the single baseline).")
+    batch_size: int = Field(4, ge=1, description="Training batch size.")
+    eval_items: int = Field(20, ge=1, description="Shipped MMLU validation items scored by each system.")
+    stage_tokens: int = Field(24, ge=1, description="New tokens of stages 1..N-1 during the evaluation.")
+    base: str = Field(models.DEFAULT_BASE, description="Base model (and teacher): alias, HF directory or .gguf.")
+    teacher_backend: str = Field("llamacpp", description="Teacher backend: llamacpp (needs a GGUF base) or torch.")
+    filters: str = Field("empty,overlong,repetition", description="distill's quality filters (comma list or none).")
+
+
+@dataclass
+class QuickstartResult:
+    stack: Path
+    data: Path
+    report: Path
+    eval_data: Path
+    trace: Trace
+    evaluation: EvalResult
+
+    @property
+    def paths(self) -> dict[str, Path]:
+        return {"stack": self.stack, "data": self.data, "report": self.report, "eval data": self.eval_data}
 
 
 def sample_path(name: str) -> Path:
@@ -63,120 +88,117 @@ def write_eval_data(target: Path) -> Path:
     return target
 
 
-def trained_on(stack_dir: Path, names: list[str], data_sha: str) -> bool:
+def trained_on(stack: StackDir, names: list[str], data_sha: str) -> bool:
     """Every named adapter exists and was trained on this data (so a rerun can skip it)."""
-    config = load_config(stack_dir)
-    shas = {s.name: s.training.data_sha256 if s.training else None for s in config.stages}
-    shas["single"] = (config.metadata.get("single_training") or {}).get("data_sha256")
-    return all(
-        (stack_dir / "adapters" / name / "adapter_config.json").is_file() and shas.get(name) == data_sha
-        for name in names
-    )
+    config = stack.load()
+    for name in names:
+        record = stack.training(config, name)
+        if not stack.is_trained(name) or record is None or record.data_sha256 != data_sha:
+            return False
+    return True
 
 
-def train_stack_and_single(
-    stack_dir: Path, data: Path, train_cmd: Callable[..., None], say: Callable[[str], None], **kwargs: Any
-) -> None:
+def train_all(stack: StackDir, data: Path, options: TrainOptions, on_event: EventHandler | None = None) -> None:
     """Train every stage, then the single baseline, skipping what is already trained on this data.
 
-    An interrupted run leaves checkpoints in DIR/.fslm-train/: continue from them, and start afresh only when they
-    belong to another run (train refuses to resume those).
+    An interrupted run leaves checkpoints in the stack's training state: continue from them, and start afresh only
+    when they belong to another run (train refuses to resume those).
     """
-    from fslm.files import sha256_file
-
     sha = sha256_file(data)
-    stages = load_config(stack_dir).stage_names
-    for single, names in ((False, stages), (True, ["single"])):
-        if trained_on(stack_dir, names, sha):
-            say(f"adapters {', '.join(names)} already trained on this data: kept")
+    stages = stack.load().stage_names
+    for single, names in ((False, stages), (True, [SINGLE])):
+        if trained_on(stack, names, sha):
+            log.info("adapters %s already trained on this data: kept", ", ".join(names))
             continue
-        resume = (stack_dir / ".fslm-train" / "run.json").is_file()
+        resume = (stack.train_state / "run.json").is_file()
+        chosen = options.model_copy(update={"single": single, "resume": resume})
         try:
-            train_cmd(stack_dir, data=data, resume=resume, single=single, **kwargs)
+            train(stack.root, data, chosen, on_event)
         except FslmError:
             if not resume:
                 raise
-            train_cmd(stack_dir, data=data, resume=False, single=single, **kwargs)
+            train(stack.root, data, chosen.model_copy(update={"resume": False}), on_event)
 
 
 def quickstart(
-    out: Path,
-    budget: Budget,
-    say: Callable[[str], None],
-    commands: Any,
-    base: str | None = None,
-    teacher_backend: str = "llamacpp",
-    filters: str = "empty,overlong,repetition",
-) -> dict[str, Path]:
-    """Run the five steps; `commands` is the CLI module (its command functions do the work and the printing).
+    out: str | Path, options: QuickstartOptions | None = None, on_event: EventHandler | None = None
+) -> QuickstartResult:
+    """Run the five steps into `out`; events report each step and each step's own progress."""
+    from fslm.stack import Stack
+    from fslm.steps.distill import DistillOptions, distill
+    from fslm.steps.evaluate import EvalOptions, evaluate
+    from fslm.steps.init import InitOptions, init
+    from fslm.teachers import TeacherSpec
 
-    `base`, `teacher_backend` and `filters` exist for tests on tiny random models (which never stop by
-    themselves, so every teacher text counts as cut); the command uses the embedded default.
-    """
-    out = out.expanduser()
-    stack_dir, data, report, eval_data = out / "stack", out / "distilled.jsonl", out / "eval", out / "eval-data"
-    # The CLI's command functions, undecorated: they raise FslmError, which the quickstart command reports once.
-    init_cmd, distill_cmd, train_cmd, run_cmd, eval_cmd = (
-        getattr(f, "__wrapped__", f)
-        for f in (commands.init, commands.distill, commands.train, commands.run, commands.eval_cmd)
-    )
+    options = options or QuickstartOptions()
+    out = Path(out).expanduser()
+    stack = StackDir(out / "stack")
+    data, report, eval_data = out / "distilled.jsonl", out / "eval", out / "eval-data"
+    state: dict[str, object] = {}
 
-    def init() -> None:
-        if (stack_dir / "stack.yaml").is_file():
-            say(f"reusing the stack in {stack_dir}")
+    def make_stack() -> None:
+        if stack.exists():
+            log.info("reusing the stack in %s", stack.root)
         else:
-            init_cmd(stack_dir, **({"base": base} if base else {}))
+            init(stack.root, InitOptions(base=options.base))
 
-    def distill() -> None:
-        distill_cmd(
-            sample_path("self_instruct_seed_tasks.jsonl"),
-            stack=stack_dir,
-            out_path=data,
-            teacher_backend=teacher_backend,
-            filters=filters,
-            limit=budget.records,
+    def distil() -> None:
+        teacher = TeacherSpec(backend=options.teacher_backend)  # type: ignore[arg-type]
+        settings = DistillOptions(
+            teacher=teacher,
+            filters=options.filters,
+            limit=options.records,
             seed=0,
-            max_new_tokens=budget.teacher_tokens,
+            max_new_tokens=options.teacher_tokens,
         )
+        distill(sample_path("self_instruct_seed_tasks.jsonl"), stack.root, data, settings, on_event)
 
-    def train() -> None:
-        train_stack_and_single(
-            stack_dir, data, train_cmd, say, max_steps=budget.train_steps, batch_size=budget.batch_size
-        )
+    def train_step() -> None:
+        train_all(stack, data, TrainOptions(max_steps=options.train_steps, batch_size=options.batch_size), on_event)
 
     def run() -> None:
-        run_cmd(stack_dir, INSTRUCTION)
+        state["trace"] = Stack.load(stack.root).run(INSTRUCTION)
 
-    def evaluate() -> None:
+    def evaluate_step() -> None:
         write_eval_data(eval_data)
-        eval_cmd(
-            stack_dir,
+        settings = EvalOptions(
             data_dir=eval_data,
-            out_dir=report,
-            tasks="mmlu",
-            systems="base,single,stack",
-            limit=budget.eval_items,
-            stage_tokens=budget.stage_tokens,
+            tasks=["mmlu"],
+            systems=["base", "single", "stack"],
+            limit=options.eval_items,
+            stage_tokens=options.stage_tokens,
         )
+        state["evaluation"] = evaluate(stack.root, report, settings, on_event)
 
     # Each step with its rough share of the wall time (measured on 2 cores), for the "time left" estimate.
     steps: list[tuple[str, float, Callable[[], None]]] = [
-        ("init: write the stack directory", 0.01, init),
-        (f"distill: the base model as teacher ({teacher_backend}) writes {budget.records} records", 0.12, distill),
-        (f"train: 4 stage adapters + the single baseline, {budget.train_steps} steps each", 0.55, train),
+        ("init: write the stack directory", 0.01, make_stack),
+        (
+            f"distill: the base model as teacher ({options.teacher_backend}) writes {options.records} records",
+            0.12,
+            distil,
+        ),
+        (f"train: 4 stage adapters + the single baseline, {options.train_steps} steps each", 0.55, train_step),
         (f"run: {INSTRUCTION!r} through the trained stack", 0.07, run),
-        (f"eval: base vs single vs stack on {budget.eval_items} MMLU validation items", 0.25, evaluate),
+        (f"eval: base vs single vs stack on {options.eval_items} MMLU validation items", 0.25, evaluate_step),
     ]
     start = time.perf_counter()
     done_share = 0.0
     for i, (title, share, fn) in enumerate(steps, 1):
         elapsed = time.perf_counter() - start
-        left = f", about {_minutes(elapsed / done_share * (1 - done_share))} left" if done_share > 0.05 else ""
-        say(f"[bold cyan]step {i}/{len(steps)}[/] {title}  [dim]({_minutes(elapsed)} elapsed{left})[/]")
+        info = {"elapsed": _minutes(elapsed)}
+        if done_share > 0.05:
+            info["left"] = _minutes(elapsed / done_share * (1 - done_share))
+        emit(on_event, Progress("quickstart", title, i, len(steps), info))
         fn()
         done_share += share
-    say(f"[bold green]done[/] in {_minutes(time.perf_counter() - start)}")
-    return {"stack": stack_dir, "data": data, "report": report, "eval data": eval_data}
+    emit(
+        on_event,
+        Progress("quickstart", "done", len(steps), len(steps), {"elapsed": _minutes(time.perf_counter() - start)}),
+    )
+    trace, evaluation = state["trace"], state["evaluation"]
+    assert isinstance(trace, Trace) and isinstance(evaluation, EvalResult)
+    return QuickstartResult(stack.root, data, report, eval_data, trace, evaluation)
 
 
 def _minutes(seconds: float) -> str:

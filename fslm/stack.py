@@ -13,9 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from fslm.backends import Backend, create_backend
-from fslm.config import ADAPTERS_DIR, StackConfig, StageConfig, load_config
+from fslm.config import StackConfig, StageConfig, load_config
 from fslm.errors import FslmError
 from fslm.prompts import render_user_message, stage_variables
+from fslm.stackdir import StackDir
+
+# How a loaded stack can answer: the bare base, a baseline adapter answering directly, or the whole stack.
+SYSTEMS = ("base", "single", "multitask", "stack")
+# The baselines' user message: the instruction (and input) alone, no intermediate stages.
+DIRECT_TEMPLATE = "Instruction: {{ instruction }}\n{% if input %}Input: {{ input }}\n{% endif %}"
 
 _KEEP = object()
 
@@ -67,11 +73,8 @@ class Stack:
     def __init__(self, config: StackConfig, backend: Backend, directory: str | Path | None = None) -> None:
         self.config = config
         self.backend = backend
-        self.directory = Path(directory) if directory is not None else None
-        for stage in config.stages:
-            path = self.adapter_path(stage.name)
-            if path is not None and (path / "adapter_config.json").is_file():
-                backend.add_adapter(stage.name, path)
+        self.dir = StackDir(directory) if directory is not None else None
+        self.attach_adapters()
 
     @classmethod
     def load(cls, directory: str | Path, backend: str | None = None) -> Stack:
@@ -79,18 +82,44 @@ class Stack:
         config = load_config(directory)
         return cls(config, create_backend(backend or config.base.backend, config.base, directory), directory)
 
+    @property
+    def directory(self) -> Path | None:
+        return self.dir.root if self.dir is not None else None
+
     # --- adapters -----------------------------------------------------------------------------------
 
-    @staticmethod
-    def adapter_dir(directory: str | Path, stage: str) -> Path:
-        return Path(directory) / ADAPTERS_DIR / stage
-
-    def adapter_path(self, stage: str) -> Path | None:
-        return self.adapter_dir(self.directory, stage) if self.directory is not None else None
+    def attach_adapters(self) -> None:
+        """Attach every trained stage's adapter by its stage name (the directory decides which are trained)."""
+        if self.dir is None:
+            return
+        for name in self.dir.trained_stages(self.config):
+            self.backend.add_adapter(name, self.dir.adapter(name))
 
     def stage_adapter(self, stage: str) -> str | None:
         """The adapter a stage runs with by default: its own when one is attached, else none (zero-shot)."""
-        return stage if stage in getattr(self.backend, "adapters", {}) else None
+        return stage if self.backend.has_adapter(stage) else None
+
+    def load_baseline(self, name: str) -> str:
+        """Attach a baseline adapter (`single`, `multitask`) of the stack directory; returns its adapter name.
+
+        A baseline answers directly: `direct_prompt(instruction, input)` with `backend.generate(.., name, ..)`.
+        """
+        if self.dir is None:
+            raise FslmError(f"baseline {name!r}: this stack was not loaded from a directory")
+        path = self.dir.require_baseline(name)
+        if not self.backend.has_adapter(name):
+            self.backend.add_adapter(name, path)
+        return name
+
+    def direct_prompt(self, instruction: str, input: str | None = None) -> str:
+        """The prompt of a system that answers without intermediate stages (the single and multitask baselines).
+
+        The final stage's role as the system message and a plain user message holding only the instruction and
+        input. It does not reuse the final stage's template with empty earlier outputs: that template asks for
+        notes the baseline never has.
+        """
+        user = render_user_message(DIRECT_TEMPLATE, stage_variables(instruction, input, {}, []))
+        return self.backend.format_prompt(self.config.final_stage.role, user)
 
     # --- prompts ------------------------------------------------------------------------------------
 
@@ -159,6 +188,40 @@ class Stack:
                 trace.stages.append(result)
                 if on_stage is not None:
                     on_stage(i, result)
+        return traces
+
+    def answer(
+        self,
+        items: Iterable[Item],
+        system: str = "stack",
+        *,
+        on_stage: StageCallback | None = None,
+        max_new_tokens: int | None = None,
+        on_text: TextStream | None = None,
+    ) -> list[Trace]:
+        """Answer with one of SYSTEMS: the whole stack, or one direct step (the final stage's role, the instruction
+        alone) on the bare base or a baseline adapter (`single`, `multitask`)."""
+        if system == "stack":
+            return self.run_batch(items, on_stage=on_stage, max_new_tokens=max_new_tokens, on_text=on_text)
+        if system not in SYSTEMS:
+            raise FslmError(f"unknown system {system!r} (known: {', '.join(SYSTEMS)})")
+        traces = [_to_trace(item, i) for i, item in enumerate(items)]
+        if not traces:
+            return []
+        adapter = None if system == "base" else self.load_baseline(system)
+        settings = self.config.final_stage.generation
+        if max_new_tokens is not None:
+            settings = settings.model_copy(update={"max_new_tokens": max_new_tokens})
+        prompts = [self.direct_prompt(t.instruction, t.input) for t in traces]
+        stream = functools.partial(_stream_to, on_text, system) if on_text is not None else None
+        start = time.perf_counter()
+        completions = self.backend.generate(prompts, adapter, settings, label=system, on_text=stream)
+        seconds = time.perf_counter() - start
+        for i, (trace, prompt, c) in enumerate(zip(traces, prompts, completions, strict=True)):
+            result = StageResult(system, adapter, prompt, c.text, c.prompt_tokens, c.output_tokens, seconds)
+            trace.stages.append(result)
+            if on_stage is not None:
+                on_stage(i, result)
         return traces
 
 

@@ -1,5 +1,5 @@
-"""Teachers for `fslm distill`: one small interface over a local PyTorch model, a llama.cpp GGUF model and any
-OpenAI-compatible server.
+"""Teachers for `fslm distill`: the model that writes every stage's training target, on the same backends the
+stages run on (PyTorch, llama.cpp) or on any OpenAI-compatible server.
 
 A teacher turns (system, user) message pairs into text. `prompt_key` is the exact text the teacher conditions on
 (the chat-formatted prompt for local models, the messages JSON for chat endpoints); together with `id` (which
@@ -13,13 +13,35 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
+
+from pydantic import Field
 
 from fslm import models
-from fslm.config import BaseModelSettings, GenerationSettings
+from fslm.backends import Backend
+from fslm.config import BaseModelSettings, GenerationSettings, ServerSettings
 from fslm.errors import FslmError
+from fslm.options import Options
 
 TEACHER_BACKENDS = ("torch", "llamacpp", "openai")
+
+
+class TeacherSpec(Options):
+    """Which model teaches and how to reach it; everything a teacher connection needs, in one place."""
+
+    backend: Literal["torch", "llamacpp", "openai"] | None = Field(
+        None, description="torch, llamacpp or openai (default: openai with a server URL, else torch)."
+    )
+    model: str | None = Field(
+        None,
+        description="Teacher: alias, HF dir or .gguf (torch/llamacpp; default the stack's base) or served name.",
+    )
+    server: ServerSettings | None = None  # the OpenAI-compatible server (url, key variable, concurrency, ...)
+    batch_size: int = Field(8, ge=1, description="Records per batched generate call (local teachers).")
+
+    @property
+    def resolved_backend(self) -> str:
+        return self.backend or ("openai" if self.server is not None else "torch")
 
 
 @dataclass
@@ -69,20 +91,16 @@ def model_fingerprint(ref: models.BaseRef) -> str:
     return h.hexdigest()[:16]
 
 
-class TorchTeacher:
-    """A local model on PyTorch, loaded through the spine (`create_backend("torch")`), batched."""
+class BackendTeacher:
+    """A local model on one of the stage backends (PyTorch or llama.cpp), prompted with its own chat template by
+    the same code that renders stage prompts, batched."""
 
-    def __init__(self, model: str, settings: BaseModelSettings, stack_dir: str | Path | None, batch_size: int = 8):
-        from fslm.backends import create_backend
-
-        settings = settings.model_copy(update={"model": model, "backend": "torch"})
-        self.ref = models.resolve(model, stack_dir)
-        self.backend = create_backend("torch", settings, stack_dir)
+    def __init__(self, backend: Backend, ref: models.BaseRef, model: str, batch_size: int, describe: dict[str, Any]):
+        self.backend = backend
         self.batch_size = batch_size
-        self.id = (
-            f"torch:{self.ref.alias or Path(self.ref.location).name}:{model_fingerprint(self.ref)}:{settings.dtype}"
-        )
-        self._describe = {"backend": "torch", "model": model, "location": self.ref.location, "dtype": settings.dtype}
+        suffix = f":{describe['dtype']}" if "dtype" in describe else ""
+        self.id = f"{backend.name}:{ref.alias or Path(ref.location).name}:{model_fingerprint(ref)}{suffix}"
+        self._describe = {"backend": backend.name, "model": model, "location": ref.location, **describe}
 
     def describe(self) -> dict[str, Any]:
         return {**self._describe, "id": self.id}
@@ -99,87 +117,48 @@ class TorchTeacher:
         ]
 
 
-class LlamaCppTeacher:
-    """A GGUF chat model through llama-cpp-python's `create_chat_completion` (the GGUF's own chat template).
+def torch_teacher(model: str, base: BaseModelSettings, stack_dir: str | Path | None, batch_size: int = 8):
+    """The teacher on PyTorch, loaded like any stage base (`create_backend("torch")`)."""
+    from fslm.backends import create_backend
 
-    One request at a time: llama-cpp-python decodes one sequence per call, and is still several times faster than
-    PyTorch on a CPU for small models.
-    """
+    settings = base.model_copy(update={"model": model, "backend": "torch"})
+    ref = models.resolve(model, stack_dir)
+    backend = create_backend("torch", settings, stack_dir)
+    return BackendTeacher(backend, ref, model, batch_size, {"dtype": settings.dtype})
 
-    def __init__(self, model: str, stack_dir: str | Path | None, context: int = 4096, threads: int | None = None):
-        try:
-            from llama_cpp import Llama
 
-            from fslm.backends.llamacpp import avoid_amx, default_threads
-        except ImportError:
-            raise FslmError("the llamacpp teacher needs llama-cpp-python: pip install llama-cpp-python") from None
-        self.ref = models.resolve(model, stack_dir)
-        if self.ref.kind != "gguf":
-            raise FslmError(f"{model}: the llamacpp teacher needs a .gguf file or a GGUF alias (got {self.ref.kind})")
-        avoid_amx()
-        threads = threads or default_threads()  # a teacher run is the only job: use the cores
-        self.llm = Llama(model_path=self.ref.location, n_ctx=context, n_threads=threads, seed=0, verbose=False)
-        self.batch_size = 1
-        self.id = f"llamacpp:{self.ref.alias or Path(self.ref.location).name}:{model_fingerprint(self.ref)}"
-        self._describe = {"backend": "llamacpp", "model": model, "location": self.ref.location, "n_ctx": context}
-
-    def describe(self) -> dict[str, Any]:
-        return {**self._describe, "id": self.id}
-
-    def prompt_key(self, system: str, user: str) -> str:
-        return json.dumps(_messages(system, user), ensure_ascii=False)
-
-    def generate(self, requests: list[tuple[str, str]], settings: GenerationSettings) -> list[TeacherOutput]:
-        outs = []
-        for system, user in requests:
-            resp = self.llm.create_chat_completion(
-                messages=_messages(system, user),
-                max_tokens=settings.max_new_tokens,
-                temperature=settings.temperature,
-                top_p=settings.top_p,
-                repeat_penalty=settings.repetition_penalty,
-                stop=settings.stop or None,
-                seed=0,
-            )
-            choice = resp["choices"][0]
-            usage = resp.get("usage") or {}
-            outs.append(
-                TeacherOutput(
-                    (choice["message"].get("content") or "").strip(),
-                    int(usage.get("prompt_tokens", 0)),
-                    int(usage.get("completion_tokens", 0)),
-                    choice.get("finish_reason") != "length",
-                )
-            )
-        return outs
+def llamacpp_teacher(
+    model: str, base: BaseModelSettings, stack_dir: str | Path | None, batch_size: int = 8, context: int = 4096
+):
+    """The teacher on llama.cpp: a .gguf file (or a GGUF alias), tokenised and prompted by its HF tokenizer."""
+    try:
+        from fslm.backends.llamacpp import LlamaCppBackend
+    except ImportError:
+        raise FslmError("the llamacpp teacher needs llama-cpp-python: pip install llama-cpp-python") from None
+    ref = models.resolve(model, stack_dir)
+    if ref.kind != "gguf":
+        raise FslmError(f"{model}: the llamacpp teacher needs a .gguf file or a GGUF alias (got {ref.kind})")
+    settings = base.model_copy(update={"model": model, "backend": "llamacpp"})
+    tokenizer = models.load_tokenizer(ref, settings)
+    backend = LlamaCppBackend.from_gguf(ref.location, tokenizer, prompt_format=settings.prompt_format, n_ctx=context)
+    return BackendTeacher(backend, ref, model, batch_size, {"n_ctx": context})
 
 
 class OpenAITeacher:
     """Any OpenAI-compatible server's chat endpoint, `concurrency` requests in flight, retried with backoff."""
 
-    def __init__(
-        self,
-        url: str,
-        model: str,
-        api_key_env: str = "FSLM_API_KEY",
-        concurrency: int = 4,
-        timeout: float = 120.0,
-        max_retries: int = 5,
-    ) -> None:
+    def __init__(self, server: ServerSettings, model: str) -> None:
         from fslm.backends.openai import OpenAIClient
 
-        self.client = OpenAIClient(url, api_key_env, concurrency, timeout, max_retries)
+        self.client = OpenAIClient(server)
         self.model = model
-        self.batch_size = max(1, 2 * concurrency)
+        self.batch_size = max(1, 2 * server.concurrency)
         self.id = f"openai:{self.client.url}:{model}"
         self._describe = {
             "backend": "openai",
-            "url": self.client.url,
             "model": model,
-            "api_key_env": api_key_env,
-            "concurrency": concurrency,
-            "timeout": timeout,
-            "max_retries": max_retries,
+            **server.model_dump(include={"url", "api_key_env", "concurrency", "timeout", "max_retries"}),
+            "url": self.client.url,
         }
 
     def describe(self) -> dict[str, Any]:
@@ -195,27 +174,14 @@ class OpenAITeacher:
         ]
 
 
-def make_teacher(
-    backend: str,
-    *,
-    model: str | None = None,
-    url: str | None = None,
-    base: BaseModelSettings,
-    stack_dir: str | Path | None = None,
-    batch_size: int = 8,
-    api_key_env: str = "FSLM_API_KEY",
-    concurrency: int = 4,
-    timeout: float = 120.0,
-    max_retries: int = 5,
-) -> Teacher:
-    """Build a teacher; `model` defaults to the stack's base model (local backends)."""
-    if backend not in TEACHER_BACKENDS:
-        raise FslmError(f"unknown teacher backend {backend!r} (known: {', '.join(TEACHER_BACKENDS)})")
+def make_teacher(spec: TeacherSpec, base: BaseModelSettings, stack_dir: str | Path | None = None) -> Teacher:
+    """Build the teacher a spec names; a local teacher's model defaults to the stack's base model."""
+    backend = spec.resolved_backend
     if backend == "openai":
-        if not url or not model:
+        if spec.server is None or not spec.model:
             raise FslmError("an OpenAI-compatible teacher needs --teacher-url and --teacher-model")
-        return OpenAITeacher(url, model, api_key_env, concurrency, timeout, max_retries)
-    model = model or base.model
+        return OpenAITeacher(spec.server, spec.model)
+    model = spec.model or base.model
     if backend == "llamacpp":
-        return LlamaCppTeacher(model, stack_dir)
-    return TorchTeacher(model, base, stack_dir, batch_size)
+        return llamacpp_teacher(model, base, stack_dir, spec.batch_size)
+    return torch_teacher(model, base, stack_dir, spec.batch_size)

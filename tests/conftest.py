@@ -151,11 +151,11 @@ def tiny_llama(models_root) -> Path:
 @pytest.fixture
 def tiny_stack(tmp_path, tiny_model) -> tuple[str, Path]:
     """A paper4 stack directory over a tiny model, no adapters yet."""
-    from fslm.init import init_stack
+    from fslm.steps.init import InitOptions, init
 
     arch, model_dir = tiny_model
     directory = tmp_path / "stack"
-    init_stack(directory, base=str(model_dir))
+    init(directory, InitOptions(base=str(model_dir)))
     return arch, directory
 
 

@@ -6,8 +6,8 @@ import pytest
 
 from fslm.config import dump_config, load_config, parse_config, save_config
 from fslm.errors import FslmError
-from fslm.init import init_stack
 from fslm.recipes import available, load_recipe
+from fslm.steps.init import InitOptions, init
 
 
 def test_paper4_is_shipped_and_labelled_ours():
@@ -18,7 +18,7 @@ def test_paper4_is_shipped_and_labelled_ours():
 
 
 def test_yaml_round_trip(tmp_path, tiny_llama):
-    config = init_stack(tmp_path / "s", base=str(tiny_llama))
+    config = init(tmp_path / "s", InitOptions(base=str(tiny_llama))).config
     loaded = load_config(tmp_path / "s")
     assert loaded == config
     # Edit a prompt the way a user would, save, load: the edit survives and multi-line text stays a block.
@@ -35,7 +35,7 @@ def test_yaml_round_trip(tmp_path, tiny_llama):
 
 
 def _manifest(tmp_path, tiny_llama) -> str:
-    init_stack(tmp_path / "s", base=str(tiny_llama))
+    init(tmp_path / "s", InitOptions(base=str(tiny_llama)))
     return (tmp_path / "s" / "stack.yaml").read_text()
 
 

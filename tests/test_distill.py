@@ -16,9 +16,11 @@ from typer.testing import CliRunner
 from fslm.cli import app
 from fslm.config import GenerationSettings, load_config
 from fslm.data import read_dataset
-from fslm.distill import REFERENCE_NOTE, DistillOptions, check_target, distill, is_degenerate, trim_to_sentence
-from fslm.init import init_stack
-from fslm.teachers import TorchTeacher
+from fslm.steps.distill import DistillOptions, distill_records
+from fslm.steps.distill_filters import check_target, is_degenerate, trim_to_sentence
+from fslm.steps.distill_prompts import REFERENCE_NOTE
+from fslm.steps.init import InitOptions, init
+from fslm.teachers import torch_teacher
 
 runner = CliRunner()
 STAGES = ["intent", "plan", "reasoning", "answer"]
@@ -52,7 +54,7 @@ def one_torch_thread():
 @pytest.fixture
 def stack_dir(tmp_path, tiny_llama) -> Path:
     d = tmp_path / "stack"
-    init_stack(d, base=str(tiny_llama))
+    init(d, InitOptions(base=str(tiny_llama)))
     return d
 
 
@@ -71,7 +73,7 @@ def test_distill_cli_format_resume_and_cache(tmp_path, stack_dir):
     selected = read_dataset(data, limit=8, seed=1).records
     assert [row["id"] for row in rows] == [rec.id for rec in selected]  # file order, each once
     for row, rec in zip(rows, selected, strict=True):
-        assert set(row) == {"id", "instruction", "input", "reference", "targets", "source"}
+        assert set(row) == {"id", "instruction", "input", "reference", "targets", "source", "checks"}
         assert list(row["targets"]) == STAGES
         assert row["source"] == {"file": "d.json", "index": rec.index}
         assert row["instruction"] == rec.instruction and row["input"] == rec.input
@@ -84,7 +86,9 @@ def test_distill_cli_format_resume_and_cache(tmp_path, stack_dir):
     assert manifest["counts"] == {
         "selected": 8,
         "written": 8,
-        "filtered": {"empty": 0, "overlong": 0, "repetition": 0},
+        "written_records": 8,
+        "rejected_records": 0,
+        "filtered": {"empty": 0, "overlong": 0, "repetition": 0, "leak": 0, "wrong": 0},
         "lost": 0,
     }
     assert manifest["dataset"]["sha256"] and manifest["dataset"]["seed"] == 1 and manifest["dataset"]["limit"] == 8
@@ -128,10 +132,10 @@ def test_teacher_prompts_read_earlier_teacher_outputs(tmp_path, stack_dir, tiny_
     config = load_config(stack_dir)
     data = make_dataset(tmp_path / "d.json", 3, every_no_reference=99)  # all with references
     dataset = read_dataset(data)
-    teacher = TorchTeacher(str(tiny_llama), config.base, stack_dir, batch_size=4)
+    teacher = torch_teacher(str(tiny_llama), config.base, stack_dir, batch_size=4)
     spy = Spy(teacher)
-    opts = DistillOptions(max_new_tokens=5, filters=())
-    result = distill(config, dataset, spy, tmp_path / "a.jsonl", options=opts)
+    opts = DistillOptions(max_new_tokens=5, filters=(), reference="shown")
+    result = distill_records(config, dataset, spy, tmp_path / "a.jsonl", options=opts)
     assert result.written == 3 and result.lost == 0
     rows = {row["id"]: row for row in read_jsonl(tmp_path / "a.jsonl")}
     assert len(spy.asked) == 3 * 3  # the final stage comes from the reference
@@ -146,8 +150,8 @@ def test_teacher_prompts_read_earlier_teacher_outputs(tmp_path, stack_dir, tiny_
         assert all(u.endswith(note) for _, u in asked)
 
     spy2 = Spy(teacher)
-    opts = DistillOptions(max_new_tokens=5, filters=(), show_reference=False, final_from="teacher")
-    distill(config, dataset, spy2, tmp_path / "b.jsonl", options=opts)
+    opts = DistillOptions(max_new_tokens=5, filters=(), reference="hidden", final_from="teacher")
+    distill_records(config, dataset, spy2, tmp_path / "b.jsonl", options=opts)
     assert len(spy2.asked) == 3 * 4 and not any("reference answer" in u for _, u in spy2.asked)
     for row in read_jsonl(tmp_path / "b.jsonl"):
         assert row["targets"]["answer"] != row["reference"]

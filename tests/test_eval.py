@@ -32,12 +32,12 @@ def data_dir(tmp_path_factory) -> Path:
 def eval_stack(tmp_path_factory) -> Path:
     """A paper4 stack over a tiny chat Llama (context 2048: stage prompts are long in a 400-token vocabulary),
     with a random adapter for every stage and a single-adapter baseline."""
-    from fslm.init import init_stack
+    from fslm.steps.init import InitOptions, init
 
     root = tmp_path_factory.mktemp("evalstack")
     model_dir = make_model_dir(root, "llama", chat=True, context=2048)
     directory = root / "stack"
-    init_stack(directory, base=str(model_dir))
+    init(directory, InitOptions(base=str(model_dir)))
     for seed, name in enumerate([*STAGES, "single"]):
         make_adapter(model_dir, "llama", directory / "adapters" / name, seed=seed + 1)
     return directory
@@ -64,7 +64,7 @@ def _count_generate(stack, monkeypatch) -> list[tuple[str, str | None, int]]:
 
 
 def test_loglikelihood_runs_earlier_stages_once_per_context(stack, monkeypatch):
-    from fslm.lm_eval_model import FslmLM
+    from fslm.steps.lm_eval_model import FslmLM
 
     calls = _count_generate(stack, monkeypatch)
     lm = FslmLM(stack, system="stack", stage_tokens=4)
@@ -87,7 +87,7 @@ def test_base_scores_equal_plain_transformers(stack, eval_stack):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fslm.config import load_config
-    from fslm.lm_eval_model import FslmLM
+    from fslm.steps.lm_eval_model import FslmLM
 
     pairs = [("Question: What is the capital of France?\nAnswer:", " Paris"), ("The sky is", " blue because")]
     pairs += [("Give three tips ", "for staying healthy.")]  # trailing space moves to the continuation
@@ -118,7 +118,7 @@ def test_base_scores_equal_plain_transformers(stack, eval_stack):
 
 
 def test_ablate_runs_that_stage_on_the_bare_base(stack, monkeypatch):
-    from fslm.lm_eval_model import FslmLM
+    from fslm.steps.lm_eval_model import FslmLM
 
     full = FslmLM(stack, system="stack", stage_tokens=4)
     assert full.adapters == {s: s for s in STAGES}
@@ -141,7 +141,7 @@ def test_ablate_runs_that_stage_on_the_bare_base(stack, monkeypatch):
 def test_generate_until_honours_until_and_max_gen_toks(stack, monkeypatch):
     from lm_eval.api.instance import Instance
 
-    from fslm.lm_eval_model import FslmLM
+    from fslm.steps.lm_eval_model import FslmLM
 
     lm = FslmLM(stack, system="base")
     ctx = "Question: What is the capital of France?\nAnswer:"
@@ -237,7 +237,7 @@ def test_contamination_warning_when_training_data_overlaps(tmp_path, data_dir, e
     import shutil
 
     from fslm.config import StageTraining, load_config, save_config
-    from fslm.evaluate import EvalOptions, contamination_warnings
+    from fslm.steps.evaluate import EvalOptions, contamination_warnings
 
     directory = tmp_path / "stack"
     shutil.copytree(eval_stack, directory)
@@ -257,7 +257,7 @@ def test_fslm_eval_keeps_lm_eval_chatter_off_the_screen(eval_stack, data_dir, tm
     """No lm-eval warnings, tqdm bars or git errors (outside a repository) between fslm's own progress bars."""
     import logging
 
-    from fslm.evaluate import EvalOptions, evaluate
+    from fslm.steps.evaluate import EvalOptions, evaluate
 
     level = logging.getLogger("lm_eval").level
     monkeypatch.chdir(tmp_path)  # not a git repository: lm-eval's `git describe` would print "fatal: ..."

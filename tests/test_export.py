@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 from fslm.cli import app
 from fslm.errors import FslmError
-from fslm.export import export_gguf, rope_permute
-from fslm.init import init_stack
-from fslm.stack import Stack
+from fslm.stackdir import StackDir
+from fslm.steps.export import export_gguf, rope_permute
+from fslm.steps.init import InitOptions, init
 
 
 def _field(reader: GGUFReader, key: str):
@@ -27,9 +27,9 @@ def _field(reader: GGUFReader, key: str):
 def llama_stack(tmp_path, tiny_llama) -> Path:
     """A paper4 stack over the tiny Llama with random adapters on two stages (the others run the bare base)."""
     directory = tmp_path / "stack"
-    init_stack(directory, base=str(tiny_llama))
+    init(directory, InitOptions(base=str(tiny_llama)))
     for seed, stage in enumerate(("intent", "answer")):
-        make_adapter(tiny_llama, "llama", Stack.adapter_dir(directory, stage), seed=seed)
+        make_adapter(tiny_llama, "llama", StackDir(directory).adapter(stage), seed=seed)
     return directory
 
 
@@ -40,7 +40,7 @@ def test_adapter_round_trip(llama_stack: Path, tiny_llama: Path):
     assert not (out / "plan.lora.gguf").exists()
     hf_cfg = json.loads((tiny_llama / "config.json").read_text())
     for stage in ("intent", "answer"):
-        src = Stack.adapter_dir(llama_stack, stage)
+        src = StackDir(llama_stack).adapter(stage)
         peft_cfg = json.loads((src / "adapter_config.json").read_text())
         peft = load_file(str(src / "adapter_model.safetensors"))
         reader = GGUFReader(out / f"{stage}.lora.gguf")
@@ -96,7 +96,7 @@ def test_quantised_base_and_stale_adapter_removed(llama_stack: Path):
     # the intent adapter goes away; a re-export must not leave its old GGUF behind
     import shutil
 
-    shutil.rmtree(Stack.adapter_dir(llama_stack, "intent"))
+    shutil.rmtree(StackDir(llama_stack).adapter("intent"))
     manifest = export_gguf(llama_stack, "f16")
     assert set(manifest["adapters"]) == {"answer"}
     assert not (llama_stack / "gguf" / "intent.lora.gguf").exists()
@@ -105,7 +105,7 @@ def test_quantised_base_and_stale_adapter_removed(llama_stack: Path):
 def test_refuses_gpt_neox_and_bad_quant(tmp_path, models_root):
     neox = make_model_dir(models_root, "gpt_neox", chat=False)
     directory = tmp_path / "neox"
-    init_stack(directory, base=str(neox))
+    init(directory, InitOptions(base=str(neox)))
     with pytest.raises(FslmError, match="gpt_neox"):
         export_gguf(directory, "f16")
     result = CliRunner().invoke(app, ["export", str(directory), "--quant", "q3"])

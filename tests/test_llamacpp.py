@@ -14,9 +14,10 @@ from fslm.backends.llamacpp import LlamaCppBackend
 from fslm.cli import app
 from fslm.config import GenerationSettings, load_config
 from fslm.errors import FslmError
-from fslm.export import export_gguf
-from fslm.init import init_stack
 from fslm.stack import Stack
+from fslm.stackdir import StackDir
+from fslm.steps.export import export_gguf
+from fslm.steps.init import InitOptions, init
 
 STAGES = ("intent", "plan", "reasoning", "answer")
 
@@ -25,9 +26,9 @@ STAGES = ("intent", "plan", "reasoning", "answer")
 def exported(tmp_path_factory, tiny_llama) -> Path:
     """A tiny Llama stack with a random, non-trivial adapter on every stage, exported as f32 GGUF."""
     directory = tmp_path_factory.mktemp("llamacpp") / "stack"
-    init_stack(directory, base=str(tiny_llama))
+    init(directory, InitOptions(base=str(tiny_llama)))
     for seed, stage in enumerate(STAGES):
-        make_adapter(tiny_llama, "llama", Stack.adapter_dir(directory, stage), seed=seed)
+        make_adapter(tiny_llama, "llama", StackDir(directory).adapter(stage), seed=seed)
     export_gguf(directory, "f32")
     return directory
 
@@ -132,14 +133,14 @@ def test_bare_gguf_without_adapters(exported, torch_stack):
 
 def test_changed_adapter_and_missing_export(tmp_path, exported, tiny_llama):
     directory = tmp_path / "fresh"
-    init_stack(directory, base=str(tiny_llama))
+    init(directory, InitOptions(base=str(tiny_llama)))
     result = CliRunner().invoke(app, ["run", str(directory), "hello", "--backend", "llamacpp"])
     assert result.exit_code == 2
     assert "fslm export" in result.output
     # an adapter retrained after the export must not silently run the old GGUF
-    make_adapter(tiny_llama, "llama", Stack.adapter_dir(directory, "intent"), seed=7)
+    make_adapter(tiny_llama, "llama", StackDir(directory).adapter("intent"), seed=7)
     export_gguf(directory, "f32")
-    make_adapter(tiny_llama, "llama", Stack.adapter_dir(directory, "intent"), seed=8)
+    make_adapter(tiny_llama, "llama", StackDir(directory).adapter("intent"), seed=8)
     with pytest.raises(FslmError, match="changed since the GGUF export"):
         Stack.load(directory, backend="llamacpp")
 
@@ -175,8 +176,8 @@ def test_embedded_model_with_random_adapter(tmp_path):
     if not (cache / "config.json").is_file():
         models.load_base(ref, settings)
     directory = tmp_path / "stack"
-    init_stack(directory)
-    adapter = make_adapter(cache, "llama", Stack.adapter_dir(directory, "answer"), seed=0, r=4)
+    init(directory)
+    adapter = make_adapter(cache, "llama", StackDir(directory).adapter("answer"), seed=0, r=4)
     weights = adapter / "adapter_model.safetensors"
     save_file({k: v * (0.02 if "lora_B" in k else 1.0) for k, v in load_file(str(weights)).items()}, str(weights))
     export_gguf(directory, "f16")

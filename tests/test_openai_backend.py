@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 from fslm.cli import app
 from fslm.config import ServerSettings, load_config, save_config
 from fslm.data import read_dataset
-from fslm.init import init_stack
 from fslm.models import ALIASES
+from fslm.steps.init import InitOptions, init
 
 runner = CliRunner()
 SERVED = "smol"
@@ -112,7 +112,7 @@ class FaultProxy:
 @pytest.fixture
 def stack_dir(tmp_path, tiny_llama) -> Path:
     d = tmp_path / "stack"
-    init_stack(d, base=str(tiny_llama))
+    init(d, InitOptions(base=str(tiny_llama)))
     return d
 
 
@@ -185,7 +185,7 @@ def test_openai_stage_backend_against_the_server(tmp_path, server_url):
     from fslm.stack import Stack
 
     d = tmp_path / "s"
-    init_stack(d)  # the embedded base: its tokenizer renders the prompts the server completes
+    init(d)  # the embedded base: its tokenizer renders the prompts the server completes
     config = load_config(d)
     config.base.backend = "openai"
     config.base.server = ServerSettings(url=server_url, base_model=SERVED, models={"answer": "not-served"})

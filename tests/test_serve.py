@@ -14,9 +14,9 @@ import pytest
 from conftest import free_port, llama_server, make_adapter, make_model_dir
 
 from fslm.config import load_config, save_config
-from fslm.init import init_stack
-from fslm.serve import ServeOptions, create_app
 from fslm.stack import Stack
+from fslm.steps.init import InitOptions, init
+from fslm.steps.serve import ServeOptions, create_app
 
 MAX_NEW = 6
 
@@ -45,7 +45,7 @@ def running(stack: Stack, options: ServeOptions | None = None) -> Iterator[str]:
 
 def tiny_stack_dir(root: Path, model_dir: Path, arch: str = "llama", adapters: tuple[str, ...] = ()) -> Path:
     directory = root / "stack"
-    init_stack(directory, base=str(model_dir))
+    init(directory, InitOptions(base=str(model_dir)))
     config = load_config(directory)
     for stage in config.stages:
         stage.generation.max_new_tokens = MAX_NEW
@@ -356,7 +356,7 @@ def test_serving_a_stack_whose_stages_run_on_a_real_llama_cpp_server(tmp_path):
     )
     with llama_server(["--config_file", str(config_file)], port, tmp_path / "llama-server.log") as remote:
         directory = tmp_path / "remote"
-        init_stack(directory)  # the embedded base: its tokenizer renders prompts the server completes
+        init(directory)  # the embedded base: its tokenizer renders prompts the server completes
         config = load_config(directory)
         config.base.backend = "openai"
         config.base.server = ServerSettings(url=remote, models={n: f"smol-{n}" for n in names}, max_retries=0)
@@ -375,8 +375,8 @@ def test_serving_a_stack_whose_stages_run_on_a_real_llama_cpp_server(tmp_path):
 
 def test_scheduler_merges_groups_and_never_starves(stack):
     """The batching policy itself: earliest stage first, but a job passed over 2 x stages times goes first."""
-    from fslm.serve_batching import Job, Scheduler
     from fslm.stack import Trace
+    from fslm.steps.serve_batching import Job, Scheduler
 
     scheduler = Scheduler(stack)
     scheduler.close()  # stop the worker: this test drives the policy by hand

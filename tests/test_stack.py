@@ -7,7 +7,7 @@ from conftest import make_adapter, make_model_dir
 
 from fslm import Stack
 from fslm.errors import FslmError
-from fslm.init import init_stack
+from fslm.steps.init import InitOptions, init
 
 
 def test_runs_every_stage_on_both_architectures(tiny_stack):
@@ -52,7 +52,7 @@ def _greedy_pair(stack, prompt):
 def test_adapter_switching(tmp_path, tiny_model):
     arch, model_dir = tiny_model
     directory = tmp_path / "s"
-    init_stack(directory, base=str(model_dir))
+    init(directory, InitOptions(base=str(model_dir)))
     make_adapter(model_dir, arch, directory / "adapters" / "intent", seed=1)
     make_adapter(model_dir, arch, directory / "adapters" / "plan", seed=2)
     stack = Stack.load(directory)
@@ -86,7 +86,7 @@ def test_adapter_switching(tmp_path, tiny_model):
 def test_batch_equals_one_by_one_greedy(tmp_path, tiny_model):
     arch, model_dir = tiny_model
     directory = tmp_path / "s"
-    init_stack(directory, base=str(model_dir))
+    init(directory, InitOptions(base=str(model_dir)))
     make_adapter(model_dir, arch, directory / "adapters" / "plan", seed=3)
     stack = Stack.load(directory)
     items = [
@@ -118,7 +118,7 @@ def test_stop_strings_cut_the_output(tiny_stack):
 
 def test_prompt_longer_than_context_is_refused(tmp_path, models_root):
     model_dir = make_model_dir(models_root, "llama", chat=True, context=64)
-    init_stack(tmp_path / "s", base=str(model_dir))
+    init(tmp_path / "s", InitOptions(base=str(model_dir)))
     stack = Stack.load(tmp_path / "s")
     with pytest.raises(FslmError, match=r"stage 'intent': the prompt is \d+ tokens but the model's context is 64"):
         stack.run("word " * 200)

@@ -14,10 +14,12 @@ from typer.testing import CliRunner
 from fslm import Stack
 from fslm.cli import app
 from fslm.config import load_config
+from fslm.distilled import read_distilled as read_records
 from fslm.files import sha256_file
-from fslm.init import init_stack
-from fslm.train import SINGLE, TrainOptions, load_single, single_prompt, train_stack
-from fslm.train_data import IGNORE_INDEX, build_examples, read_records, split_validation
+from fslm.stackdir import SINGLE
+from fslm.steps.init import InitOptions, init
+from fslm.steps.train import TrainOptions, train
+from fslm.steps.train_data import IGNORE_INDEX, build_examples, split_validation
 
 runner = CliRunner()
 STAGES = ["intent", "plan", "reasoning", "answer"]
@@ -57,7 +59,7 @@ def write_distilled(path: Path, n: int = 40, seed: int = 0) -> Path:
 @pytest.fixture
 def llama_stack(tmp_path, tiny_llama) -> Path:
     directory = tmp_path / "stack"
-    init_stack(directory, base=str(tiny_llama))
+    init(directory, InitOptions(base=str(tiny_llama)))
     return directory
 
 
@@ -93,9 +95,9 @@ def test_examples_are_inference_prompts_with_masked_labels(tiny_stack, tmp_path)
 
 def test_validation_split_is_the_same_records_for_every_stage():
     rng = random.Random(1)
-    from fslm.train_data import Record
+    from fslm.distilled import DistilledRecord as Record
 
-    records = [Record(i + 1, f"id{i}", f"q{i}", None, distilled_record(i, rng)["targets"]) for i in range(50)]
+    records = [Record(f"id{i}", f"q{i}", None, distilled_record(i, rng)["targets"], line=i + 1) for i in range(50)]
     train, val = split_validation(records, 0.1, seed=3)
     assert len(val) == 5 and len(train) == 45 and not {r.id for r in val} & {r.id for r in train}
     again = split_validation(list(reversed(records)), 0.1, seed=3)[1]
@@ -143,8 +145,8 @@ def test_bad_data_is_reported_with_line_numbers(llama_stack, tmp_path):
 
 def test_loss_falls_and_the_record_is_written(llama_stack, tmp_path):
     data = write_distilled(tmp_path / "d.jsonl", n=40)
-    options = TrainOptions(stages=["answer"], max_steps=40, lr=3e-3, batch_size=4, warmup=2, progress=False)
-    results = train_stack(llama_stack, data, options)
+    options = TrainOptions(stages=["answer"], max_steps=40, lr=3e-3, batch_size=4, warmup=2)
+    results = train(llama_stack, data, options).adapters
     history = results["answer"].log_history
     losses = [h["loss"] for h in history if "loss" in h]
     assert len(losses) == 40
@@ -171,12 +173,12 @@ def test_retraining_starts_from_a_fresh_lora(llama_stack, tmp_path):
     """Stack.load attaches the old adapter; retraining must start from the base, so the same run gives the same
     weights again (training on top of the old adapter would not)."""
     data = write_distilled(tmp_path / "d.jsonl", n=16)
-    options = TrainOptions(stages=["intent"], max_steps=6, lr=3e-3, progress=False)
-    train_stack(llama_stack, data, options)
+    options = TrainOptions(stages=["intent"], max_steps=6, lr=3e-3)
+    train(llama_stack, data, options)
     first = adapter_weights(llama_stack, "intent")
     stack = Stack.load(llama_stack)
     assert stack.stage_adapter("intent") == "intent"
-    train_stack(llama_stack, data, options, stack=stack)
+    train(llama_stack, data, options, loaded=stack)
     second = adapter_weights(llama_stack, "intent")
     assert first.keys() == second.keys()
     for k in first:
@@ -209,7 +211,7 @@ def test_trained_stack_runs_with_its_adapters_and_differs_from_zero_shot(llama_s
 def test_single_baseline(llama_stack, tmp_path):
     data = write_distilled(tmp_path / "d.jsonl", n=16)
     stack = Stack.load(llama_stack)
-    prompt = single_prompt(stack, "Summarise this.", "Some text.")
+    prompt = stack.direct_prompt("Summarise this.", "Some text.")
     final = stack.config.final_stage
     assert final.role in prompt and "Summarise this." in prompt and "Input: Some text." in prompt
     assert "Notes:" not in prompt and "Plan:" not in prompt  # no empty slots for stages it never sees
@@ -217,7 +219,7 @@ def test_single_baseline(llama_stack, tmp_path):
 
     records, _ = read_records(data)
     ex = build_examples(stack, records, [], SINGLE)
-    n = stack.backend.count_tokens(single_prompt(stack, records[0].instruction, records[0].input))
+    n = stack.backend.count_tokens(stack.direct_prompt(records[0].instruction, records[0].input))
     assert stack.backend.tokenizer.decode(ex.train[0]["input_ids"][n:-1]) == records[0].targets["answer"]
 
     r = invoke("train", llama_stack, "--data", data, "--single", "--max-steps", "6", "--lr", "3e-3")
@@ -225,13 +227,13 @@ def test_single_baseline(llama_stack, tmp_path):
     assert (llama_stack / "adapters" / SINGLE / "adapter_model.safetensors").is_file()
     assert not any((llama_stack / "adapters" / s).exists() for s in STAGES)
     config = load_config(llama_stack)
-    assert config.metadata["single_training"]["steps"] == 6
+    assert config.baselines["single"].steps == 6
     assert all(s.training is None for s in config.stages)
 
     stack = Stack.load(llama_stack)
     assert stack.stage_adapter("answer") is None  # the baseline is not a stage adapter
-    name = load_single(stack)
-    p = single_prompt(stack, "Question 2: eat well")
+    name = stack.load_baseline(SINGLE)
+    p = stack.direct_prompt("Question 2: eat well")
     settings = final.generation.model_copy(update={"max_new_tokens": 8})
     with_single = stack.backend.generate([p], name, settings)[0].text
     assert with_single != stack.backend.generate([p], None, settings)[0].text

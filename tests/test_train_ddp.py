@@ -9,13 +9,13 @@ import sys
 from test_train import write_distilled
 
 from fslm.config import load_config
-from fslm.init import init_stack
+from fslm.steps.init import InitOptions, init
 
 
 def test_two_processes_over_gloo(tmp_path, tiny_llama):
     data = write_distilled(tmp_path / "d.jsonl", n=40)  # 36 training examples
     d = tmp_path / "s"
-    init_stack(d, base=str(tiny_llama))
+    init(d, InitOptions(base=str(tiny_llama)))
     cmd = [sys.executable, "-m", "fslm", "train", str(d), "--data", str(data), "--processes", "2"]
     cmd += ["--stages", "intent,answer", "--max-steps", "6", "--batch-size", "4", "--lr", "3e-3"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -12,8 +12,8 @@ import torch
 from test_train import adapter_weights, write_distilled
 
 from fslm.config import load_config
-from fslm.init import init_stack
-from fslm.train import TrainOptions, train_stack
+from fslm.steps.init import InitOptions, init
+from fslm.steps.train import TrainOptions, train
 
 ARGS = ["--max-steps", "30", "--save-steps", "5", "--stages", "intent,plan", "--lr", "3e-3", "--batch-size", "4"]
 
@@ -22,7 +22,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_llama)
     data = write_distilled(tmp_path / "d.jsonl", n=40)  # 36 training examples: 9 steps per epoch
     killed, reference = tmp_path / "killed", tmp_path / "reference"
     for d in (killed, reference):
-        init_stack(d, base=str(tiny_llama))
+        init(d, InitOptions(base=str(tiny_llama)))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "fslm", "train", str(killed), "--data", str(data), *ARGS]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
@@ -51,7 +51,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_llama)
     plan = load_config(killed).stage("plan").training
     assert plan.steps == 30 and plan.model_extra["resumed"] is True
 
-    train_stack(reference, data, TrainOptions(stages=["intent", "plan"], max_steps=30, lr=3e-3, progress=False))
+    train(reference, data, TrainOptions(stages=["intent", "plan"], max_steps=30, lr=3e-3))
     for stage in ("intent", "plan"):
         got, want = adapter_weights(killed, stage), adapter_weights(reference, stage)
         assert got.keys() == want.keys()

@@ -25,11 +25,10 @@ from typing import Any
 import numpy as np
 
 from fslm import models
-from fslm.backends import Completion, TextCallback, TokenizerPrompts, cut_at_stop, fit_to_context
+from fslm.backends import Backend, Completion, TextCallback, cut_at_stop, fit_to_context
 from fslm.config import BaseModelSettings, GenerationSettings
 from fslm.errors import FslmError
-
-GGUF_DIR = "gguf"
+from fslm.stackdir import GGUF as GGUF_DIR
 
 
 def default_threads() -> int:
@@ -73,7 +72,7 @@ def avoid_amx() -> None:
     lc.llama_model_default_params = defaults
 
 
-class LlamaCppBackend(TokenizerPrompts):
+class LlamaCppBackend(Backend):
     name = "llamacpp"
 
     def __init__(

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fslm import models
-from fslm.backends import Completion, TextCallback, TokenizerPrompts, fit_to_context
+from fslm.backends import Backend, Completion, TextCallback, fit_to_context
 from fslm.config import BaseModelSettings, GenerationSettings, ServerSettings
 from fslm.errors import FslmError
 
@@ -38,22 +38,17 @@ class Generated:
 class OpenAIClient:
     """A thread-pooled `openai.OpenAI` client with our error wording; one per server."""
 
-    def __init__(
-        self,
-        url: str,
-        api_key_env: str = "FSLM_API_KEY",
-        concurrency: int = 4,
-        timeout: float = 120.0,
-        max_retries: int = 5,
-    ) -> None:
+    def __init__(self, server: ServerSettings) -> None:
         import openai
 
-        self.url = url.rstrip("/")
-        self.concurrency = concurrency
-        self.max_retries = max_retries
+        self.url = server.url.rstrip("/")
+        self.concurrency = server.concurrency
+        self.max_retries = server.max_retries
         # Local servers accept any key; the client insists on one, so a placeholder stands in when the variable is unset.
-        api_key = os.environ.get(api_key_env) or "no-key"
-        self.client = openai.OpenAI(base_url=self.url, api_key=api_key, timeout=timeout, max_retries=max_retries)
+        api_key = os.environ.get(server.api_key_env) or "no-key"
+        self.client = openai.OpenAI(
+            base_url=self.url, api_key=api_key, timeout=server.timeout, max_retries=server.max_retries
+        )
 
     def complete(self, model: str, prompts: list[str], settings: GenerationSettings) -> list[Generated]:
         """/v1/completions, one request per prompt, `concurrency` at a time."""
@@ -140,7 +135,7 @@ def _error_detail(e: Any) -> str:
     return str(getattr(e, "message", e)).splitlines()[0]
 
 
-class OpenAIBackend(TokenizerPrompts):
+class OpenAIBackend(Backend):
     """Stages served by an OpenAI-compatible server; prompts rendered and counted locally."""
 
     name = "openai"
@@ -171,8 +166,7 @@ class OpenAIBackend(TokenizerPrompts):
             )
         ref = models.resolve(settings.model, stack_dir)
         tokenizer = models.load_tokenizer(ref, settings)
-        client = OpenAIClient(server.url, server.api_key_env, server.concurrency, server.timeout, server.max_retries)
-        return cls(client, server, tokenizer, context_length(ref, tokenizer), settings.prompt_format)
+        return cls(OpenAIClient(server), server, tokenizer, context_length(ref, tokenizer), settings.prompt_format)
 
     @property
     def context_length(self) -> int:

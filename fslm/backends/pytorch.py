@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from fslm import models
-from fslm.backends import Completion, TextCallback, TokenizerPrompts, cut_at_stop, fit_to_context
+from fslm.backends import GENERATE, SCORE, TRAIN, Backend, Completion, TextCallback, cut_at_stop, fit_to_context
 from fslm.config import BaseModelSettings, GenerationSettings
 from fslm.errors import FslmError
 
@@ -19,8 +20,9 @@ from fslm.errors import FslmError
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
-class TorchBackend(TokenizerPrompts):
+class TorchBackend(Backend):
     name = "torch"
+    capabilities = frozenset({GENERATE, SCORE, TRAIN})
 
     def __init__(self, model: Any, tokenizer: Any, prompt_format: str = "auto") -> None:
         self.model = model
@@ -78,6 +80,8 @@ class TorchBackend(TokenizerPrompts):
         }
         if sample:
             kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+            if settings.seed is not None:
+                torch.manual_seed(settings.seed)
         else:  # silence the "temperature is set but do_sample=False" warnings of some generation configs
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if settings.stop:
@@ -94,6 +98,83 @@ class TorchBackend(TokenizerPrompts):
                 streamer.flush(len(results), text)
             results.append(Completion(cut_at_stop(text, settings.stop).strip(), int(n_prompt), n))
         return results
+
+    def score(
+        self, requests: Sequence[tuple[list[int], list[int]]], adapter: str | None, batch_size: int = 8
+    ) -> list[tuple[float, bool]]:
+        """Summed log-probability of each continuation after its context, and whether greedy decoding yields it.
+
+        Pinned so a score never depends on how a caller batches: fixed `batch_size`, requests sorted longest first,
+        right padding (real tokens keep their positions), float32 log-softmax. Contexts too long for the model are
+        left-truncated as lm-eval's `hf` model does. Logits are computed only for the positions that predict a
+        continuation token (`logits_to_keep`), and log-softmax only over those rows: a batch of 8 long prompts would
+        otherwise hold 8 x length x vocabulary float32 logits (hundreds of MB for a 49k vocabulary).
+        """
+        limit = self.context_length
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else self.tokenizer.eos_token_id
+        order = sorted(range(len(requests)), key=lambda i: (-len(requests[i][0]) - len(requests[i][1]), i))
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        device = self.base_model.device
+        keep_arg = _accepts_logits_to_keep(self.base_model)
+        for b in range(0, len(order), batch_size):
+            batch = order[b : b + batch_size]
+            rows, spans = [], []
+            for i in batch:
+                ctx, cont = requests[i]
+                whole = (list(ctx) + list(cont))[-(limit + 1) :][:-1]  # input = everything but the last token
+                rows.append(whole)
+                spans.append((len(whole) - len(cont), list(cont)))
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for j, r in enumerate(rows):
+                ids[j, : len(r)] = torch.tensor(r)
+                mask[j, : len(r)] = 1
+            first = min(start for start, _ in spans)
+            last = max(start + len(cont) for start, cont in spans)
+            extra: dict[str, Any] = {}
+            offset = 0
+            if keep_arg:
+                extra["logits_to_keep"] = torch.arange(first, last, device=device)
+                offset = first
+            with torch.inference_mode(), self.use_adapter(adapter):
+                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), **extra).logits
+            for j, i in enumerate(batch):
+                start, cont = spans[j]
+                rows_logits = logits[j, start - offset : start - offset + len(cont)].float()
+                lp = torch.log_softmax(rows_logits, dim=-1).cpu()
+                target = torch.tensor(cont)
+                greedy = bool((lp.argmax(dim=-1) == target).all())
+                results[i] = (float(lp.gather(1, target[:, None]).sum()), greedy)
+            del logits
+        return results
+
+    # --- training hand-over ---------------------------------------------------------------------------
+
+    def release_adapters(self) -> Any:
+        """The bare base model with every attached LoRA layer removed (weights untouched, nothing merged), for a
+        trainer to wrap a fresh adapter around; `adapters` is empty until the caller attaches them again."""
+        if hasattr(self.model, "peft_config"):
+            self.model = self.model.unload()
+        self.adapters = {}
+        return self.model
+
+    def take_model(self, model: Any) -> None:
+        """Hold `model` (a bare base handed back by a trainer) as this backend's model again."""
+        self.model = model.unload() if hasattr(model, "peft_config") else model
+        self.adapters = {}
+        self.model.eval()
+
+    def parameter_count(self, adapters: set[str]) -> int:
+        """Parameters touched per query: the base once plus the LoRA weights of each adapter used."""
+        base = extra = 0
+        for name, p in self.model.named_parameters():
+            if "lora_" not in name:
+                base += p.numel()
+            elif any(f".{a}." in name for a in adapters):
+                extra += p.numel()
+        return int(base + extra)
 
     # --- helpers ------------------------------------------------------------------------------------
 
@@ -161,6 +242,12 @@ class _RowStreamer(BaseStreamer):
         if len(text) > len(sent) and text.startswith(sent):
             self.sent[row] = text
             self.on_text(row, text[len(sent) :])
+
+
+def _accepts_logits_to_keep(model: Any) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:

@@ -84,6 +84,16 @@ def _arc(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def arc_rows(path: Path) -> list[dict[str, Any]]:
+    """ARC rows (id, question, choices, gold): what the eval scores, and what distillation reads (fslm.choices)."""
+    return _arc(path)
+
+
+def arc_text(doc: dict[str, Any]) -> str:
+    """lm-eval's ARC prompt (doc_to_text of fslm_arc_*.yaml)."""
+    return f"Question: {doc['question']}\nAnswer:"
+
+
 def arc_easy(**kwargs: Any) -> Any:
     return _dataset(_arc(_file(kwargs, FILES["arc_easy"])), kwargs)
 
@@ -92,26 +102,25 @@ def arc_challenge(**kwargs: Any) -> Any:
     return _dataset(_arc(_file(kwargs, FILES["arc_challenge"])), kwargs)
 
 
-def mmlu(**kwargs: Any) -> Any:
+def mmlu_rows(path: Path) -> list[dict[str, Any]]:
+    """One MMLU subject CSV (`<subject>_<split>.csv`, headerless: question, A, B, C, D, answer letter)."""
+    subject = re.sub(r"_(test|val|dev)$", "", path.stem)
     rows = []
+    with path.open(encoding="utf-8", newline="") as f:
+        for row in csv.reader(f):
+            if len(row) != 6:
+                continue
+            rows.append(
+                {"subject": subject, "question": row[0], "choices": row[1:5], "gold": "ABCD".index(row[5].strip())}
+            )
+    return rows
+
+
+def mmlu(**kwargs: Any) -> Any:
     paths = sorted((_data_dir(kwargs) / "mmlu" / "test").glob("*_test.csv"))
     if not paths:
         raise ValueError(f"{_data_dir(kwargs) / 'mmlu/test'}: no *_test.csv files")
-    for path in paths:
-        subject = path.name[: -len("_test.csv")]
-        with path.open(encoding="utf-8", newline="") as f:
-            for row in csv.reader(f):
-                if len(row) != 6:
-                    continue
-                rows.append(
-                    {
-                        "subject": subject,
-                        "question": row[0],
-                        "choices": row[1:5],
-                        "gold": "ABCD".index(row[5].strip()),
-                    }
-                )
-    return _dataset(rows, kwargs)
+    return _dataset([row for path in paths for row in mmlu_rows(path)], kwargs)
 
 
 def mmlu_text(doc: dict[str, Any]) -> str:
@@ -186,14 +195,38 @@ def boolq(**kwargs: Any) -> Any:
     return _dataset(rows, kwargs)
 
 
-def openbookqa(**kwargs: Any) -> Any:
+def openbookqa_rows(path: Path) -> list[dict[str, Any]]:
+    """OpenBookQA TSV rows (ID, Question Stem, Choices "(A) .. (B) ..", Answer Key)."""
     rows = []
-    with _file(kwargs, FILES["openbookqa"]).open(encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8", newline="") as f:
         for r in csv.DictReader(f, delimiter="\t"):
             parts = re.split(r"\(([A-D])\) ", r["Choices"])[1:]  # [label, text, label, text, ...]
             labels, texts = parts[0::2], [t.strip() for t in parts[1::2]]
-            rows.append({"question_stem": r["Question Stem"], "choices": texts, "gold": labels.index(r["Answer Key"])})
-    return _dataset(rows, kwargs)
+            rows.append(
+                {
+                    "id": r["ID"],
+                    "question_stem": r["Question Stem"],
+                    "choices": texts,
+                    "gold": labels.index(r["Answer Key"]),
+                }
+            )
+    return rows
+
+
+def openbookqa(**kwargs: Any) -> Any:
+    return _dataset(openbookqa_rows(_file(kwargs, FILES["openbookqa"])), kwargs)
+
+
+def sciq_rows(path: Path) -> list[dict[str, Any]]:
+    """SciQ JSON (question, correct_answer, distractor1-3, support). The four options are put in a fixed order
+    that depends only on the question (a seeded shuffle), so the gold answer is not always last."""
+    rows = []
+    for r in json.loads(path.read_text(encoding="utf-8")):
+        choices = [r["distractor1"], r["distractor2"], r["distractor3"], r["correct_answer"]]
+        order = list(range(4))
+        random.Random(r["question"]).shuffle(order)
+        rows.append({"question": r["question"], "choices": [choices[i] for i in order], "gold": order.index(3)})
+    return rows
 
 
 # lm-eval's truthfulqa_mc1/mc2 six-shot QA preamble

@@ -7,7 +7,7 @@ Endpoints
 - `GET /v1/models`, `GET /health`, `POST /v1/stack/run` (trace JSON), `POST|GET /v1/stack/stream` (SSE events
   `stage_start`, `token`, `stage_end`, `done`, `error`), `GET /` (the web page).
 
-Generation happens on one worker thread (`fslm.serve_batching.Scheduler`), which batches requests at the same stage.
+Generation happens on one worker thread (`fslm.steps.serve_batching.Scheduler`), which batches requests at the same stage.
 Limits: bounded queue (503 + Retry-After), body size (413), API key (401), validation (400), per-request timeout
 (504). Errors are OpenAI-style `{"error": {"message", "type", "param", "code"}}`.
 """
@@ -28,8 +28,8 @@ from typing import Any
 from fastapi import Request as HttpRequest
 
 from fslm.backends import cut_at_stop
-from fslm.serve_batching import Event, QueueFull, Scheduler
 from fslm.stack import Stack
+from fslm.steps.serve_batching import Event, QueueFull, Scheduler
 
 ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 

@@ -4,7 +4,8 @@ lm-eval 0.4.13 has no plugin discovery, so `fslm lm-eval ...` imports this modul
 hands its arguments to lm-eval's own CLI. Systems:
 
 - `base`: the bare base model on the raw lm-eval context (no stage prompt), scored as lm-eval's `hf` model does.
-- `single`: the single-adapter baseline (`adapters/single/`), prompt from `fslm.train_data.single_prompt`.
+- `single`, `multitask`: a baseline adapter (`adapters/single/`, `adapters/multitask/`) answering directly, prompt
+  from `Stack.direct_prompt`.
 - `stack`: stages 1..N-1 generate once per distinct context (cached: all answer choices share it); the final stage
   scores the continuation after its own prompt, built from the context and the earlier stages' outputs.
   `ablate=<stage>` runs that stage on the bare base model.
@@ -19,14 +20,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from fslm.backends import SCORE
 from fslm.errors import FslmError
+from fslm.stack import SYSTEMS
+from fslm.stackdir import BASELINES
 
-SYSTEMS = ("base", "single", "stack")
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
 
@@ -56,17 +58,14 @@ class FslmLM(TemplateLM):
         names = [s.name for s in self.stack.config.stages]
         if ablate and ablate not in names:
             raise FslmError(f"model_args ablate={ablate!r}: no such stage (stages: {', '.join(names)})")
-        if not hasattr(self.stack.backend, "model"):
-            raise FslmError("lm-eval scoring needs the torch backend (base.backend: torch)")
+        self.stack.backend.require(SCORE, "lm-eval scoring")
         self.system, self.ablate = system, ablate
         self.fixed_batch = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" would move scores: pinned
         self.progress = progress
         self.stage_tokens = int(stage_tokens) if stage_tokens else None  # cap for stages 1..N-1 (None: manifest)
         self.final = self.stack.config.final_stage
-        if system == "single":
-            from fslm.train import load_single
-
-            load_single(self.stack)
+        if system in BASELINES:
+            self.stack.load_baseline(system)
         self.prefix_cache: dict[str, dict[str, str]] = {}  # context -> earlier stages' outputs
         self.stage_calls = 0  # contexts sent through stages 1..N-1 (the cache test counts these)
         self.scored_tokens = 0
@@ -79,8 +78,8 @@ class FslmLM(TemplateLM):
         """The adapter each stage uses for this system (None = bare base)."""
         if self.system == "base":
             return {s.name: None for s in self.stack.config.stages}
-        if self.system == "single":
-            return {self.final.name: "single"}
+        if self.system in BASELINES:
+            return {self.final.name: self.system}
         chosen = {s.name: self.stack.stage_adapter(s.name) for s in self.stack.config.stages}
         if self.ablate:
             chosen[self.ablate] = None
@@ -92,14 +91,7 @@ class FslmLM(TemplateLM):
 
     def parameters_per_query(self) -> int:
         """Parameters touched per query: the base once plus each distinct adapter used (LoRA weights)."""
-        used = {a for a in self.adapters.values() if a}
-        base = extra = 0
-        for name, p in self.stack.backend.model.named_parameters():
-            if "lora_" not in name:
-                base += p.numel()
-            elif any(f".{a}." in name for a in used):
-                extra += p.numel()
-        return int(base + extra)
+        return self.stack.backend.parameter_count({a for a in self.adapters.values() if a})
 
     # --- tokenizer plumbing (as lm-eval's hf model) --------------------------------------------------
 
@@ -132,21 +124,18 @@ class FslmLM(TemplateLM):
             return super().loglikelihood(requests, disable_tqdm=True)
         pairs = [req.args for req in requests]
         outputs = self._earlier_outputs([c for c, _ in pairs])
-        chat = getattr(self.stack.backend, "chat", False)
         new_reqs = []
         for context, continuation in pairs:
             prompt = self._final_prompt(context, outputs.get(context, {}))
-            ctx = self.tokenizer.encode(prompt, add_special_tokens=not chat)
+            ctx = self.stack.backend.encode(prompt)
             # the stage's answer starts a new line after the prompt: drop lm-eval's leading target delimiter
             cont = self.tokenizer.encode(continuation.lstrip(" "), add_special_tokens=False)
             new_reqs.append(((context, continuation), ctx, cont))
         return self._loglikelihood_tokens(new_reqs)
 
     def _final_prompt(self, context: str, outputs: dict[str, str]) -> str:
-        if self.system == "single":
-            from fslm.train_data import single_prompt
-
-            return single_prompt(self.stack, context.strip())
+        if self.system in BASELINES:
+            return self.stack.direct_prompt(context.strip())
         return self.stack.render_prompt(self.final, instruction=context.strip(), outputs=outputs)
 
     def _earlier_outputs(self, contexts: list[str]) -> dict[str, dict[str, str]]:
@@ -173,38 +162,23 @@ class FslmLM(TemplateLM):
     def _loglikelihood_tokens(
         self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False, **_: Any
     ) -> list[tuple[float, bool]]:
-        """Sum of log-probs of the continuation tokens + whether greedy decoding would produce them."""
-        model = self.stack.backend.model
-        device = self.stack.backend.base_model.device
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
-        order = sorted(range(len(requests)), key=lambda i: (-len(requests[i][1]) - len(requests[i][2]), i))
-        results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        """Sum of log-probs of the continuation tokens + whether greedy decoding would produce them.
+
+        The backend scores (pinned batches, longest first); we hand it the requests in that same order, a few
+        batches at a time, only to report progress between calls: the batches it forms are the same either way.
+        """
+        pairs = [(list(ctx), list(cont)) for _, ctx, cont in requests]
+        order = sorted(range(len(pairs)), key=lambda i: (-len(pairs[i][0]) - len(pairs[i][1]), i))
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
+        step = self.fixed_batch * 16
         start = time.perf_counter()
-        for b in range(0, len(order), self.fixed_batch):
-            batch = order[b : b + self.fixed_batch]
-            rows, spans = [], []
-            for i in batch:
-                _, ctx, cont = requests[i]
-                whole = (ctx + cont)[-(self.max_length + 1) :][:-1]  # left-truncate like lm-eval's hf model
-                rows.append(whole)
-                spans.append((len(whole) - len(cont), cont))  # whole = input without the last token
-            width = max(len(r) for r in rows)
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for j, r in enumerate(rows):  # right padding: real tokens keep their positions
-                ids[j, : len(r)] = torch.tensor(r)
-                mask[j, : len(r)] = 1
-            with torch.inference_mode(), self.stack.backend.use_adapter(self.final_adapter):
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
-            for j, i in enumerate(batch):
-                start, cont = spans[j]  # logits at [start, start+len(cont)) predict the continuation
-                lp = logprobs[j, start : start + len(cont)]
-                target = torch.tensor(cont)
-                greedy = bool((lp.argmax(dim=-1) == target).all())
-                results[i] = (float(lp.gather(1, target[:, None]).sum()), greedy)
-                self.scored_tokens += len(cont)
-            self._report("scoring", min(b + self.fixed_batch, len(order)), len(order))
+        for b in range(0, len(order), step):
+            chunk = order[b : b + step]
+            scores = self.stack.backend.score([pairs[i] for i in chunk], self.final_adapter, self.fixed_batch)
+            for i, score in zip(chunk, scores, strict=True):
+                results[i] = score
+                self.scored_tokens += len(pairs[i][1])
+            self._report("scoring", min(b + step, len(order)), len(order))
         self.seconds += time.perf_counter() - start
         return results
 

@@ -22,13 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, Field
 
 from fslm import models
 from fslm.config import load_config
 from fslm.errors import FslmError
+from fslm.events import EventHandler, Progress, emit
 from fslm.files import atomic_write_text, sha256_file
+from fslm.options import Options
+from fslm.provenance import versions
+from fslm.stackdir import StackDir
 
-GGUF_DIR = "gguf"
 BASE_FILE = "base.gguf"
 QUANTS = ("f32", "f16", "q8_0", "q4_1")
 SUPPORTED = ("llama",)
@@ -46,6 +50,38 @@ LLAMA_LAYER_NAMES = {
     "post_attention_layernorm": "ffn_norm",
 }
 LLAMA_GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+
+
+class ExportOptions(Options):
+    """What `fslm export` can be told besides the directory; the CLI's flags and defaults come from here."""
+
+    format: str = Field("gguf", description="Export format (only gguf: llama.cpp).")
+    quant: str | None = Field(
+        None, description="Base weights: q8_0, q4_1, f16 or f32 (default: reuse a GGUF base as is, else f16)."
+    )
+
+
+class ExportResult(BaseModel):
+    directory: Path  # DIR/gguf
+    manifest: dict[str, Any]
+
+
+def export(
+    stack: str | Path, options: ExportOptions | None = None, on_event: EventHandler | None = None
+) -> ExportResult:
+    """Write DIR/gguf/: the base model and one GGUF LoRA adapter per trained stage, for the llama.cpp backend."""
+    options = options or ExportOptions()
+    if options.format != "gguf":
+        raise FslmError(f"--format {options.format!r}: only gguf is supported")
+    done = 0
+
+    def step(message: str) -> None:
+        nonlocal done
+        done += 1
+        emit(on_event, Progress("export", message, done))
+
+    manifest = export_gguf(stack, options.quant, on_step=step)
+    return ExportResult(directory=StackDir(stack).gguf, manifest=manifest)
 
 
 def adapter_file(stage: str) -> str:
@@ -347,17 +383,15 @@ def export_gguf(
     on_step: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Write DIR/gguf/ (base + one adapter per stage with a PEFT adapter) and return the manifest."""
-    from fslm.stack import Stack
-
-    directory = Path(directory)
-    config = load_config(directory)
+    stack_dir = StackDir(directory)
+    config = load_config(stack_dir.root)
     if quant is not None and quant not in QUANTS:
         raise FslmError(f"--quant {quant!r}: choose one of {', '.join(QUANTS)}")
-    ref = models.resolve(config.base.model, directory)
+    ref = models.resolve(config.base.model, stack_dir.root)
     arch = models.architecture(ref)
     if arch not in SUPPORTED:
         raise FslmError(f"{config.base.model}: GGUF export supports {', '.join(SUPPORTED)} models, not {arch!r}")
-    out = directory / GGUF_DIR
+    out = stack_dir.gguf
     out.mkdir(parents=True, exist_ok=True)
     step = on_step or (lambda _: None)
 
@@ -386,7 +420,7 @@ def export_gguf(
     adapters: dict[str, Any] = {}
     for stage in config.stages:
         target = out / adapter_file(stage.name)
-        src = Stack.adapter_dir(directory, stage.name)
+        src = stack_dir.adapter(stage.name)
         if not (src / "adapter_model.safetensors").is_file():
             target.unlink(missing_ok=True)  # a stale adapter from an earlier export would be wrong now
             continue
@@ -403,16 +437,7 @@ def export_gguf(
         "base": {"file": BASE_FILE, "quant": quant, "source": base_source, "model": config.base.model},
         "adapters": adapters,
         "adapter_dtype": adapter_dtype,
-        "versions": {"gguf": _version("gguf"), "llama_cpp_python": _version("llama_cpp_python")},
+        "versions": versions(("gguf", "llama_cpp_python")),
     }
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def _version(pkg: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(pkg)
-    except PackageNotFoundError:
-        return "?"

@@ -12,22 +12,27 @@ import functools
 import hashlib
 import json
 import logging
-import platform
 import resource
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from importlib import metadata
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field, field_validator
+
 from fslm.errors import FslmError
+from fslm.events import EventHandler, Progress, emit
 from fslm.files import atomic_write_bytes, atomic_write_text, sha256_file
+from fslm.options import Options, comma_list
+from fslm.provenance import versions
+from fslm.stack import SYSTEMS
+from fslm.stackdir import BASELINES, StackDir
 
 log = logging.getLogger("fslm")
 
-TASKS_DIR = Path(__file__).parent / "tasks"
+TASKS_DIR = Path(__file__).parent.parent / "tasks"
 # our task names -> the contamination module's split names (fslm/contamination.py TEST_SPLITS)
 CONTAMINATION_SPLITS = {
     "arc_easy": ["arc_easy"],
@@ -39,7 +44,6 @@ CONTAMINATION_SPLITS = {
     "truthfulqa_mc2": ["truthfulqa_mc_v0", "truthfulqa"],
 }
 VERSIONED = ("fslm", "torch", "transformers", "peft", "lm_eval", "datasets")
-Progress = Callable[[str, str, int, int], None]  # (system, what, done, total)
 
 
 def available_tasks() -> list[str]:
@@ -48,17 +52,37 @@ def available_tasks() -> list[str]:
     return list(FILES)
 
 
-@dataclass
-class EvalOptions:
-    tasks: list[str]
-    data_dir: Path
-    systems: list[str] = field(default_factory=lambda: ["base", "single", "stack"])
-    limit: int | None = 100
-    seed: int = 1234
-    ablate: bool = False
-    batch_size: int = 8
-    stage_tokens: int | None = None  # cap for stages 1..N-1 (None: the manifest's max_new_tokens)
+class EvalOptions(Options):
+    """Everything `fslm eval` can be told besides its two paths; the CLI's flags and defaults come from here."""
+
+    data_dir: Path = Field(description="Benchmark data directory (layout: docs/eval.md).")
+    tasks: list[str] = Field(
+        ["arc_easy", "arc_challenge", "mmlu"],
+        description="Comma-separated: arc_easy, arc_challenge, mmlu, hellaswag, ...",
+    )
+    systems: list[str] = Field(["base", "single", "stack"], description=f"Comma-separated: {', '.join(SYSTEMS)}.")
+    limit: int | None = Field(100, ge=1, description="Items per task (a seeded random subset).")
+    seed: int = Field(1234, description="Seed of the subset and of lm-eval.")
+    ablate: bool = Field(False, description="Add one stack row per stage, that stage on the bare base.")
+    batch_size: int = Field(8, ge=1, description="Pinned scoring batch size.")
+    stage_tokens: int | None = Field(
+        None, ge=1, description="Cap new tokens of stages 1..N-1 (default: the manifest's)."
+    )
     backend: str | None = None
+
+    _lists = field_validator("tasks", "systems", mode="before")(comma_list)
+
+
+@dataclass
+class EvalResult:
+    """Where the report went and what it says (`results` is results.json)."""
+
+    out: Path
+    results: dict[str, Any]
+
+    @property
+    def report(self) -> Path:
+        return self.out / "report.md"
 
 
 def _hash_task_files(data_dir: Path, task: str) -> dict[str, str]:
@@ -98,12 +122,8 @@ def quiet_lm_eval() -> Iterator[None]:
 
 def check_options(directory: Path, options: EvalOptions) -> list[tuple[str, str | None]]:
     """Validate before the model loads; returns the rows to run: (system, ablated stage)."""
-    from fslm.config import load_config
-    from fslm.lm_eval_model import SYSTEMS
-    from fslm.stack import Stack
-    from fslm.train_data import SINGLE
-
-    config = load_config(directory)
+    stack_dir = StackDir(directory)
+    config = stack_dir.load()
     unknown = [t for t in options.tasks if t not in available_tasks()]
     if unknown:
         raise FslmError(f"--tasks: unknown {', '.join(unknown)} (available: {', '.join(available_tasks())})")
@@ -112,19 +132,11 @@ def check_options(directory: Path, options: EvalOptions) -> list[tuple[str, str 
     bad = [s for s in options.systems if s not in SYSTEMS]
     if bad or not options.systems:
         raise FslmError(f"--systems: unknown {', '.join(bad) or '(none)'} (available: {', '.join(SYSTEMS)})")
-    if "single" in options.systems:
-        single = Stack.adapter_dir(directory, SINGLE)
-        if not (single / "adapter_config.json").is_file():
-            raise FslmError(
-                f"{single}: missing, so system 'single' cannot run; train it with "
-                f"`fslm train {directory} --data D --single` or leave it out of --systems"
-            )
-    if "stack" in options.systems:
-        trained = [
-            s.name for s in config.stages if (Stack.adapter_dir(directory, s.name) / "adapter_config.json").is_file()
-        ]
-        if not trained:
-            log.warning("no stage adapter under %s: system 'stack' runs every stage zero-shot", directory / "adapters")
+    for baseline in BASELINES:
+        if baseline in options.systems:
+            stack_dir.require_baseline(baseline)
+    if "stack" in options.systems and not stack_dir.trained_stages(config):
+        log.warning("no stage adapter under %s: system 'stack' runs every stage zero-shot", stack_dir.adapters)
     rows: list[tuple[str, str | None]] = [(s, None) for s in options.systems]
     if options.ablate:
         rows += [("stack", s.name) for s in config.stages]
@@ -133,15 +145,11 @@ def check_options(directory: Path, options: EvalOptions) -> list[tuple[str, str 
 
 def contamination_warnings(directory: Path, options: EvalOptions) -> list[str]:
     """Warnings for training data (recorded in stack.yaml) that overlaps an evaluated test split."""
-    from fslm.config import load_config
     from fslm.contamination import TEST_SPLITS, BenchmarkIndex
     from fslm.data import read_dataset
 
-    config = load_config(directory)
-    files = {s.training.data_file for s in config.stages if s.training and s.training.data_file}
-    single = config.metadata.get("single_training") or {}
-    if single.get("data_file"):
-        files.add(single["data_file"])
+    stack_dir = StackDir(directory)
+    files = stack_dir.training_files(stack_dir.load())
     wanted = {name for t in options.tasks for name in CONTAMINATION_SPLITS.get(t, [])}
     splits = [s for s in TEST_SPLITS if s.name in wanted]
     if not files or not splits:
@@ -160,16 +168,6 @@ def contamination_warnings(directory: Path, options: EvalOptions) -> list[str]:
         if report.total:
             warnings.append(f"training data {path}: {report.summary()}")
     return warnings
-
-
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in VERSIONED:
-        try:
-            out[name] = metadata.version(name.replace("_", "-") if name == "lm_eval" else name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 def _peak_rss_mb() -> float:
@@ -198,15 +196,17 @@ def row_name(system: str, ablated: str | None) -> str:
     return f"stack-ablate-{ablated}" if ablated else system
 
 
-def evaluate(directory: Path, out: Path, options: EvalOptions, progress: Progress | None = None) -> dict[str, Any]:
+def evaluate(
+    stack: str | Path, out: str | Path, options: EvalOptions, on_event: EventHandler | None = None
+) -> EvalResult:
     """Run every system on every task; write results.json, report.md and accuracy_vs_cost.png under `out`."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from fslm.lm_eval_model import FslmLM
     from fslm.stack import Stack
+    from fslm.steps.lm_eval_model import FslmLM
 
-    directory = Path(directory)
+    directory, out = Path(stack), Path(out)
     rows = check_options(directory, options)
     data_hashes = {t: _hash_task_files(options.data_dir, t) for t in options.tasks}
     warnings = contamination_warnings(directory, options)
@@ -224,7 +224,7 @@ def evaluate(directory: Path, out: Path, options: EvalOptions, progress: Progres
     saved = out / "systems"
     saved.mkdir(parents=True, exist_ok=True)
 
-    stack = None
+    loaded = None
     manager = TaskManager(
         include_path=str(TASKS_DIR),
         include_defaults=False,
@@ -240,15 +240,14 @@ def evaluate(directory: Path, out: Path, options: EvalOptions, progress: Progres
                 log.info("%s: already evaluated (%s), reusing", name, done)
                 systems[name] = previous["result"]
                 continue
-        if stack is None:
-            stack = Stack.load(directory, backend=options.backend)
+        if loaded is None:
+            loaded = Stack.load(directory, backend=options.backend)
 
         def report(what: str, n: int, total: int, name: str = name) -> None:
-            if progress is not None:
-                progress(name, what, n, total)
+            emit(on_event, Progress("eval", f"{name}: {what}", n, total))
 
         lm = FslmLM(
-            stack,
+            loaded,
             system=system,
             ablate=ablated,
             batch_size=options.batch_size,
@@ -297,14 +296,14 @@ def evaluate(directory: Path, out: Path, options: EvalOptions, progress: Progres
         "prompt_format": "see docs/eval.md (lm-eval prompts; stack/single wrap the context in the final stage prompt)",
         "pinned": {"batch_size": options.batch_size, "padding_side": "right (scoring)", "logprob_dtype": "float32"},
         "contamination_warnings": warnings,
-        "versions": _versions(),
+        "versions": versions(VERSIONED),
         "peak_rss_note": "peak RSS of the whole process so far (ru_maxrss), so it can only grow from row to row",
     }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(out / "report.md", report_markdown(results))
     atomic_write_bytes(out / "accuracy_vs_cost.png", plot_png(results))
-    return results
+    return EvalResult(out, results)
 
 
 def report_markdown(results: dict[str, Any]) -> str:

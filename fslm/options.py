@@ -1,0 +1,38 @@
+"""The base of every step's options object: typed fields that own their defaults and help text.
+
+The CLI builds its flags from these fields (default and help come from here, written once), and `build` turns a
+validation error into one line naming the flag, like any other bad input.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from fslm.errors import FslmError
+
+OptionsT = TypeVar("OptionsT", bound="Options")
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    @classmethod
+    def build(cls: type[OptionsT], **values: Any) -> OptionsT:
+        """Validate `values` into options; a bad value is reported as `--flag-name: why` (exit code 2)."""
+        try:
+            return cls(**values)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or cls.__name__
+            flag = "--" + where.split(".")[0].replace("_", "-")
+            msg = err["msg"].removeprefix("Value error, ")
+            raise FslmError(f"{flag}: {msg}") from None
+
+
+def comma_list(value: Any) -> Any:
+    """A CLI comma list ("a, b,c") as a list; other values pass through for the field's own validation."""
+    if isinstance(value, str):
+        return [x.strip() for x in value.split(",") if x.strip()]
+    return value

@@ -1,0 +1,140 @@
+"""The stack directory on disk: one owner for its layout, so no step spells a path of it on its own.
+
+    DIR/
+    ├── stack.yaml          the manifest (fslm.config)
+    ├── README.md           the model card (fslm.card)
+    ├── adapters/<name>/    one PEFT LoRA folder per trained stage, and per baseline (single, multitask)
+    ├── gguf/               `fslm export`: base.gguf, <name>.lora.gguf, manifest.json
+    ├── .fslm-train/        `fslm train`: checkpoints and the resumable run's state
+    └── .fslm-cache/        content-addressed caches (the student's own earlier-stage outputs)
+
+A stage is *trained* when `adapters/<stage>/adapter_config.json` exists; a stage without one runs on the bare base.
+Baselines (`single`: one adapter answering directly; `multitask`: one adapter trained on every stage's targets and
+the direct answer) are adapters of the same directory, kept beside the stages and recorded in `baselines:`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fslm.config import MANIFEST, StackConfig, StageTraining, load_config, save_config
+from fslm.errors import FslmError
+
+ADAPTERS = "adapters"
+GGUF = "gguf"
+GGUF_MANIFEST = "manifest.json"
+TRAIN_STATE = ".fslm-train"
+CACHE = ".fslm-cache"
+CARD = "README.md"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+SINGLE = "single"  # one adapter: instruction -> answer, no intermediate stages
+MULTITASK = "multitask"  # one adapter trained on every stage's targets and the direct answer, answers directly
+BASELINES = (SINGLE, MULTITASK)
+
+
+class StackDir:
+    """Paths and facts of one stack directory; cheap to create, reads nothing until asked."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"StackDir({str(self.root)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.root)
+
+    # --- the manifest -------------------------------------------------------------------------------
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / MANIFEST
+
+    @property
+    def card(self) -> Path:
+        return self.root / CARD
+
+    def exists(self) -> bool:
+        return self.manifest.is_file()
+
+    def load(self) -> StackConfig:
+        return load_config(self.root)
+
+    def save(self, config: StackConfig) -> Path:
+        return save_config(config, self.root)
+
+    # --- adapters -----------------------------------------------------------------------------------
+
+    @property
+    def adapters(self) -> Path:
+        return self.root / ADAPTERS
+
+    def adapter(self, name: str) -> Path:
+        """`adapters/<name>/`, for a stage or a baseline (whether or not it exists)."""
+        return self.adapters / name
+
+    def weights(self, name: str) -> Path:
+        return self.adapter(name) / ADAPTER_WEIGHTS
+
+    def is_trained(self, name: str) -> bool:
+        """A stage or baseline has a PEFT adapter (its config is written last by an atomic directory swap)."""
+        return (self.adapter(name) / ADAPTER_CONFIG).is_file()
+
+    def trained_stages(self, config: StackConfig) -> list[str]:
+        return [s.name for s in config.stages if self.is_trained(s.name)]
+
+    def require_baseline(self, name: str) -> Path:
+        """The baseline's adapter folder, or a message saying how to train it."""
+        if name not in BASELINES:
+            raise FslmError(f"unknown baseline {name!r} (known: {', '.join(BASELINES)})")
+        if not self.is_trained(name):
+            raise FslmError(
+                f"{self.adapter(name)}: missing, so system {name!r} cannot run; train it with "
+                f"`fslm train {self.root} --data D --{name}`"
+            )
+        return self.adapter(name)
+
+    # --- training records -----------------------------------------------------------------------------
+
+    def training(self, config: StackConfig, name: str) -> StageTraining | None:
+        """What `fslm train` recorded for a stage or a baseline."""
+        if name in BASELINES:
+            return config.baselines.get(name)
+        return config.stage(name).training
+
+    def record_training(self, name: str, training: StageTraining) -> None:
+        """Write a training record into stack.yaml (re-read first, so edits made meanwhile survive)."""
+        config = self.load()
+        if name in BASELINES:
+            config.baselines[name] = training
+        else:
+            config.stage(name).training = training
+        self.save(config)
+
+    def training_files(self, config: StackConfig) -> set[str]:
+        """Every data file a stage or baseline of this stack was trained on (for contamination checks)."""
+        records = [s.training for s in config.stages] + list(config.baselines.values())
+        return {t.data_file for t in records if t is not None and t.data_file}
+
+    # --- other artefacts ------------------------------------------------------------------------------
+
+    @property
+    def gguf(self) -> Path:
+        return self.root / GGUF
+
+    @property
+    def gguf_manifest(self) -> Path:
+        return self.gguf / GGUF_MANIFEST
+
+    def gguf_adapter(self, name: str) -> Path:
+        return self.gguf / f"{name}.lora.gguf"
+
+    @property
+    def train_state(self) -> Path:
+        return self.root / TRAIN_STATE
+
+    @property
+    def student_cache(self) -> Path:
+        return self.root / CACHE / "student.jsonl"
