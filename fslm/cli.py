@@ -216,6 +216,9 @@ def run(
     system: Annotated[
         str, typer.Option(help="stack (every stage), or one direct answer: base, single or multitask.")
     ] = "stack",
+    precision: Annotated[
+        str, typer.Option(help="PyTorch compute: fp32, bf16, or auto (bf16 where the hardware runs it natively).")
+    ] = "fp32",
 ) -> None:
     """Answer an instruction through every stage and show the trace."""
     from fslm.config import load_config
@@ -227,6 +230,8 @@ def run(
     names = config.stage_names if system == "stack" else [system]
     with err.status(f"loading {config.base.model}") as status:
         stack = Stack.load(directory, backend=backend)
+        if precision != "fp32":
+            stack.backend.set_precision(precision, "run")
 
         def on_stage(_: int, r: Any) -> None:
             if not as_json:
@@ -266,6 +271,7 @@ def train(
     max_length: int | None = flag(TrainOptions, "max_length", min=8),
     resume: bool = flag(TrainOptions, "resume", "--resume"),
     strict: bool = flag(TrainOptions, "strict", "--strict"),
+    precision: str = flag(TrainOptions, "precision"),
     keep_checkpoints: bool = flag(TrainOptions, "keep_checkpoints"),
     processes: Annotated[
         int, typer.Option(min=1, help="Data-parallel processes on this machine (via accelerate launch).")
@@ -296,6 +302,7 @@ def train(
         strict=strict,
         resume=resume,
         keep_checkpoints=keep_checkpoints,
+        precision=precision,
     )
     main_process = os.environ.get("RANK", "0") == "0"
     with EventView() if main_process else _nothing() as view:

@@ -118,6 +118,13 @@ class Backend(ABC):
         self.require(SCORE, "scoring continuations")
         raise NotImplementedError
 
+    def set_precision(self, precision: str, purpose: str = "") -> str:
+        """Choose the compute precision (auto/bf16/fp32) where the backend has a choice; this one has none: its
+        weights' format (a GGUF's, a server's) decides."""
+        if precision == "bf16":
+            raise FslmError(f"--precision bf16 applies to the torch backend; this stack runs on {self.name}")
+        return "native"
+
     def close(self) -> None:  # noqa: B027 - optional hook: most backends hold nothing native
         """Free native resources now (idempotent); the default holds none."""
 

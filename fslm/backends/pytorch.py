@@ -15,6 +15,7 @@ from fslm import models
 from fslm.backends import GENERATE, SCORE, TRAIN, Backend, Completion, TextCallback, cut_at_stop, fit_to_context
 from fslm.config import BaseModelSettings, GenerationSettings
 from fslm.errors import FslmError
+from fslm.precision import autocast
 
 # peft (0.21) calls a transformers method deprecated in v5; the warning is noise for our users, not theirs to fix.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -30,6 +31,14 @@ class TorchBackend(Backend):
         self.prompt_format = prompt_format
         self.adapters: dict[str, Path] = {}
         self.eos_ids = _eos_ids(model, tokenizer)
+        self.precision = "fp32"  # compute precision of generate/score: fp32 or bf16 (autocast); fslm.precision
+
+    def set_precision(self, precision: str, purpose: str = "") -> str:
+        """Run generate and score in `precision` (auto/bf16/fp32, resolved by fslm.precision); returns the choice."""
+        from fslm.precision import resolve
+
+        self.precision = resolve(precision, purpose)
+        return self.precision
 
     @classmethod
     def from_settings(cls, settings: BaseModelSettings, stack_dir: str | Path | None = None) -> TorchBackend:
@@ -87,7 +96,7 @@ class TorchBackend(Backend):
         if settings.stop:
             kwargs.update(stop_strings=settings.stop, tokenizer=tok)
         streamer = _RowStreamer(tok, len(prompts), set(self.eos_ids), on_text) if on_text is not None else None
-        with torch.inference_mode(), self.use_adapter(adapter):
+        with torch.inference_mode(), self.use_adapter(adapter), autocast(self.precision, self.base_model.device):
             out = self.model.generate(**enc, **kwargs, streamer=streamer)
         new = out[:, enc["input_ids"].shape[1] :].tolist()
         results = []
@@ -138,7 +147,7 @@ class TorchBackend(Backend):
             if keep_arg:
                 extra["logits_to_keep"] = torch.arange(first, last, device=device)
                 offset = first
-            with torch.inference_mode(), self.use_adapter(adapter):
+            with torch.inference_mode(), self.use_adapter(adapter), autocast(self.precision, device):
                 logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), **extra).logits
             for j, i in enumerate(batch):
                 start, cont = spans[j]

@@ -26,6 +26,7 @@ from fslm.errors import FslmError
 from fslm.events import EventHandler, Progress, emit
 from fslm.files import atomic_replace_dir, atomic_write_text, sha256_file
 from fslm.options import Options, comma_list
+from fslm.precision import resolve as resolve_precision
 from fslm.provenance import versions
 from fslm.stackdir import BASELINES, MULTITASK, SINGLE, StackDir
 
@@ -66,6 +67,11 @@ class TrainOptions(Options):
     val_fraction: float = Field(0.1, ge=0.0, le=0.5, description="Records held out for validation.")
     save_steps: int = Field(50, ge=1, description="Checkpoint every N optimizer steps.")
     max_length: int | None = Field(None, ge=8, description="Skip examples longer than this (default: the context).")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description="auto: bfloat16 autocast where the hardware computes it natively (AMX, AVX-512-BF16, CUDA), "
+        "else float32; LoRA weights, optimizer state and saved adapters stay float32.",
+    )
     strict: bool = Field(False, description="Stop on the first bad record instead of skipping.")
     resume: bool = Field(False, description="Continue an interrupted run from its checkpoints.")
     keep_checkpoints: bool = Field(False, description="Keep DIR/.fslm-train/ after a finished run.")
@@ -190,7 +196,13 @@ class RunState:
 
 
 def _make_trainer(
-    model: Any, examples: Examples, options: TrainOptions, output_dir: Path, callbacks: list[Any], pad_id: int
+    model: Any,
+    examples: Examples,
+    options: TrainOptions,
+    output_dir: Path,
+    callbacks: list[Any],
+    pad_id: int,
+    precision: str = "fp32",
 ) -> Any:
     import torch
     from transformers import Trainer, TrainingArguments
@@ -231,6 +243,7 @@ def _make_trainer(
         include_num_input_tokens_seen="non_padding",
         label_names=["labels"],
         use_cpu=not torch.cuda.is_available(),
+        bf16=precision == "bf16",  # autocast: bf16 matmuls, float32 master weights and optimizer state
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
     )
@@ -315,6 +328,7 @@ def train(
 
     # Each adapter trains fresh on the bare base, never on top of an old adapter.
     base = backend.release_adapters()
+    precision = resolve_precision(options.precision, "training")
     pad_id = backend.tokenizer.pad_token_id
     pad_id = pad_id if pad_id is not None else backend.tokenizer.eos_token_id
     lora = config.lora
@@ -349,7 +363,7 @@ def train(
                 resume_from = run.last_checkpoint(name)
             label = f"{name} ({index}/{len(names)})"
             callbacks = [_progress_events(label, on_event)] if on_event is not None and is_main else []
-            trainer = _make_trainer(model, ex, options, run.checkpoint_dir(name), callbacks, pad_id)
+            trainer = _make_trainer(model, ex, options, run.checkpoint_dir(name), callbacks, pad_id, precision)
             if is_main:
                 where = f" from {resume_from.name}" if resume_from else ""
                 log.info(
@@ -361,6 +375,7 @@ def train(
                     where,
                 )
             training, history = _fit(trainer, ex, resume_from, data, data_sha, options, state.num_processes, lora)
+            training.precision = precision  # type: ignore[attr-defined]
             if name == final:
                 training.answer_inputs = inputs_from  # type: ignore[attr-defined]  # (extra fields are allowed)
                 training.student = student  # type: ignore[attr-defined]
