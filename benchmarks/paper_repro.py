@@ -25,13 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from fslm.provenance import versions
+from fslm.provenance import Ledger
 
 TASKS = "arc_easy,arc_challenge,mmlu"
 
@@ -58,38 +55,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-seed", type=int, default=1234)
     p.add_argument("--stage-tokens", type=int, default=48, help="new tokens of stages 1..N-1 during eval")
     return p.parse_args(argv)
-
-
-class Ledger:
-    """OUT/paper_repro.json: settings, and seconds per step summed over every invocation (a killed run resumes)."""
-
-    def __init__(self, path: Path, settings: dict[str, Any]) -> None:
-        self.path = path
-        self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-        if self.data.get("settings") not in (None, settings):
-            sys.exit(f"{path}: written with other settings; use another --out or delete it")
-        self.data.update(settings=settings, versions=versions())
-        self.data.setdefault("steps", {})
-
-    def step(self, name: str, fn: Callable[[], Any]) -> Any:
-        entry = self.data["steps"].setdefault(name, {"seconds": 0.0, "invocations": 0, "finished": False})
-        start = time.perf_counter()
-        try:
-            return fn()
-        finally:
-            entry["seconds"] = round(entry["seconds"] + time.perf_counter() - start, 1)
-            entry["invocations"] += 1
-            self.save()
-
-    def finish(self, name: str) -> None:
-        self.data["steps"][name]["finished"] = True
-        self.save()
-
-    def save(self) -> None:
-        from fslm.files import atomic_write_text
-
-        self.data["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n")
 
 
 def distilled_diagnostics(path: Path) -> dict[str, dict[str, float]]:
