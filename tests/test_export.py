@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from fslm.cli import app
 from fslm.errors import FslmError
-from fslm.export import export_gguf, qkv_regroup, rope_permute
+from fslm.export import export_gguf, qkv_regroup, rope_permute, write_base_gguf
 from fslm.init import init_stack
 from fslm.stack import Stack
 
@@ -123,6 +123,21 @@ def test_qkv_regroup_orders_all_q_then_k_then_v():
     assert list(qkv_regroup(rows, 2)) == ["q0", "q1", "k0", "k1", "v0", "v1"]
     w = np.arange(12 * 3).reshape(12, 3)  # 2 heads of dim 2, 3 inputs: whole rows move
     np.testing.assert_array_equal(qkv_regroup(w, 2)[2:4], w[6:8])  # q of head 1 right after q of head 0
+
+
+def test_pythia_config_of_transformers_4(tmp_path, tiny_neox):
+    """Pythia's own config.json (transformers 4 keys: rotary_pct, rotary_emb_base, no rope_parameters)."""
+    pythia = tmp_path / "pythia-style"
+    shutil.copytree(tiny_neox, pythia)
+    cfg = json.loads((pythia / "config.json").read_text())
+    del cfg["rope_parameters"]
+    cfg.update(rotary_pct=0.5, rotary_emb_base=5000, use_parallel_residual=False)
+    (pythia / "config.json").write_text(json.dumps(cfg))
+    write_base_gguf(pythia, tmp_path / "base.gguf", "f16")
+    base = GGUFReader(tmp_path / "base.gguf")
+    assert _field(base, "gptneox.rope.dimension_count") == 8  # 0.5 x head dim 16
+    assert _field(base, "gptneox.rope.freq_base") == 5000
+    assert _field(base, "gptneox.use_parallel_residual") is False
 
 
 def _neox_qkv_rows(w: np.ndarray, n_head: int) -> np.ndarray:
