@@ -117,6 +117,24 @@ def test_refuses_unsupported_architecture_and_bad_quant(tmp_path, tiny_llama):
     assert "q3" in result.output
 
 
+@pytest.mark.parametrize(
+    ("arch", "change", "message"),
+    [
+        ("qwen2", {"use_sliding_window": True}, "sliding-window"),
+        ("gpt_neox", {"hidden_act": "relu"}, "GELU only"),
+        ("qwen2", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}}, "rope type"),
+    ],
+)
+def test_refuses_what_llamacpp_would_run_differently(arch, change, message, tmp_path, request):
+    model_dir = tmp_path / "model"
+    shutil.copytree(request.getfixturevalue({"gpt_neox": "tiny_neox", "qwen2": "tiny_qwen2"}[arch]), model_dir)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(FslmError, match=message):
+        write_base_gguf(model_dir, tmp_path / "base.gguf", "f16")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*tmp"))  # nothing half-written
+
+
 def test_qkv_regroup_orders_all_q_then_k_then_v():
     # 2 heads of dim 1: GPT-NeoX's fused rows are q0 k0 v0 q1 k1 v1; llama.cpp wants q0 q1 k0 k1 v0 v1
     rows = np.array(["q0", "k0", "v0", "q1", "k1", "v1"])
