@@ -250,29 +250,27 @@ def write_base_gguf(model_dir: Path, out: Path, quant: str, tokenizer_from: Path
         )
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _tokenizer_fields(w, model_dir, cfg, tokenizer_from)
+        name_of = tensor_namer(arch, int(cfg["num_hidden_layers"]))
+        written: set[str] = set()
+        embeddings: np.ndarray | None = None
+        for hf, data in _hf_tensors(model_dir):
+            name = name_of(hf)
+            if name is None:
+                raise FslmError(f"{model_dir}: tensor {hf!r} has no llama.cpp name; cannot export this model")
+            data = llamacpp_rows(arch, name, data, n_head, n_kv)
+            if name == "token_embd.weight":
+                embeddings = data
+            data, raw = _encode(data, quant, name)
+            w.add_tensor(name, data, raw_dtype=raw)
+            written.add(name)
+        if arch == "gpt_neox" and "output.weight" not in written and embeddings is not None:
+            # tied embeddings: llama.cpp's GPT-NeoX requires output.weight (Llama and Qwen2 fall back to token_embd)
+            data, raw = _encode(embeddings, quant, "output.weight")
+            w.add_tensor("output.weight", data, raw_dtype=raw)
     except BaseException:
         w.close()
         tmp.unlink(missing_ok=True)
         raise
-    name_of = tensor_namer(arch, int(cfg["num_hidden_layers"]))
-    written: set[str] = set()
-    embeddings: np.ndarray | None = None
-    for hf, data in _hf_tensors(model_dir):
-        name = name_of(hf)
-        if name is None:
-            w.close()
-            tmp.unlink(missing_ok=True)
-            raise FslmError(f"{model_dir}: tensor {hf!r} has no llama.cpp name; cannot export this model")
-        data = llamacpp_rows(arch, name, data, n_head, n_kv)
-        if name == "token_embd.weight":
-            embeddings = data
-        data, raw = _encode(data, quant, name)
-        w.add_tensor(name, data, raw_dtype=raw)
-        written.add(name)
-    if arch == "gpt_neox" and "output.weight" not in written and embeddings is not None:
-        # tied embeddings: llama.cpp's GPT-NeoX requires output.weight (Llama and Qwen2 fall back to token_embd)
-        data, raw = _encode(embeddings, quant, "output.weight")
-        w.add_tensor("output.weight", data, raw_dtype=raw)
     _finish(w, tmp, out)
 
 
