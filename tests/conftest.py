@@ -1,4 +1,4 @@
-"""Tiny randomly initialised models (Llama and GPT-NeoX), built here in seconds: no hub, no downloads."""
+"""Tiny randomly initialised models (Llama, GPT-NeoX, Qwen2), built here in seconds: no hub, no downloads."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ CHAT_TEMPLATE = (
 LORA_TARGETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
 
 
@@ -59,9 +60,11 @@ def build_tokenizer(chat: bool):
     return fast
 
 
-def build_model(arch: str, tokenizer, seed: int = 0, context: int = 512):
+def build_model(arch: str, tokenizer, seed: int = 0, context: int = 512, random_norms: bool = False):
+    """A 2-layer random model. `random_norms`: random biases and norm weights too (HF initialises them to 0 and 1,
+    which would hide a bias or norm that an export drops or misplaces); Qwen2 always gets them."""
     import torch
-    from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Qwen2Config
 
     ids = {
         "bos_token_id": tokenizer.bos_token_id,
@@ -82,17 +85,28 @@ def build_model(arch: str, tokenizer, seed: int = 0, context: int = 512):
         config = LlamaConfig(num_key_value_heads=2, tie_word_embeddings=False, **common)
     elif arch == "gpt_neox":
         config = GPTNeoXConfig(rotary_pct=0.25, **common)
+    elif arch == "qwen2":  # q/k/v biases, GQA, tied embeddings (as Qwen2.5-0.5B)
+        config = Qwen2Config(num_key_value_heads=2, tie_word_embeddings=True, **common)
+        random_norms = True
     else:
         raise ValueError(arch)
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    if random_norms:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(".bias"):
+                    p.normal_(0, 0.3)
+                elif "norm" in name:
+                    p.normal_(1, 0.2)
+    return model
 
 
-def make_model_dir(root: Path, arch: str, chat: bool, context: int = 512) -> Path:
-    path = root / f"tiny-{arch}-{'chat' if chat else 'plain'}-{context}"
+def make_model_dir(root: Path, arch: str, chat: bool, context: int = 512, random_norms: bool = False) -> Path:
+    path = root / f"tiny-{arch}-{'chat' if chat else 'plain'}-{context}{'-norms' if random_norms else ''}"
     if not (path / "config.json").exists():
         tok = build_tokenizer(chat)
-        model = build_model(arch, tok, context=context)
+        model = build_model(arch, tok, context=context, random_norms=random_norms)
         model.save_pretrained(path, safe_serialization=True)
         tok.save_pretrained(path)
     return path
@@ -146,6 +160,20 @@ def tiny_model(request, models_root) -> tuple[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_llama(models_root) -> Path:
     return make_model_dir(models_root, "llama", chat=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_neox(models_root) -> Path:
+    """The paper's student architecture (Pythia: GPT-NeoX, fused qkv, parallel residual, partial rotary), with
+    random biases and norms; plain prompts (Pythia has no chat template). Context 2048, as the pipeline's eval
+    needs (stage prompts are long in a 400-token vocabulary)."""
+    return make_model_dir(models_root, "gpt_neox", chat=False, context=2048, random_norms=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(models_root) -> Path:
+    """A Qwen2 (q/k/v biases, grouped-query attention, tied embeddings) with a chat template; context 2048."""
+    return make_model_dir(models_root, "qwen2", chat=True, context=2048)
 
 
 @pytest.fixture

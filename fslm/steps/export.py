@@ -5,10 +5,13 @@ Layout of `DIR/gguf/` (see docs/export.md):
 - `<stage>.lora.gguf` per stage that has a PEFT adapter,
 - `manifest.json`: what was written, from which source files (sha256), with which library versions.
 
-Written from the GGUF format itself with the `gguf` package: llama.cpp's tensor names, the rotary row order that
-llama.cpp expects for Llama q/k projections, and the adapter metadata llama.cpp reads (`general.type=adapter`,
-`adapter.type=lora`, `adapter.lora.alpha`). Only the Llama architecture (Llama, SmolLM2, Mistral-like without
-sliding window) is supported for now.
+Written from the GGUF format itself with the `gguf` package (its `TensorNameMap` gives llama.cpp's tensor names),
+not with llama.cpp's converter scripts (docs/export.md says why). What differs per architecture is the row order
+llama.cpp expects, applied alike to a base weight, its bias and the LoRA B matrix (B's rows are output rows):
+- Llama: q/k rows from HF's rotate-half layout to llama.cpp's adjacent pairs (`rope_permute`);
+- GPT-NeoX (Pythia): the fused `query_key_value` from per-head [q|k|v] to [all q|all k|all v] (`qkv_regroup`);
+  partial rotary, parallel residual and LayerNorm biases are hyperparameters and plain tensors;
+- Qwen2: nothing (llama.cpp uses the same rotate-half rope); its q/k/v biases are plain tensors.
 """
 
 from __future__ import annotations
@@ -35,21 +38,12 @@ from fslm.stackdir import StackDir
 
 BASE_FILE = "base.gguf"
 QUANTS = ("f32", "f16", "q8_0", "q4_1")
-SUPPORTED = ("llama",)
-
-# HF module name (inside `model.layers.N.`) -> llama.cpp tensor name (inside `blk.N.`), Llama architecture.
-LLAMA_LAYER_NAMES = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
-LLAMA_GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+# HF model_type -> llama.cpp architecture name (general.architecture)
+GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "gpt_neox": "gptneox"}
+SUPPORTED = tuple(GGUF_ARCH)
+SUPPORTED_TEXT = "llama (Llama, SmolLM2, TinyLlama), qwen2 (Qwen2, Qwen2.5), gpt_neox (Pythia, GPT-NeoX)"
+# Buffers some checkpoints carry that are not weights (rotary frequencies, GPT-NeoX's causal mask).
+NOT_WEIGHTS = ("rotary_emb.inv_freq", ".attention.bias", ".attention.masked_bias")
 
 
 class ExportOptions(Options):
@@ -88,6 +82,10 @@ def adapter_file(stage: str) -> str:
     return f"{stage}.lora.gguf"
 
 
+def unsupported(arch: str, where: str) -> FslmError:
+    return FslmError(f"{where}: GGUF export supports {SUPPORTED_TEXT}; not {arch!r}")
+
+
 def rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Reorder the rows of a q/k projection from HF's rotate-half layout to llama.cpp's adjacent-pair layout.
 
@@ -97,6 +95,40 @@ def rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     rows = w.shape[0]
     head_dim = rows // n_head
     return w.reshape(n_head, 2, head_dim // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def qkv_regroup(w: np.ndarray, n_head: int) -> np.ndarray:
+    """GPT-NeoX's fused query_key_value rows, per head [q|k|v], to llama.cpp's [all q | all k | all v].
+
+    For the weight, its bias, and the LoRA B matrix alike (rows are output rows); LoRA A is untouched.
+    """
+    head_dim = w.shape[0] // (3 * n_head)
+    return w.reshape(n_head, 3, head_dim, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
+
+
+def llamacpp_rows(arch: str, name: str, w: np.ndarray, n_head: int, n_kv: int) -> np.ndarray:
+    """The row order llama.cpp expects for tensor `name` (a llama.cpp name; weight, bias or LoRA B)."""
+    stem = name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name
+    if arch == "llama" and stem.endswith(".attn_q"):
+        return rope_permute(w, n_head)
+    if arch == "llama" and stem.endswith(".attn_k"):
+        return rope_permute(w, n_kv)
+    if arch == "gpt_neox" and stem.endswith(".attn_qkv"):
+        return qkv_regroup(w, n_head)
+    return w
+
+
+def tensor_namer(arch: str, n_blocks: int) -> Callable[[str], str | None]:
+    """HF tensor name (`...weight`/`...bias`) -> llama.cpp's name, from the gguf package's own name map."""
+    import gguf
+
+    arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[GGUF_ARCH[arch]]
+    names = gguf.get_tensor_name_map(arch_enum, n_blocks)
+
+    def name(hf: str) -> str | None:
+        return names.get_name(hf, try_suffixes=(".weight", ".bias"))
+
+    return name
 
 
 # --- the base model ---------------------------------------------------------------------------------------------
@@ -116,19 +148,9 @@ def _hf_tensors(model_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
     for f in files:
         with safe_open(str(f), framework="pt") as st:
             for key in st.keys():
+                if key.endswith(NOT_WEIGHTS):
+                    continue
                 yield key, st.get_tensor(key).float().numpy()
-
-
-def _llama_name(hf: str) -> str | None:
-    stem = hf.removesuffix(".weight")
-    if stem in LLAMA_GLOBAL_NAMES:
-        return LLAMA_GLOBAL_NAMES[stem] + ".weight"
-    parts = stem.split(".")
-    if len(parts) >= 4 and parts[0] == "model" and parts[1] == "layers":
-        sub = ".".join(parts[3:])
-        if sub in LLAMA_LAYER_NAMES and hf.endswith(".weight"):
-            return f"blk.{parts[2]}.{LLAMA_LAYER_NAMES[sub]}.weight"
-    return None
 
 
 def _encode(data: np.ndarray, quant: str, name: str) -> tuple[np.ndarray, Any]:
@@ -203,57 +225,88 @@ def _tokenizer_fields(writer: Any, model_dir: Path, cfg: dict[str, Any], copy_fr
             add(value)
 
 
-def write_base_gguf(model_dir: Path, out: Path, quant: str, tokenizer_from: Path | None = None) -> None:
-    """Write an HF Llama-architecture safetensors model as one GGUF file (atomically)."""
-    import gguf
-
-    cfg = _hf_config(model_dir)
-    arch = cfg.get("model_type", "unknown")
-    if arch not in SUPPORTED:
-        raise FslmError(f"{model_dir}: GGUF export supports {', '.join(SUPPORTED)} models, not {arch!r}")
+def _hyperparameters(w: Any, cfg: dict[str, Any], arch: str, model_dir: Path) -> tuple[int, int]:
+    """Write the architecture's llama.cpp keys; returns (heads, KV heads). Refuses what llama.cpp would run
+    differently from transformers (scaled rope, sliding-window attention, a non-GELU GPT-NeoX)."""
     n_head = int(cfg["num_attention_heads"])
-    n_kv = int(cfg.get("num_key_value_heads") or n_head)
+    n_kv = n_head if arch == "gpt_neox" else int(cfg.get("num_key_value_heads") or n_head)
     hidden = int(cfg["hidden_size"])
     head_dim = int(cfg.get("head_dim") or hidden // n_head)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    w = gguf.GGUFWriter(str(tmp), "llama")
-    w.add_name(model_dir.name)
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}  # transformers 5 | 4
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        raise FslmError(f"{model_dir}: rope type {rope} is not supported by the GGUF export (only default rope)")
+    theta = rope.get("rope_theta") or cfg.get("rope_theta") or cfg.get("rotary_emb_base") or 10000.0
     w.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
     w.add_embedding_length(hidden)
     w.add_block_count(int(cfg["num_hidden_layers"]))
     w.add_feed_forward_length(int(cfg["intermediate_size"]))
     w.add_head_count(n_head)
+    w.add_rope_freq_base(float(theta))
+    if arch == "gpt_neox":
+        act = cfg.get("hidden_act", "gelu")
+        if not str(act).startswith("gelu"):
+            raise FslmError(f"{model_dir}: hidden_act {act!r}: llama.cpp's GPT-NeoX runs GELU only")
+        partial = rope.get("partial_rotary_factor") or cfg.get("partial_rotary_factor") or cfg.get("rotary_pct")
+        w.add_rope_dimension_count(int(float(partial or 1.0) * head_dim))
+        w.add_parallel_residual(bool(cfg.get("use_parallel_residual", True)))
+        w.add_layer_norm_eps(float(cfg.get("layer_norm_eps", 1e-5)))
+        return n_head, n_kv
+    if arch == "qwen2" and cfg.get("use_sliding_window"):
+        raise FslmError(f"{model_dir}: use_sliding_window is on; llama.cpp's qwen2 has no sliding-window attention")
     w.add_head_count_kv(n_kv)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_rope_dimension_count(head_dim)
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}  # transformers 5 | 4
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise FslmError(f"{model_dir}: rope type {rope} is not supported by the GGUF export (only default rope)")
-    w.add_rope_freq_base(float(rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0))
     w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
-    w.add_vocab_size(int(cfg["vocab_size"]))
-    w.add_file_type(
-        {
-            "f32": gguf.LlamaFileType.ALL_F32,
-            "f16": gguf.LlamaFileType.MOSTLY_F16,
-            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-            "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
-        }[quant]
-    )
-    _tokenizer_fields(w, model_dir, cfg, tokenizer_from)
-    for hf, data in _hf_tensors(model_dir):
-        name = _llama_name(hf)
-        if name is None:
-            if "rotary_emb" in hf:
-                continue
-            raise FslmError(f"{model_dir}: tensor {hf!r} has no llama.cpp name; cannot export this model")
-        if name.endswith("attn_q.weight"):
-            data = rope_permute(data, n_head)
-        elif name.endswith("attn_k.weight"):
-            data = rope_permute(data, n_kv)
-        data, raw = _encode(data, quant, name)
-        w.add_tensor(name, data, raw_dtype=raw)
+    return n_head, n_kv
+
+
+def write_base_gguf(model_dir: Path, out: Path, quant: str, tokenizer_from: Path | None = None) -> None:
+    """Write an HF safetensors model (a supported architecture) as one GGUF file (atomically)."""
+    import gguf
+
+    cfg = _hf_config(model_dir)
+    arch = cfg.get("model_type", "unknown")
+    if arch not in SUPPORTED:
+        raise unsupported(arch, str(model_dir))
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    w = gguf.GGUFWriter(str(tmp), GGUF_ARCH[arch])
+    try:
+        w.add_type(gguf.GGUFType.MODEL)
+        w.add_name(model_dir.name)
+        n_head, n_kv = _hyperparameters(w, cfg, arch, model_dir)
+        w.add_vocab_size(int(cfg["vocab_size"]))
+        w.add_file_type(
+            {
+                "f32": gguf.LlamaFileType.ALL_F32,
+                "f16": gguf.LlamaFileType.MOSTLY_F16,
+                "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+            }[quant]
+        )
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        _tokenizer_fields(w, model_dir, cfg, tokenizer_from)
+        name_of = tensor_namer(arch, int(cfg["num_hidden_layers"]))
+        written: set[str] = set()
+        embeddings: np.ndarray | None = None
+        for hf, data in _hf_tensors(model_dir):
+            name = name_of(hf)
+            if name is None:
+                raise FslmError(f"{model_dir}: tensor {hf!r} has no llama.cpp name; cannot export this model")
+            data = llamacpp_rows(arch, name, data, n_head, n_kv)
+            if name == "token_embd.weight":
+                embeddings = data
+            data, raw = _encode(data, quant, name)
+            w.add_tensor(name, data, raw_dtype=raw)
+            written.add(name)
+        if arch == "gpt_neox" and "output.weight" not in written and embeddings is not None:
+            # tied embeddings: llama.cpp's GPT-NeoX requires output.weight (Llama and Qwen2 fall back to token_embd)
+            data, raw = _encode(embeddings, quant, "output.weight")
+            w.add_tensor("output.weight", data, raw_dtype=raw)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
     _finish(w, tmp, out)
 
 
@@ -285,11 +338,14 @@ def _peft_config(adapter_dir: Path) -> dict[str, Any]:
             raise FslmError(f"{path}: {key} is set; GGUF LoRA has one alpha per file, cannot export it")
     if cfg.get("use_dora"):
         raise FslmError(f"{path}: DoRA adapters cannot be exported to GGUF")
+    if cfg.get("bias", "none") != "none":
+        raise FslmError(f"{path}: bias={cfg['bias']!r}: a GGUF LoRA holds only A and B matrices, cannot export it")
     return cfg
 
 
 def write_adapter_gguf(adapter_dir: Path, base_cfg: dict[str, Any], out: Path, dtype: str = "f32") -> dict[str, Any]:
-    """Convert one PEFT LoRA adapter (Llama architecture) to a llama.cpp GGUF LoRA adapter; returns a summary.
+    """Convert one PEFT LoRA adapter to a llama.cpp GGUF LoRA adapter for the base `base_cfg` describes
+    (`architecture`, `num_attention_heads`, `num_key_value_heads`, `num_hidden_layers`); returns a summary.
 
     Tensor pairs are `blk.N.<name>.weight.lora_a` (numpy shape (r, in)) and `.lora_b` ((out, r)); llama.cpp scales
     B·A by alpha / r with r read from the tensors, so rsLoRA's alpha / sqrt(r) is written as alpha·sqrt(r).
@@ -302,8 +358,12 @@ def write_adapter_gguf(adapter_dir: Path, base_cfg: dict[str, Any], out: Path, d
     alpha = float(cfg.get("lora_alpha", r))
     if cfg.get("use_rslora"):
         alpha *= math.sqrt(r)
+    arch = base_cfg.get("architecture", "llama")
+    if arch not in SUPPORTED:
+        raise unsupported(arch, str(adapter_dir))
     n_head = int(base_cfg["num_attention_heads"])
     n_kv = int(base_cfg.get("num_key_value_heads") or n_head)
+    name_of = tensor_namer(arch, int(base_cfg.get("num_hidden_layers") or 1000))
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
         raise FslmError(f"{adapter_dir}: no adapter_model.safetensors")
@@ -313,13 +373,12 @@ def write_adapter_gguf(adapter_dir: Path, base_cfg: dict[str, Any], out: Path, d
             if ".lora_A." not in key and ".lora_B." not in key:
                 raise FslmError(f"{weights}: tensor {key!r} is not a LoRA A/B matrix (modules_to_save?); cannot export")
             module, ab = key.rsplit(".lora_", 1)
-            hf = module.removeprefix("base_model.model.") + ".weight"
-            name = _llama_name(hf)
+            name = name_of(module.removeprefix("base_model.model.") + ".weight")
             if name is None:
-                raise FslmError(f"{weights}: LoRA on {module!r} has no llama.cpp tensor name")
+                raise FslmError(f"{weights}: LoRA on {module!r} has no llama.cpp tensor name ({arch} base)")
             pairs.setdefault(name, {})[ab[0]] = st.get_tensor(key).float().numpy()
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    w = gguf.GGUFWriter(str(tmp), "llama")
+    w = gguf.GGUFWriter(str(tmp), GGUF_ARCH[arch])
     w.add_type(gguf.GGUFType.ADAPTER)
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
@@ -328,13 +387,11 @@ def write_adapter_gguf(adapter_dir: Path, base_cfg: dict[str, Any], out: Path, d
     for name in sorted(pairs):
         ab = pairs[name]
         if set(ab) != {"A", "B"}:
+            w.close()
+            tmp.unlink(missing_ok=True)
             raise FslmError(f"{weights}: {name} has only lora_{''.join(ab)}")
-        a, b = ab["A"], ab["B"]
-        if name.endswith("attn_q.weight"):
-            b = rope_permute(b, n_head)
-        elif name.endswith("attn_k.weight"):
-            b = rope_permute(b, n_kv)
-        w.add_tensor(f"{name}.lora_a", a.astype(np_dtype))
+        b = llamacpp_rows(arch, name, ab["B"], n_head, n_kv)
+        w.add_tensor(f"{name}.lora_a", ab["A"].astype(np_dtype))
         w.add_tensor(f"{name}.lora_b", b.astype(np_dtype))
     _finish(w, tmp, out)
     return {"r": r, "alpha": alpha, "tensors": 2 * len(pairs)}
@@ -358,14 +415,19 @@ def _base_source(ref: models.BaseRef, settings: Any) -> Path:
 
 
 def _gguf_heads(path: Path) -> dict[str, Any]:
-    """The attention head counts of a GGUF base (what the q/k row permutation of the adapters needs)."""
+    """Architecture, block and head counts of a GGUF base (what the adapters' names and row orders need)."""
     import gguf
 
     fields = gguf.GGUFReader(path).fields
     arch = fields["general.architecture"].contents()
     n_head = int(fields[f"{arch}.attention.head_count"].contents())
     kv = fields.get(f"{arch}.attention.head_count_kv")
-    return {"num_attention_heads": n_head, "num_key_value_heads": int(kv.contents()) if kv else n_head}
+    return {
+        "architecture": {v: k for k, v in GGUF_ARCH.items()}.get(arch, arch),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": int(kv.contents()) if kv else n_head,
+        "num_hidden_layers": int(fields[f"{arch}.block_count"].contents()),
+    }
 
 
 def _gguf_file_type(path: Path) -> str | None:
@@ -390,7 +452,7 @@ def export_gguf(
     ref = models.resolve(config.base.model, stack_dir.root)
     arch = models.architecture(ref)
     if arch not in SUPPORTED:
-        raise FslmError(f"{config.base.model}: GGUF export supports {', '.join(SUPPORTED)} models, not {arch!r}")
+        raise unsupported(arch, config.base.model)
     out = stack_dir.gguf
     out.mkdir(parents=True, exist_ok=True)
     step = on_step or (lambda _: None)

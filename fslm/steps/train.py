@@ -214,7 +214,9 @@ def _make_trainer(
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
             if not options.group_by_length:
                 return super()._get_train_sampler(train_dataset)
-            size = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            # Group by the global batch (all processes, all accumulation steps): the sampler's order then depends
+            # only on the global batch, so N processes x batch B draw the examples 1 process x batch N*B would.
+            size = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
             lengths = [len(e["input_ids"]) for e in self.train_dataset]
             return EpochLengthGroupedSampler(size, lengths, options.seed)
 
