@@ -270,6 +270,7 @@ def train(
     save_steps: int = flag(TrainOptions, "save_steps", min=1),
     max_length: int | None = flag(TrainOptions, "max_length", min=8),
     resume: bool = flag(TrainOptions, "resume", "--resume"),
+    fresh: bool = flag(TrainOptions, "fresh", "--fresh"),
     strict: bool = flag(TrainOptions, "strict", "--strict"),
     precision: str = flag(TrainOptions, "precision"),
     keep_checkpoints: bool = flag(TrainOptions, "keep_checkpoints"),
@@ -301,6 +302,7 @@ def train(
         max_length=max_length,
         strict=strict,
         resume=resume,
+        fresh=fresh,
         keep_checkpoints=keep_checkpoints,
         precision=precision,
     )

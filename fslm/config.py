@@ -281,6 +281,31 @@ def save_config(config: StackConfig, directory: str | Path) -> Path:
     return path
 
 
+def update_config(directory: str | Path, edit: Any) -> StackConfig:
+    """Change DIR/stack.yaml in place, keeping the user's comments and layout (round-trip YAML), validated before it
+    is written atomically. `edit` receives the document as nested mappings and lists and changes it."""
+    import io
+
+    from ruamel.yaml import YAML
+
+    from fslm.files import atomic_write_text
+
+    path = Path(directory) / MANIFEST
+    load_config(directory)  # the file as it is must be valid (names file, line and field otherwise)
+    rt = YAML()
+    rt.preserve_quotes = True
+    rt.width = 4096  # never re-wrap the user's lines
+    rt.indent(mapping=2, sequence=2, offset=0)
+    document = rt.load(path.read_text(encoding="utf-8"))
+    edit(document)
+    buffer = io.StringIO()
+    rt.dump(document, buffer)
+    text = buffer.getvalue()
+    config = parse_config(text, str(path))
+    atomic_write_text(path, text)
+    return config
+
+
 class _LiteralDumper(yaml.SafeDumper):
     """Multi-line strings (prompt templates) as `|` blocks so stack.yaml stays pleasant to edit."""
 

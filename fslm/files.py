@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,3 +129,41 @@ class JsonlLog:
     def close(self) -> None:
         if self._f is not None:
             self._f.close()
+
+
+@contextlib.contextmanager
+def exclusive(lock: str | Path, what: str) -> Iterator[None]:
+    """Hold an advisory lock on `lock` for the block: a second fslm run on the same files exits 2 naming the holder.
+
+    flock(2) is released by the kernel when the holder dies (SIGKILL, power loss), so a stale lock never blocks a
+    rerun; the file itself stays (removing it would race a waiting run) and says who holds it.
+    """
+    import fcntl
+
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        except ValueError:
+            holder = {}
+        os.close(fd)
+        who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} since {holder.get('started', '?')}"
+        command = f": {holder['command']}" if holder.get("command") else ""
+        raise FslmError(f"{what} is in use by another fslm run ({who}{command}); wait for it or stop it") from None
+    try:
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": " ".join(sys.argv)[:500],
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

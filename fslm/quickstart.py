@@ -117,7 +117,8 @@ def train_all(stack: StackDir, data: Path, options: TrainOptions, on_event: Even
         except FslmError:
             if not resume:
                 raise
-            train(stack.root, data, chosen.model_copy(update={"resume": False}), on_event)
+            log.info("the interrupted training in %s belongs to another run: starting over", stack.train_state)
+            train(stack.root, data, chosen.model_copy(update={"resume": False, "fresh": True}), on_event)
 
 
 def quickstart(

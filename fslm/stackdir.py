@@ -16,8 +16,9 @@ the direct answer) are adapters of the same directory, kept beside the stages an
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from fslm.config import MANIFEST, StackConfig, StageTraining, load_config, save_config
+from fslm.config import MANIFEST, StackConfig, StageTraining, load_config, save_config, update_config
 from fslm.errors import FslmError
 
 ADAPTERS = "adapters"
@@ -105,13 +106,25 @@ class StackDir:
         return config.stage(name).training
 
     def record_training(self, name: str, training: StageTraining) -> None:
-        """Write a training record into stack.yaml (re-read first, so edits made meanwhile survive)."""
+        """Write a training record into stack.yaml in place: the rest of the file, the user's comments included,
+        stays as it is (round-trip YAML, re-read first so edits made meanwhile survive)."""
+        record = training.model_dump(mode="json", exclude_none=True)
         config = self.load()
-        if name in BASELINES:
-            config.baselines[name] = training
-        else:
-            config.stage(name).training = training
-        self.save(config)
+        if name not in BASELINES:
+            index = config.stage_names.index(config.stage(name).name)
+
+        def edit(document: Any) -> None:
+            if name in BASELINES:
+                if "baselines" not in document:
+                    document["baselines"] = {}
+                document["baselines"][name] = record
+                metadata = document.get("metadata") or {}
+                if name == SINGLE and "single_training" in metadata:  # the pre-baselines place of this record
+                    del metadata["single_training"]
+            else:
+                document["stages"][index]["training"] = record
+
+        update_config(self.root, edit)
 
     def training_files(self, config: StackConfig) -> set[str]:
         """Every data file a stage or baseline of this stack was trained on (for contamination checks)."""

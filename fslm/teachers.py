@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -61,7 +62,13 @@ class Teacher(Protocol):
     def prompt_key(self, system: str, user: str) -> str:
         """The exact text the teacher conditions on for this message pair."""
 
-    def generate(self, requests: list[tuple[str, str]], settings: GenerationSettings) -> list[TeacherOutput]: ...
+    def generate(
+        self, requests: list[tuple[str, str]], settings: GenerationSettings, on_result: OnResult | None = None
+    ) -> list[TeacherOutput]:
+        """Answers in request order; `on_result(i, output)` hears each one as soon as it exists."""
+
+
+OnResult = Callable[[int, "TeacherOutput"], None]
 
 
 def _messages(system: str, user: str) -> list[dict[str, str]]:
@@ -108,13 +115,19 @@ class BackendTeacher:
     def prompt_key(self, system: str, user: str) -> str:
         return self.backend.format_prompt(system, user)
 
-    def generate(self, requests: list[tuple[str, str]], settings: GenerationSettings) -> list[TeacherOutput]:
+    def generate(
+        self, requests: list[tuple[str, str]], settings: GenerationSettings, on_result: OnResult | None = None
+    ) -> list[TeacherOutput]:
         prompts = [self.prompt_key(s, u) for s, u in requests]
         done = self.backend.generate(prompts, None, settings, label="teacher")
-        return [
+        outs = [
             TeacherOutput(c.text, c.prompt_tokens, c.output_tokens, c.output_tokens < settings.max_new_tokens)
             for c in done
         ]
+        for i, out in enumerate(outs):
+            if on_result is not None:
+                on_result(i, out)
+        return outs
 
 
 def torch_teacher(model: str, base: BaseModelSettings, stack_dir: str | Path | None, batch_size: int = 8):
@@ -167,11 +180,15 @@ class OpenAITeacher:
     def prompt_key(self, system: str, user: str) -> str:
         return json.dumps(_messages(system, user), ensure_ascii=False)
 
-    def generate(self, requests: list[tuple[str, str]], settings: GenerationSettings) -> list[TeacherOutput]:
-        done = self.client.chat(self.model, [_messages(s, u) for s, u in requests], settings)
-        return [
-            TeacherOutput(g.text.strip(), g.prompt_tokens, g.output_tokens, g.finish_reason != "length") for g in done
-        ]
+    def generate(
+        self, requests: list[tuple[str, str]], settings: GenerationSettings, on_result: OnResult | None = None
+    ) -> list[TeacherOutput]:
+        def convert(g: Any) -> TeacherOutput:
+            return TeacherOutput(g.text.strip(), g.prompt_tokens, g.output_tokens, g.finish_reason != "length")
+
+        relay = (lambda i, g: on_result(i, convert(g))) if on_result is not None else None
+        done = self.client.chat(self.model, [_messages(s, u) for s, u in requests], settings, relay)
+        return [convert(g) for g in done]
 
 
 def make_teacher(spec: TeacherSpec, base: BaseModelSettings, stack_dir: str | Path | None = None) -> Teacher:

@@ -123,9 +123,9 @@ class Spy:
     def prompt_key(self, system, user):
         return self.inner.prompt_key(system, user)
 
-    def generate(self, requests, settings):
+    def generate(self, requests, settings, on_result=None):
         self.asked.extend(requests)
-        return self.inner.generate(requests, settings)
+        return self.inner.generate(requests, settings, on_result)
 
 
 def test_teacher_prompts_read_earlier_teacher_outputs(tmp_path, stack_dir, tiny_llama):

@@ -54,7 +54,7 @@ class ScriptedTeacher:
     def prompt_key(self, system, user):
         return system + "\n" + user
 
-    def generate(self, requests, settings):
+    def generate(self, requests, settings, on_result=None):
         self.asked.extend(requests)
         outs = []
         for system, user in requests:
@@ -72,6 +72,8 @@ class ScriptedTeacher:
             else:
                 text = f"notes about {stem}" + (f" seed {settings.seed}" if settings.seed is not None else "")
             outs.append(TeacherOutput(text, 10, 5, True))
+            if on_result is not None:
+                on_result(len(outs) - 1, outs[-1])
         return outs
 
 

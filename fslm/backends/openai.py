@@ -55,18 +55,39 @@ class OpenAIClient:
         return self._map(lambda p: self._one_completion(model, p, settings), prompts)
 
     def chat(
-        self, model: str, conversations: list[list[dict[str, str]]], settings: GenerationSettings
+        self,
+        model: str,
+        conversations: list[list[dict[str, str]]],
+        settings: GenerationSettings,
+        on_result: Any = None,
     ) -> list[Generated]:
-        """/v1/chat/completions, one request per conversation, `concurrency` at a time."""
-        return self._map(lambda m: self._one_chat(model, m, settings), conversations)
+        """/v1/chat/completions, one request per conversation, `concurrency` at a time; `on_result(i, generated)`
+        hears each answer as it arrives (so a caller can keep what it paid for even when a later request fails)."""
+        return self._map(lambda m: self._one_chat(model, m, settings), conversations, on_result)
 
     # --- internals -----------------------------------------------------------------------------------
 
-    def _map(self, fn: Any, items: list[Any]) -> list[Generated]:
-        if len(items) <= 1 or self.concurrency == 1:
-            return [fn(x) for x in items]
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(items))) as pool:
-            return list(pool.map(fn, items))
+    def _map(self, fn: Any, items: list[Any], on_result: Any = None) -> list[Generated]:
+        """fn over items, `concurrency` at a time, results in item order. Every request runs to its end even when
+        another failed (each answered one reaches `on_result`); then the first failure is raised."""
+        from concurrent.futures import as_completed
+
+        results: list[Generated | None] = [None] * len(items)
+        failure: BaseException | None = None
+        with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(items)))) as pool:
+            futures = {pool.submit(fn, x): i for i, x in enumerate(items)}
+            for future in as_completed(futures):
+                i = futures[future]
+                try:
+                    results[i] = future.result()
+                except Exception as e:  # the first failure is raised once every request has ended
+                    failure = failure or e
+                    continue
+                if on_result is not None:
+                    on_result(i, results[i])
+        if failure is not None:
+            raise failure
+        return [r for r in results if r is not None]
 
     @staticmethod
     def _params(settings: GenerationSettings) -> dict[str, Any]:

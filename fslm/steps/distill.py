@@ -42,7 +42,7 @@ from fslm.data import FORMATS, Dataset, DatasetRecord
 from fslm.distilled import DistilledRecord
 from fslm.errors import FslmError
 from fslm.events import EventHandler, Progress, emit
-from fslm.files import JsonlLog, atomic_write_text, sha256_file
+from fslm.files import JsonlLog, atomic_write_text, exclusive, sha256_file
 from fslm.options import Options, comma_list
 from fslm.provenance import now, versions
 from fslm.steps.distill_cache import TeacherCache
@@ -264,11 +264,33 @@ def distill_records(
     stack_dir: str | Path | None = None,
     on_event: EventHandler | None = None,
 ) -> DistillResult:
-    """The step itself, on a read dataset and a built teacher (tests and other tools call this directly)."""
+    """The step itself, on a read dataset and a built teacher (tests and other tools call this directly).
+
+    The output and the teacher cache are locked for the run: a second distill on either exits 2 naming the holder
+    instead of writing every record twice."""
     options = options or DistillOptions()
     paths = paths_for(Path(out))
     if options.cache is not None:
         paths["cache"] = Path(options.cache)
+    out_lock = paths["out"].with_name(paths["out"].name + ".lock")
+    cache_lock = paths["cache"].with_name(paths["cache"].name + ".lock")
+    with exclusive(out_lock, str(paths["out"])), exclusive(cache_lock, f"the teacher cache {paths['cache']}"):
+        return _distill_locked(
+            config, dataset, teacher, paths, options, count_tokens, contamination, stack_dir, on_event
+        )
+
+
+def _distill_locked(
+    config: StackConfig,
+    dataset: Dataset,
+    teacher: Teacher,
+    paths: dict[str, Path],
+    options: DistillOptions,
+    count_tokens: Callable[[str], int],
+    contamination: dict[str, Any] | None,
+    stack_dir: str | Path | None,
+    on_event: EventHandler | None,
+) -> DistillResult:
     run = {
         "dataset_sha256": dataset.sha256,
         "dataset": {k: v for k, v in dataset.describe().items() if k not in ("file",)},
@@ -452,27 +474,31 @@ class _Asker:
             if self.cache.get(key) is None:
                 misses.setdefault(key, messages)
         self.stats["hits"] += len(keyed) - len(misses)
+        empty: dict[str, dict[str, Any]] = {}  # empty answers are used now but never cached (a rerun asks again)
         if misses:
-            outs = self.teacher.generate(list(misses.values()), settings)
-            self.stats["calls"] += len(outs)
-            self.stats["tokens"] += sum(o.output_tokens for o in outs)
-            self.cache.put(
-                [
-                    {
-                        "key": key,
-                        "teacher": self.teacher.id,
-                        "stage": stage.name,
-                        "text": o.text,
-                        "prompt_tokens": o.prompt_tokens,
-                        "output_tokens": o.output_tokens,
-                        "finished": o.finished,
-                    }
-                    for key, o in zip(misses, outs, strict=True)
-                ]
-            )
+            keys = list(misses)
+
+            def keep(i: int, o: Any) -> None:  # every answer is cached the moment it arrives
+                self.stats["calls"] += 1
+                self.stats["tokens"] += o.output_tokens
+                entry = {
+                    "key": keys[i],
+                    "teacher": self.teacher.id,
+                    "stage": stage.name,
+                    "text": o.text,
+                    "prompt_tokens": o.prompt_tokens,
+                    "output_tokens": o.output_tokens,
+                    "finished": o.finished,
+                }
+                if o.text.strip():
+                    self.cache.put([entry])
+                else:
+                    empty[keys[i]] = entry
+
+            self.teacher.generate(list(misses.values()), settings, keep)
         results = []
         for _, key in keyed:
-            entry = self.cache.get(key)
+            entry = self.cache.get(key) or empty[key]
             text, cut = entry["text"].strip(), not entry.get("finished", True)
             if cut:
                 trimmed = trim_to_sentence(text) if self.options.trim_cut else None

@@ -10,6 +10,7 @@ per-stage training record in stack.yaml.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from fslm.config import StageTraining
 from fslm.distilled import Problem, read_distilled
 from fslm.errors import FslmError
 from fslm.events import EventHandler, Progress, emit
-from fslm.files import atomic_replace_dir, atomic_write_text, sha256_file
+from fslm.files import atomic_replace_dir, atomic_write_text, exclusive, sha256_file
 from fslm.options import Options, comma_list
 from fslm.precision import resolve as resolve_precision
 from fslm.provenance import versions
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fslm")
 SCHEDULERS = ("cosine", "linear", "constant_with_warmup")
+LOCK = ".fslm-train.lock"  # in the stack directory: one training at a time
 
 
 class TrainOptions(Options):
@@ -74,6 +76,7 @@ class TrainOptions(Options):
     )
     strict: bool = Field(False, description="Stop on the first bad record instead of skipping.")
     resume: bool = Field(False, description="Continue an interrupted run from its checkpoints.")
+    fresh: bool = Field(False, description="Discard an interrupted run's checkpoints and start over.")
     keep_checkpoints: bool = Field(False, description="Keep DIR/.fslm-train/ after a finished run.")
     # For benchmarks/train_throughput.py: False + pad_to=N is the naive baseline.
     group_by_length: bool = True
@@ -84,7 +87,7 @@ class TrainOptions(Options):
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that change the result: a resumed run must match them."""
-        skip = {"resume", "keep_checkpoints", "strict", "save_steps", "eval_each_epoch"}
+        skip = {"resume", "fresh", "keep_checkpoints", "strict", "save_steps", "eval_each_epoch"}
         return self.model_dump(mode="json", exclude=skip)
 
 
@@ -147,23 +150,29 @@ class RunState:
         self.identity = identity
         self.done: list[str] = []
 
-    def start(self, resume: bool, is_main: bool) -> None:
+    def start(self, resume: bool, fresh: bool, is_main: bool) -> None:
+        """Continue the interrupted run (resume), or start a new one. Checkpoints of an interrupted run are never
+        discarded silently: without --resume they are an error unless --fresh says to drop them."""
         if resume:
             if not self.path.is_file():
                 raise FslmError(f"{self.root}: no interrupted run to resume; run without --resume")
             saved = json.loads(self.path.read_text())
             for key, value in self.identity.items():
                 if saved.get("identity", {}).get(key) != value:
+                    then = saved.get("identity", {}).get(key)
+                    what = "stack.yaml (stages, prompts, LoRA settings)" if key == "manifest" else key
+                    detail = "" if key == "manifest" else f" ({then!r} then, {value!r} now)"
                     raise FslmError(
-                        f"{self.path}: cannot resume: {key} differs from the interrupted run "
-                        f"({saved.get('identity', {}).get(key)!r} then, {value!r} now); run without --resume"
+                        f"{self.path}: cannot resume: {what} differs from the interrupted run{detail}; "
+                        "--fresh discards its checkpoints and starts over"
                     )
             self.done = list(saved.get("done", []))
         elif is_main:
             if self.root.exists():
-                if self.path.is_file() and any(self.root.glob("*/checkpoint-*")):
-                    log.warning(
-                        "discarding the checkpoints of an interrupted run in %s (--resume continues it)", self.root
+                if self.path.is_file() and any(self.root.glob("*/checkpoint-*")) and not fresh:
+                    raise FslmError(
+                        f"{self.root}: holds the checkpoints of an interrupted run; --resume continues it, "
+                        "--fresh discards them"
                     )
                 shutil.rmtree(self.root)
             self._write()
@@ -281,13 +290,8 @@ def train(
     on to run or evaluate the stack does not load the base twice; it ends with the new adapters attached.
     """
     from accelerate import PartialState
-    from peft import LoraConfig, get_peft_model
-    from transformers import set_seed
 
-    from fslm.backends import TRAIN
-    from fslm.card import write_model_card
-    from fslm.stack import Stack
-    from fslm.steps.train_data import build_examples, split_validation
+    from fslm.steps.train_data import split_validation
 
     options = options or TrainOptions()
     directory, data = StackDir(stack), Path(data)
@@ -308,6 +312,37 @@ def train(
     # cpu=True matters: without it accelerate sees no GPU and ignores the torchrun environment (no gloo group).
     state = PartialState(cpu=not torch.cuda.is_available())
     is_main = state.is_main_process
+    lock = exclusive(directory.root / LOCK, f"the stack {directory.root}") if is_main else contextlib.nullcontext()
+    with lock:
+        return _train(
+            directory, data, options, on_event, loaded, state, names, parse_problems, data_sha, train_recs, val_recs
+        )
+
+
+def _train(
+    directory: StackDir,
+    data: Path,
+    options: TrainOptions,
+    on_event: EventHandler | None,
+    loaded: Any,
+    state: Any,
+    names: list[str],
+    parse_problems: list[Problem],
+    data_sha: str,
+    train_recs: list[Any],
+    val_recs: list[Any],
+) -> TrainResult:
+    """Everything after the checks, under the stack's lock (the main process holds it)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
+
+    from fslm.backends import TRAIN
+    from fslm.card import write_model_card
+    from fslm.stack import Stack
+    from fslm.steps.train_data import build_examples
+
+    config = directory.load()
+    is_main = state.is_main_process
     stack_obj = loaded if loaded is not None else Stack.load(directory.root, backend="torch")
     backend = stack_obj.backend
     backend.require(TRAIN, "training")
@@ -322,8 +357,14 @@ def train(
         if not e.train:
             raise FslmError(f"{data}: no usable training examples for {n!r} (see the warnings above)")
 
-    run = RunState(directory, {"data_sha256": data_sha, "names": names, "options": options.fingerprint()})
-    run.start(options.resume, is_main)
+    identity = {
+        "data_sha256": data_sha,
+        "names": names,
+        "options": options.fingerprint(),
+        "manifest": _manifest_hash(config),
+    }
+    run = RunState(directory, identity)
+    run.start(options.resume, options.fresh, is_main)
     state.wait_for_everyone()
     if skipped and is_main:
         log.warning("%d bad record(s) skipped; --strict makes them fatal", skipped)
@@ -403,6 +444,17 @@ def train(
         if not options.keep_checkpoints and set(names) <= set(run.done):
             shutil.rmtree(run.root, ignore_errors=True)
     return result
+
+
+def _manifest_hash(config: Any) -> str:
+    """What of stack.yaml shapes an adapter (base, LoRA, stages' prompts and decoding), without the training records
+    train itself writes: a resumed run must find it unchanged."""
+    import hashlib
+
+    data = config.model_dump(mode="json", exclude={"baselines", "metadata", "description", "name"})
+    for stage in data["stages"]:
+        stage.pop("training", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _answer_inputs(directory: StackDir, config: Any, names: list[str], options: TrainOptions) -> str:
