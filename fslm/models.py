@@ -160,8 +160,12 @@ def cache_root() -> Path:
 
 def gguf_cache_dir(ref: BaseRef, settings: BaseModelSettings) -> Path:
     """Where the de-quantised copy of a GGUF file lives (keyed by file identity and dtype)."""
+    from fslm.files import recover_dir
+
     st = Path(ref.location).stat()
-    return cache_root() / "gguf" / f"{Path(ref.location).stem}-{st.st_size}-{st.st_mtime_ns}-{settings.dtype}"
+    path = cache_root() / "gguf" / f"{Path(ref.location).stem}-{st.st_size}-{st.st_mtime_ns}-{settings.dtype}"
+    recover_dir(path)  # a kill while the cache was being replaced must not cost the next load the de-quantising
+    return path
 
 
 def load_base(ref: BaseRef, settings: BaseModelSettings) -> tuple[Any, Any]:
