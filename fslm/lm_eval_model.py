@@ -72,6 +72,21 @@ class FslmLM(TemplateLM):
         self.scored_tokens = 0
         self.seconds = 0.0
 
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None) -> FslmLM:
+        """lm-eval adds its own batch_size (default 1), device, ... to the model_args: those in model_args win.
+
+        Without this, `--model_args stack=DIR,batch_size=8` died with a TypeError (batch_size given twice).
+        """
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict[str, Any] | None = None) -> FslmLM:
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
     # --- what runs where ----------------------------------------------------------------------------
 
     @property
