@@ -43,12 +43,18 @@ class FslmLM(TemplateLM):
         backend: str | None = None,
         stage_tokens: int | str | None = None,
         progress: Progress | None = None,
+        trust_remote_code: bool | str = False,
         **_: Any,  # lm-eval passes device etc.; the stack's manifest decides those
     ) -> None:
         super().__init__()
+        from fslm.config import Trust
         from fslm.stack import Stack
 
-        self.stack = stack if isinstance(stack, Stack) else Stack.load(str(stack), backend=backend)
+        if not isinstance(stack, Stack):
+            # lm-eval's --trust_remote_code arrives here as a model_arg: the user's consent, never the manifest's.
+            trust = Trust.from_user(remote_code=str(trust_remote_code).lower() in ("true", "1", "yes"))
+            stack = Stack.load(str(stack), backend=backend, trust=trust)
+        self.stack = stack
         if system not in SYSTEMS:
             raise FslmError(f"model_args system={system!r}: expected one of {', '.join(SYSTEMS)}")
         if ablate and system != "stack":

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from fslm.backends import Backend, create_backend
-from fslm.config import ADAPTERS_DIR, StackConfig, StageConfig, load_config
+from fslm.config import ADAPTERS_DIR, StackConfig, StageConfig, Trust, check_trust, load_config, trusting
 from fslm.errors import FslmError
+from fslm.files import recover_dir
 from fslm.prompts import render_user_message, stage_variables
 
 _KEEP = object()
@@ -74,16 +75,27 @@ class Stack:
                 backend.add_adapter(stage.name, path)
 
     @classmethod
-    def load(cls, directory: str | Path, backend: str | None = None) -> Stack:
-        """Load a stack directory; `backend` overrides the manifest's `base.backend`."""
+    def load(cls, directory: str | Path, backend: str | None = None, *, trust: Trust | None = None) -> Stack:
+        """Load a stack directory; `backend` overrides the manifest's `base.backend`.
+
+        The manifest is untrusted: remote code, a server other than this machine, or an API key variable it names
+        are refused (FslmError) unless `trust` (or the `trusting(...)` block around the call, e.g. the CLI's flags,
+        or the user's FSLM_TRUSTED_SERVERS / FSLM_TRUSTED_KEY_ENVS) allows them.
+        """
         config = load_config(directory)
-        return cls(config, create_backend(backend or config.base.backend, config.base, directory), directory)
+        name = backend or config.base.backend
+        with trusting(trust):
+            check_trust(config.base, code=True, server=name == "openai")  # before any slow load
+            return cls(config, create_backend(name, config.base, directory), directory)
 
     # --- adapters -----------------------------------------------------------------------------------
 
     @staticmethod
     def adapter_dir(directory: str | Path, stage: str) -> Path:
-        return Path(directory) / ADAPTERS_DIR / stage
+        """DIR/adapters/<stage>, restored first if a replacement of it was killed half-way (fslm.files)."""
+        path = Path(directory) / ADAPTERS_DIR / stage
+        recover_dir(path)
+        return path
 
     def adapter_path(self, stage: str) -> Path | None:
         return self.adapter_dir(self.directory, stage) if self.directory is not None else None

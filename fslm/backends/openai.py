@@ -23,7 +23,7 @@ from typing import Any
 
 from fslm import models
 from fslm.backends import Completion, TextCallback, TokenizerPrompts, fit_to_context
-from fslm.config import BaseModelSettings, GenerationSettings, ServerSettings
+from fslm.config import BaseModelSettings, GenerationSettings, ServerSettings, check_trust, current_trust
 from fslm.errors import FslmError
 
 
@@ -163,6 +163,8 @@ class OpenAIBackend(TokenizerPrompts):
 
     @classmethod
     def from_settings(cls, settings: BaseModelSettings, stack_dir: str | Path | None = None) -> OpenAIBackend:
+        # The URL and the key variable come from a manifest someone else may have written: the user must agree.
+        check_trust(settings, code=True, server=True)
         server = settings.server or ServerSettings()
         if not server.base_model and not server.models:
             raise FslmError(
@@ -171,7 +173,8 @@ class OpenAIBackend(TokenizerPrompts):
             )
         ref = models.resolve(settings.model, stack_dir)
         tokenizer = models.load_tokenizer(ref, settings)
-        client = OpenAIClient(server.url, server.api_key_env, server.concurrency, server.timeout, server.max_retries)
+        key_env = current_trust().key_env(server)
+        client = OpenAIClient(server.url, key_env, server.concurrency, server.timeout, server.max_retries)
         return cls(client, server, tokenizer, context_length(ref, tokenizer), settings.prompt_format)
 
     @property
