@@ -60,6 +60,19 @@ class ServerSettings(_Strict):
     max_retries: int = Field(5, ge=0, le=50)
 
 
+class _Origins(dict[str, str]):
+    """Field -> "file:line" it was read from: metadata for messages, so never part of a config's equality (pydantic
+    compares private attributes; two configs with the same fields are equal wherever they were read from)."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Origins)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 class BaseModelSettings(_Strict):
     """Which base model every stage shares, and how to load it."""
 
@@ -72,7 +85,7 @@ class BaseModelSettings(_Strict):
     # auto: the tokenizer's chat template when it has one, else a plain text format.
     prompt_format: Literal["auto", "chat", "plain"] = "auto"
     # Where each trust-sensitive field was read from ("stack.yaml:7"), for messages; empty when built in code.
-    _origin: dict[str, str] = PrivateAttr(default_factory=dict)
+    _origin: _Origins = PrivateAttr(default_factory=_Origins)
 
 
 class LoraSettings(_Strict):
