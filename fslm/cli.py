@@ -7,6 +7,7 @@ no other module of fslm draws on the terminal.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import json
 import logging
@@ -58,7 +59,8 @@ def friendly(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         _setup_logging()
         try:
-            return fn(*args, **kwargs)
+            # A context of its own: the trust a command grants (its flags) ends with the command.
+            return contextvars.copy_context().run(fn, *args, **kwargs)
         except FslmError as e:
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
@@ -128,6 +130,34 @@ class EventView:
 
 
 StackDir = Annotated[Path, typer.Argument(help="Stack directory (holds stack.yaml).")]
+# The manifest is untrusted input (docs/formats.md, "Trust"): what it asks for beyond loading weights needs a flag.
+TrustRemoteCode = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code", help="Let the model run Python code it ships (only if stack.yaml asks for it too)."
+    ),
+]
+AllowServer = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--allow-server",
+        help="Allow base.server.url to be this URL (or origin) off this machine (repeat; also $FSLM_TRUSTED_SERVERS).",
+    ),
+]
+ApiKeyEnv = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key-env",
+        help="Read the stage server's API key from this variable, whatever stack.yaml's api_key_env says.",
+    ),
+]
+
+
+def _grant(remote_code: bool = False, servers: list[str] | None = None, api_key_env: str | None = None) -> None:
+    """The user's consent for this command: its flags plus $FSLM_TRUSTED_SERVERS / $FSLM_TRUSTED_KEY_ENVS."""
+    from fslm.config import Trust, grant
+
+    grant(Trust.from_user(remote_code, tuple(servers or ()), api_key_env))
 
 
 @app.command()
@@ -219,11 +249,15 @@ def run(
     precision: Annotated[
         str, typer.Option(help="PyTorch compute: fp32, bf16, or auto (bf16 where the hardware runs it natively).")
     ] = "fp32",
+    trust_remote_code: TrustRemoteCode = False,
+    allow_server: AllowServer = None,
+    api_key_env: ApiKeyEnv = None,
 ) -> None:
     """Answer an instruction through every stage and show the trace."""
     from fslm.config import load_config
     from fslm.stack import Stack
 
+    _grant(trust_remote_code, allow_server, api_key_env)
     if not instruction.strip():
         raise FslmError("the instruction is empty")
     config = load_config(directory)  # validate before the (slow) model load
@@ -277,10 +311,12 @@ def train(
     processes: Annotated[
         int, typer.Option(min=1, help="Data-parallel processes on this machine (via accelerate launch).")
     ] = 1,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Train one LoRA adapter per stage (or --single: the one-adapter baseline) on distilled data."""
     from fslm.steps.train import train as train_step
 
+    _grant(trust_remote_code)
     if processes > 1 and "LOCAL_RANK" not in os.environ:
         raise typer.Exit(launch(strip_processes(sys.argv[2:]), processes))
     options = TrainOptions.build(
@@ -413,10 +449,12 @@ def distill(
     data_dir: Path | None = flag(DistillOptions, "data_dir"),
     cache: Path | None = flag(DistillOptions, "cache"),
     overwrite: bool = flag(DistillOptions, "overwrite"),
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Teacher-written training targets for every stage of a stack (resumable: rerun the same command)."""
     from fslm.steps.distill import distill as distill_step
 
+    _grant(trust_remote_code)
     server = None
     if teacher_url:
         server = ServerSettings(
@@ -517,16 +555,32 @@ def serve(
     backend: Annotated[
         str | None, typer.Option(help="Backend: torch, llamacpp or openai (default: the manifest's base.backend).")
     ] = None,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Accept requests whose Host header names this host (repeat; default: 127.0.0.1, localhost, ::1 "
+            "and --host; * accepts any). Guards against DNS rebinding."
+        ),
+    ] = None,
+    trust_remote_code: TrustRemoteCode = False,
+    allow_server: AllowServer = None,
+    api_key_env: ApiKeyEnv = None,
 ) -> None:
     """Serve the stack: OpenAI-compatible API (/v1/chat/completions), per-stage streaming, and a web page at /."""
     from fslm.config import load_config
     from fslm.stack import Stack
-    from fslm.steps.serve import ServeOptions
+    from fslm.steps.serve import ServeOptions, default_allowed_hosts
     from fslm.steps.serve import serve as run_server
 
+    _grant(trust_remote_code, allow_server, api_key_env)
     config = load_config(directory)  # validate before the (slow) model load
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         err.print(f"[yellow]warning:[/] serving on {host} without --api-key: anyone who can reach it can use it")
+    if host in ("0.0.0.0", "::", "") and not allowed_host:
+        err.print(
+            "[yellow]note:[/] requests must name this machine as 127.0.0.1/localhost; add --allowed-host NAME for "
+            "each host name clients use to reach it (Host header check, against DNS rebinding)"
+        )
     with err.status(f"loading {config.base.model}"):
         stack = Stack.load(directory, backend=backend)
     options = ServeOptions(
@@ -537,6 +591,7 @@ def serve(
         max_tokens=max_tokens,
         timeout=timeout,
         cors_origins=tuple(cors_origin or ()),
+        allowed_hosts=(*default_allowed_hosts(host), *(allowed_host or ())),
     )
     err.print(f"serving [bold]{config.name}[/] on http://{host}:{port}/ (OpenAI base_url http://{host}:{port}/v1)")
     run_server(stack, host=host, port=port, options=options)
@@ -548,10 +603,12 @@ def export(
     directory: StackDir,
     format: str = flag(ExportOptions, "format", "--format"),
     quant: str | None = flag(ExportOptions, "quant"),
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Write DIR/gguf/: the base model and one GGUF LoRA adapter per stage, for `fslm run --backend llamacpp`."""
     from fslm.steps.export import export as export_step
 
+    _grant(trust_remote_code)
     with err.status("exporting") as status:
         result = export_step(
             directory,
@@ -589,10 +646,12 @@ def eval_cmd(
     ablate: bool = flag(EvalOptions, "ablate"),
     batch_size: int = flag(EvalOptions, "batch_size", min=1),
     stage_tokens: int | None = flag(EvalOptions, "stage_tokens", min=1),
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Score base model vs single adapter vs stack on offline benchmarks (lm-evaluation-harness)."""
     from fslm.steps.evaluate import evaluate
 
+    _grant(trust_remote_code)
     options = EvalOptions.build(
         tasks=tasks,
         data_dir=data_dir,

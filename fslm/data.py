@@ -1,7 +1,9 @@
 """Instruction datasets in, uniform records out: Alpaca JSON/JSONL, CSV, Parquet, Self-Instruct seeds, GSM8K.
 
-A bad row (no instruction, non-UTF-8 bytes, a broken JSON line) is reported with its file and line and skipped, so
-one bad row never costs a long distillation run; `strict=True` makes it fatal instead. Sampling with `limit` and
+A bad row (no instruction, non-UTF-8 bytes or a lone surrogate, a broken JSON line, JSON nested too deeply, an
+integer of thousands of digits, a CSV field over the csv module's size limit) is reported with its file and line and
+skipped, so one bad row never costs a long distillation run; `strict=True` makes it fatal instead. What cannot be
+skipped safely (a broken element of a JSON list, a CSV quote never closed) is fatal, with file and line. Sampling with `limit` and
 `seed` is reproducible: the same file, limit and seed always give the same records in the same (file) order.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import random
 import re
@@ -25,7 +28,13 @@ from fslm.files import sha256_file
 # Instruction formats, then the multiple-choice benchmark formats (fslm.choices).
 FORMATS = ("auto", "alpaca", "self-instruct", "gsm8k", "arc", "openbookqa", "sciq", "mmlu")
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".tsv")
-_SURROGATE = re.compile("[\udc80-\udcff]")
+# Any surrogate: a byte that was not UTF-8 (decoded with surrogateescape: U+DC80..U+DCFF) or a lone surrogate
+# escape in JSON ("\ud800"), which json accepts but which cannot be written back as UTF-8.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_BOM = b"\xef\xbb\xbf"
+_NON_WORD = re.compile(r"[^\w]+")
+# Strings (with escapes) and the tokens that delimit JSON values: enough to find where a list element ends.
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{},]', re.S)
 
 
 @dataclass(frozen=True)
@@ -115,7 +124,7 @@ class Dataset:
 def normalise(text: str) -> str:
     """Case-, accent-width- and punctuation-insensitive form used for ids and contamination hashes."""
     text = unicodedata.normalize("NFKC", text).casefold()
-    return " ".join(re.sub(r"[^\w]+", " ", text).split())
+    return " ".join(_NON_WORD.sub(" ", text).split())
 
 
 def record_id(instruction: str, input: str | None) -> str:
@@ -198,10 +207,11 @@ def read_dataset(
             rec = _to_record(row, fields, chosen, file, index, line, report)
         if rec is None:
             continue
-        if rec.id in seen:
+        rid = rec.id  # computed once: normalising is most of the time a large file takes
+        if rid in seen:
             duplicates += 1
             continue
-        seen.add(rec.id)
+        seen.add(rid)
         records.append(rec)
     bad.sort(key=lambda b: (b.file, b.line))
     if not records:
@@ -257,8 +267,8 @@ def _text(value: Any) -> str | None:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise TypeError(type(value).__name__)
     value = str(value)
-    if _SURROGATE.search(value):  # a byte that was not UTF-8 (decoded with surrogateescape)
-        raise UnicodeError
+    if m := _SURROGATE.search(value):
+        raise UnicodeError(f"U+{ord(m.group()):04X} at character {m.start() + 1}")
     return value.strip() or None
 
 
@@ -277,8 +287,8 @@ def _to_record(
         instruction = _text(values.get(fields.instruction))
         input = _text(values.get(fields.input)) if fields.input else None
         reference = _text(values.get(fields.output)) if fields.output else None
-    except UnicodeError:
-        report(line, "not valid UTF-8 text")
+    except UnicodeError as e:
+        report(line, f"not valid UTF-8 text ({e}: a byte that is not UTF-8 or a lone surrogate escape like \\ud800)")
         return None
     except TypeError as e:
         report(line, f"a field holds a {e} where text was expected")
@@ -297,8 +307,9 @@ def _raw_rows(path: Path, report: Callable[[int, str], None]) -> Iterator[tuple[
         return
     data = path.read_bytes()
     if suffix == ".csv":
-        yield from _csv_rows(data, report)
+        yield from _csv_rows(path, data, report)
         return
+    data = data.removeprefix(_BOM)  # what Windows tools put first; not part of the JSON
     head = data.lstrip()[:1]
     if suffix == ".json" and head == b"[":
         yield from _json_list_rows(path, data, report)
@@ -319,38 +330,124 @@ def _jsonl_rows(data: bytes, report: Callable[[int, str], None]) -> Iterator[tup
             yield n, json.loads(text)
         except json.JSONDecodeError as e:
             report(n, f"broken JSON line: {e.msg} at column {e.colno}")
+        except (RecursionError, ValueError) as e:
+            report(n, _undecodable(e))
+
+
+def _undecodable(e: BaseException) -> str:
+    """Why valid-looking JSON could not be decoded: nesting past Python's recursion limit, or a huge integer."""
+    if isinstance(e, RecursionError):
+        return "JSON nested too deeply"
+    return f"JSON value cannot be read: {str(e).split(';')[0]}"  # e.g. an integer of more than 4,300 digits
 
 
 def _json_list_rows(path: Path, data: bytes, report: Callable[[int, str], None]) -> Iterator[tuple[int, Any]]:
-    """Elements of a top-level JSON list, each with the line it starts on; non-UTF-8 rows are reported alone."""
+    """Elements of a top-level JSON list, each with the line it starts on; non-UTF-8 rows are reported alone.
+
+    Linear in the file size: line numbers are counted from the previous element on, not from the start.
+    """
     text = data.decode("utf-8", errors="surrogateescape")
     decoder = json.JSONDecoder()
     pos = text.index("[") + 1
     ws = re.compile(r"[\s,]*")
+    line, counted = 1, 0  # `line` is the line number at offset `counted`
     while True:
         pos = ws.match(text, pos).end()
         if pos >= len(text) or text[pos] == "]":
             return
-        line = text.count("\n", 0, pos) + 1
+        line += text.count("\n", counted, pos)
+        counted = pos
         try:
             value, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             # One broken element leaves no reliable way to find where the next one starts: fatal for the file.
             raise FslmError(f"{path}:{e.lineno}:{e.colno}: broken JSON: {e.msg}") from None
+        except (RecursionError, ValueError) as e:  # well-formed but undecodable: skip just this element
+            report(line, _undecodable(e))
+            pos = _end_of_value(text, pos)
+            continue
         yield line, value
 
 
-def _csv_rows(data: bytes, report: Callable[[int, str], None]) -> Iterator[tuple[int, Any]]:
-    text = data.decode("utf-8-sig" if data.startswith(b"\xef\xbb\xbf") else "utf-8", errors="surrogateescape")
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    start = 2
-    for row in reader:
-        line = start
-        start = reader.line_num + 1
-        if None in row:  # more cells than header columns
-            report(line, f"{len(row) - 1 + len(row[None])} cells but the header has {len(row) - 1} columns")
-            continue
-        yield line, row
+def _end_of_value(text: str, pos: int) -> int:
+    """Where the JSON value starting at `pos` ends (syntax already checked by the decoder), without recursion."""
+    depth = 0
+    for m in _JSON_TOKENS.finditer(text, pos):
+        token = m.group()
+        if token in ("[", "{"):
+            depth += 1
+        elif token in ("]", "}"):
+            depth -= 1
+            if depth <= 0:
+                return m.end() if depth == 0 else m.start()
+        elif token == "," and depth == 0:
+            return m.start()
+    return len(text)
+
+
+def _csv_rows(path: Path, data: bytes, report: Callable[[int, str], None]) -> Iterator[tuple[int, Any]]:
+    """Rows as dicts keyed by the header, each with the line it starts on.
+
+    Parsed strictly and without the csv module's field size limit (a field over it is reported, and parsing goes on
+    in step with the file); a quote that is never closed is fatal: the rest of the file would be one field.
+    """
+    text = data.decode("utf-8-sig" if data.startswith(_BOM) else "utf-8", errors="surrogateescape")
+    limit = csv.field_size_limit()
+    lines = _Counted(io.StringIO(text, newline=""))
+    reader = csv.reader(lines, strict=True)
+    header: list[str] | None = None
+    csv.field_size_limit(max(limit, len(text) + 1))
+    try:
+        while True:
+            start = lines.count + 1  # the row starts on the line after the last one the reader took
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                if lines.at_end and "unexpected end of data" in str(e):
+                    raise FslmError(
+                        f'{path}:{start}: a quoted field opened on this line is never closed (a missing "); '
+                        "the rest of the file would be read as one field"
+                    ) from None
+                report(start, f"malformed CSV: {e}")
+                continue
+            if not cells:  # a blank line
+                continue
+            if header is None:
+                header = cells
+                continue
+            if len(cells) > len(header):
+                report(start, f"{len(cells)} cells but the header has {len(header)} columns")
+                continue
+            longest = max(len(c) for c in cells)
+            if longest > limit:
+                report(start, f"a field of {longest:,} characters is larger than the csv module's limit ({limit:,})")
+                continue
+            yield start, dict(itertools.zip_longest(header, cells))
+    finally:
+        csv.field_size_limit(limit)
+
+
+class _Counted:
+    """A line iterator that counts the lines handed out, so a CSV row's first line is known even for multi-line rows."""
+
+    def __init__(self, lines: Iterator[str]) -> None:
+        self.lines = lines
+        self.count = 0
+        self.at_end = False
+
+    def __iter__(self) -> _Counted:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            line = next(self.lines)
+        except StopIteration:
+            self.at_end = True
+            raise
+        self.count += 1
+        return line
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:

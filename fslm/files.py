@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -46,9 +47,16 @@ def _umask() -> int:
 
 
 def atomic_replace_dir(staging: str | Path, target: str | Path) -> None:
-    """Move a fully written directory into place; the old one is removed only after the new one is there."""
+    """Move a fully written directory into place; the old one is removed only after the new one is there.
+
+    The staged files are fsynced first, so a crash after the rename never leaves a directory of empty files. A kill
+    between the two renames leaves `target` missing and `.target.old` holding the old directory: `recover_dir`
+    (called here and wherever adapters and caches are looked up) puts it back.
+    """
     staging, target = Path(staging), Path(target)
-    old = target.with_name(f".{target.name}.old")
+    old = _old_dir(target)
+    recover_dir(target)
+    _fsync_tree(staging)
     if old.exists():
         shutil.rmtree(old)
     if target.exists():
@@ -57,6 +65,41 @@ def atomic_replace_dir(staging: str | Path, target: str | Path) -> None:
     _fsync_dir(target.parent)
     if old.exists():
         shutil.rmtree(old)
+
+
+def recover_dir(target: str | Path) -> bool:
+    """Undo an `atomic_replace_dir` killed between its renames: `target` gone, `.target.old` there -> rename it back.
+
+    Without this a stage whose adapter folder was being replaced would silently run on the bare base model.
+    Returns True when it restored something.
+    """
+    target = Path(target)
+    old = _old_dir(target)
+    if target.exists() or not old.is_dir():
+        return False
+    try:
+        os.replace(old, target)
+    except OSError:  # another process got there first (or the folder is read-only): leave it to them
+        return False
+    _fsync_dir(target.parent)
+    logging.getLogger("fslm").warning("%s: restored from %s (an earlier replacement was interrupted)", target, old.name)
+    return True
+
+
+def _old_dir(target: Path) -> Path:
+    return target.with_name(f".{target.name}.old")
+
+
+def _fsync_tree(directory: Path) -> None:
+    """fsync every file and folder under `directory`, so a rename of it publishes data that is on disk."""
+    for root, _, files in os.walk(directory):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(root))
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -1,6 +1,7 @@
 """Model loading, in one place for the whole project: aliases, the embedded GGUF, local directories, hub ids.
 
-Weights come only from safetensors or GGUF; `trust_remote_code` stays off unless the stack asks for it.
+Weights come only from safetensors or GGUF; `trust_remote_code` stays off unless the stack asks for it *and* the
+user agrees (`--trust-remote-code`, `fslm.config.Trust`): a manifest alone never runs code.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fslm.config import BaseModelSettings
+from fslm.config import BaseModelSettings, check_trust
 from fslm.errors import FslmError
 
 
@@ -160,8 +161,12 @@ def cache_root() -> Path:
 
 def gguf_cache_dir(ref: BaseRef, settings: BaseModelSettings) -> Path:
     """Where the de-quantised copy of a GGUF file lives (keyed by file identity and dtype)."""
+    from fslm.files import recover_dir
+
     st = Path(ref.location).stat()
-    return cache_root() / "gguf" / f"{Path(ref.location).stem}-{st.st_size}-{st.st_mtime_ns}-{settings.dtype}"
+    path = cache_root() / "gguf" / f"{Path(ref.location).stem}-{st.st_size}-{st.st_mtime_ns}-{settings.dtype}"
+    recover_dir(path)  # a kill while the cache was being replaced must not cost the next load the de-quantising
+    return path
 
 
 def load_base(ref: BaseRef, settings: BaseModelSettings) -> tuple[Any, Any]:
@@ -204,6 +209,7 @@ def load_tokenizer(ref: BaseRef, settings: BaseModelSettings) -> Any:
 def _load_tokenizer(ref: BaseRef, settings: BaseModelSettings) -> Any:
     from transformers import AutoTokenizer
 
+    check_trust(settings, code=True)
     _quiet_transformers()
     where, extra = (ref.gguf_dir, {"gguf_file": ref.gguf_name}) if ref.kind == "gguf" else (ref.location, {})
     try:
@@ -220,6 +226,7 @@ def _load(ref: BaseRef, settings: BaseModelSettings) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
+    check_trust(settings, code=True)  # before any file of the model is read
     tokenizer = _load_tokenizer(ref, settings)
     common: dict[str, Any] = {"trust_remote_code": settings.trust_remote_code}
     where, extra = (ref.gguf_dir, {"gguf_file": ref.gguf_name}) if ref.kind == "gguf" else (ref.location, {})

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fslm.backends import Backend, create_backend
-from fslm.config import StackConfig, StageConfig, load_config
+from fslm.config import StackConfig, StageConfig, Trust, check_trust, load_config, trusting
 from fslm.errors import FslmError
 from fslm.prompts import render_user_message, stage_variables
 from fslm.stackdir import StackDir
@@ -77,10 +77,18 @@ class Stack:
         self.attach_adapters()
 
     @classmethod
-    def load(cls, directory: str | Path, backend: str | None = None) -> Stack:
-        """Load a stack directory; `backend` overrides the manifest's `base.backend`."""
+    def load(cls, directory: str | Path, backend: str | None = None, *, trust: Trust | None = None) -> Stack:
+        """Load a stack directory; `backend` overrides the manifest's `base.backend`.
+
+        The manifest is untrusted: remote code, a server other than this machine, or an API key variable it names
+        are refused (FslmError) unless `trust` (or the `trusting(...)` block around the call, e.g. the CLI's flags,
+        or the user's FSLM_TRUSTED_SERVERS / FSLM_TRUSTED_KEY_ENVS) allows them.
+        """
         config = load_config(directory)
-        return cls(config, create_backend(backend or config.base.backend, config.base, directory), directory)
+        name = backend or config.base.backend
+        with trusting(trust):
+            check_trust(config.base, code=True, server=name == "openai")  # before any slow load
+            return cls(config, create_backend(name, config.base, directory), directory)
 
     @property
     def directory(self) -> Path | None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from fslm.config import MANIFEST, StackConfig, StageTraining, load_config, save_config, update_config
 from fslm.errors import FslmError
+from fslm.files import recover_dir
 
 ADAPTERS = "adapters"
 GGUF = "gguf"
@@ -73,14 +74,17 @@ class StackDir:
         return self.root / ADAPTERS
 
     def adapter(self, name: str) -> Path:
-        """`adapters/<name>/`, for a stage or a baseline (whether or not it exists)."""
-        return self.adapters / name
+        """`adapters/<name>/`, for a stage or a baseline (whether or not it exists); restored first when a replacement
+        of it was killed between its two renames (fslm.files.recover_dir), so a stage never silently loses it."""
+        path = self.adapters / name
+        recover_dir(path)
+        return path
 
     def weights(self, name: str) -> Path:
         return self.adapter(name) / ADAPTER_WEIGHTS
 
     def is_trained(self, name: str) -> bool:
-        """A stage or baseline has a PEFT adapter (its config is written last by an atomic directory swap)."""
+        """A stage or baseline has a PEFT adapter (written whole by an atomic directory swap)."""
         return (self.adapter(name) / ADAPTER_CONFIG).is_file()
 
     def trained_stages(self, config: StackConfig) -> list[str]:

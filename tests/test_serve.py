@@ -19,6 +19,7 @@ from fslm.steps.init import InitOptions, init
 from fslm.steps.serve import ServeOptions, create_app
 
 MAX_NEW = 6
+JSON = {"content-type": "application/json"}  # the server refuses other bodies (415)
 
 
 @contextmanager
@@ -174,9 +175,9 @@ def test_bad_requests_are_400_with_an_openai_error(url):
         err = r.json()["error"]
         assert err["type"] == "invalid_request_error" and err["message"]
     lone_surrogate = json.dumps({"messages": [{"role": "user", "content": "a\ud800"}]}).encode()
-    r = httpx.post(f"{url}/v1/chat/completions", content=lone_surrogate)
+    r = httpx.post(f"{url}/v1/chat/completions", content=lone_surrogate, headers=JSON)
     assert r.status_code == 400 and "Unicode" in r.json()["error"]["message"]
-    r = httpx.post(f"{url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    r = httpx.post(f"{url}/v1/chat/completions", content=b"{not json", headers=JSON)
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     # Longer than the tiny model's 512-token context: refused clearly, not a 500.
     long = " ".join(["word"] * 3000)
@@ -195,7 +196,7 @@ def test_body_limit_is_413(url):
             yield b"y" * 1000
         yield b'"}]}'
 
-    r = httpx.post(f"{url}/v1/chat/completions", content=chunks())
+    r = httpx.post(f"{url}/v1/chat/completions", content=chunks(), headers=JSON)
     assert r.status_code == 413
 
 
@@ -312,7 +313,7 @@ def test_fuzzed_bodies_never_500(url):
     def check(body, path):
         if isinstance(body, dict) and isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 3:
             body["max_tokens"] = 3  # keep valid requests quick
-        r = client.post(url + path, content=json.dumps(body).encode())
+        r = client.post(url + path, content=json.dumps(body).encode(), headers=JSON)
         assert r.status_code < 500, r.text
         if r.status_code >= 400:
             assert r.json()["error"]["message"]

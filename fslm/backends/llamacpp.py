@@ -1,6 +1,6 @@
 """llama.cpp backend: the GGUF files of `fslm export` on llama-cpp-python, one context, adapters hot-swapped.
 
-Prompts are rendered AND tokenised by the base model's Hugging Face tokenizer (`TokenizerPrompts`), and output
+Prompts are rendered AND tokenised by the base model's Hugging Face tokenizer (`fslm.backends.Backend`), and output
 ids are decoded by it too: llama.cpp only ever sees token ids, so a stage sees exactly the tokens the PyTorch
 backend and training see, whatever llama.cpp's own tokenizer would do.
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from fslm import models
 from fslm.backends import Backend, Completion, TextCallback, fit_to_context
-from fslm.config import BaseModelSettings, GenerationSettings, ServerSettings
+from fslm.config import BaseModelSettings, GenerationSettings, ServerSettings, check_trust, current_trust
 from fslm.errors import FslmError
 
 
@@ -179,6 +179,8 @@ class OpenAIBackend(Backend):
 
     @classmethod
     def from_settings(cls, settings: BaseModelSettings, stack_dir: str | Path | None = None) -> OpenAIBackend:
+        # The URL and the key variable come from a manifest someone else may have written: the user must agree.
+        check_trust(settings, code=True, server=True)
         server = settings.server or ServerSettings()
         if not server.base_model and not server.models:
             raise FslmError(
@@ -187,7 +189,9 @@ class OpenAIBackend(Backend):
             )
         ref = models.resolve(settings.model, stack_dir)
         tokenizer = models.load_tokenizer(ref, settings)
-        return cls(OpenAIClient(server), server, tokenizer, context_length(ref, tokenizer), settings.prompt_format)
+        key_env = current_trust().key_env(server)  # the user's variable, not necessarily the manifest's
+        client = OpenAIClient(server.model_copy(update={"api_key_env": key_env}))
+        return cls(client, server, tokenizer, context_length(ref, tokenizer), settings.prompt_format)
 
     @property
     def context_length(self) -> int:

@@ -45,12 +45,18 @@ class FslmLM(TemplateLM):
         backend: str | None = None,
         stage_tokens: int | str | None = None,
         progress: Progress | None = None,
+        trust_remote_code: bool | str = False,
         **_: Any,  # lm-eval passes device etc.; the stack's manifest decides those
     ) -> None:
         super().__init__()
+        from fslm.config import Trust
         from fslm.stack import Stack
 
-        self.stack = stack if isinstance(stack, Stack) else Stack.load(str(stack), backend=backend)
+        if not isinstance(stack, Stack):
+            # lm-eval's --trust_remote_code arrives here as a model_arg: the user's consent, never the manifest's.
+            trust = Trust.from_user(remote_code=str(trust_remote_code).lower() in ("true", "1", "yes"))
+            stack = Stack.load(str(stack), backend=backend, trust=trust)
+        self.stack = stack
         if system not in SYSTEMS:
             raise FslmError(f"model_args system={system!r}: expected one of {', '.join(SYSTEMS)}")
         if ablate and system != "stack":
@@ -70,6 +76,21 @@ class FslmLM(TemplateLM):
         self.stage_calls = 0  # contexts sent through stages 1..N-1 (the cache test counts these)
         self.scored_tokens = 0
         self.seconds = 0.0
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None) -> FslmLM:
+        """lm-eval adds its own batch_size (default 1), device, ... to the model_args: those in model_args win.
+
+        Without this, `--model_args stack=DIR,batch_size=8` died with a TypeError (batch_size given twice).
+        """
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict[str, Any] | None = None) -> FslmLM:
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     # --- what runs where ----------------------------------------------------------------------------
 

@@ -9,7 +9,9 @@ Endpoints
 
 Generation happens on one worker thread (`fslm.steps.serve_batching.Scheduler`), which batches requests at the same stage.
 Limits: bounded queue (503 + Retry-After), body size (413), API key (401), validation (400), per-request timeout
-(504). Errors are OpenAI-style `{"error": {"message", "type", "param", "code"}}`.
+(504), Host header (421, against DNS rebinding), Content-Type (415). Errors are OpenAI-style
+`{"error": {"message", "type", "param", "code"}}`; a 500 says nothing more than "internal error" (details go to the
+server log).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import os
 import time
 import uuid
@@ -32,6 +35,9 @@ from fslm.stack import Stack
 from fslm.steps.serve_batching import Event, QueueFull, Scheduler
 
 ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+MAX_N = 8  # choices per request (each is a whole run of the stack)
+MAX_STOP = 4  # stop strings per request (OpenAI's limit)
 
 
 @dataclass
@@ -44,6 +50,49 @@ class ServeOptions:
     timeout: float = 300.0  # seconds per request, queueing included
     cors_origins: tuple[str, ...] = ()
     retry_after: int = 2  # seconds, sent with 503
+    # Host header names accepted (any port); "*" accepts any. A page on another site that makes its own name
+    # resolve to 127.0.0.1 (DNS rebinding) sends its own name here, so only names of this machine pass.
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
+
+
+def default_allowed_hosts(bind: str) -> tuple[str, ...]:
+    """The loopback names, plus the address the server binds when it is a specific one (not 0.0.0.0 / ::)."""
+    extra = () if bind in ("", "0.0.0.0", "::") or bind in LOOPBACK_HOSTS else (bind,)
+    return (*LOOPBACK_HOSTS, *extra)
+
+
+def host_name(header: str) -> str:
+    """The host part of a Host header, lower-case, without port, IPv6 brackets or a trailing dot."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        name = header[1 : header.find("]")] if "]" in header else header
+    elif header.count(":") == 1:
+        name = header.partition(":")[0]
+    else:
+        name = header
+    return name.rstrip(".")
+
+
+class HostCheck:
+    """ASGI middleware: refuse a request whose Host header is not an allowed name (421, OpenAI-style body)."""
+
+    def __init__(self, app: Any, allowed: tuple[str, ...]) -> None:
+        self.app = app
+        self.any = "*" in allowed
+        self.allowed = {host_name(h) for h in allowed}
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket") and not self.any:
+            raw = next((v for k, v in scope.get("headers", ()) if k == b"host"), b"").decode("latin-1")
+            if host_name(raw) not in self.allowed:
+                from fastapi.responses import JSONResponse
+
+                allowed = ", ".join(sorted(self.allowed))
+                e = ApiError(421, f"Host {raw[:100]!r} is not served here (allowed: {allowed}; the server's "
+                                  "--allowed-host adds names)", code="untrusted_host")  # fmt: skip
+                await JSONResponse(e.body(), status_code=421)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class ApiError(Exception):
@@ -64,6 +113,12 @@ class Ask:
     max_tokens: int | None
     stream: bool
     model: str
+    n: int = 1
+    final: dict[str, Any] | None = None  # overrides of the final stage's generation (temperature, top_p, stop)
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its answer was ready."""
 
 
 def create_app(stack: Stack, options: ServeOptions | None = None) -> Any:
@@ -95,6 +150,7 @@ def create_app(stack: Stack, options: ServeOptions | None = None) -> Any:
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
         )
+    app.add_middleware(HostCheck, allowed=tuple(opts.allowed_hosts))  # added last: runs first
 
     @app.exception_handler(ApiError)
     async def api_error(_: HttpRequest, e: ApiError) -> JSONResponse:
@@ -102,8 +158,13 @@ def create_app(stack: Stack, options: ServeOptions | None = None) -> Any:
 
     @app.exception_handler(Exception)
     async def internal(_: HttpRequest, e: Exception) -> JSONResponse:
-        body = ApiError(500, f"internal error: {type(e).__name__}", "server_error", code="internal_error").body()
-        return JSONResponse(body, status_code=500)
+        # Nothing about the exception goes to the client (it may name files); the traceback goes to the log.
+        body = ApiError(500, "internal error (details in the server log)", "server_error", code="internal_error")
+        return JSONResponse(body.body(), status_code=500)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(_: HttpRequest, e: ClientGone) -> JSONResponse:
+        return JSONResponse(ApiError(499, "client closed the request", code="client_closed").body(), status_code=499)
 
     @app.exception_handler(404)
     async def not_found(request: HttpRequest, _: Exception) -> JSONResponse:
@@ -124,10 +185,19 @@ def create_app(stack: Stack, options: ServeOptions | None = None) -> Any:
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
 
     async def read_json(request: HttpRequest) -> Any:
-        """The body as JSON, refusing more than `max_body` bytes whether or not Content-Length says so."""
+        """The body as JSON, refusing more than `max_body` bytes whether or not Content-Length says so.
+
+        Only `application/json`: a web page may POST text/plain to 127.0.0.1 without a CORS preflight, never JSON.
+        """
+        kind = request.headers.get("content-type", "")
+        if kind.partition(";")[0].strip().lower() != "application/json":
+            raise ApiError(415, f"Content-Type must be application/json, not {kind[:100]!r}",
+                           code="unsupported_media_type")  # fmt: skip
         declared = request.headers.get("content-length")
         too_big = ApiError(413, f"request body larger than {opts.max_body} bytes", code="request_too_large")
-        if declared is not None and declared.isdigit() and int(declared) > opts.max_body:
+        if declared is not None and declared.isascii() and declared.isdigit() and len(declared) > 12:
+            raise too_big
+        if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > opts.max_body:
             raise too_big
         chunks, size = [], 0
         async for chunk in request.stream():
@@ -137,12 +207,15 @@ def create_app(stack: Stack, options: ServeOptions | None = None) -> Any:
             chunks.append(chunk)
         try:
             return json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+        except RecursionError:
+            raise ApiError(400, "the body is not valid JSON: nested too deeply", code="invalid_json") from None
+        except (ValueError, UnicodeDecodeError) as e:  # incl. integers of more than 4,300 digits
+            raise ApiError(400, f"the body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
 
     def submit(req: Ask, tokens: bool) -> tuple[Any, asyncio.Queue[Event]]:
         try:
-            return scheduler.submit(req.instruction, req.input, req.max_tokens, asyncio.get_running_loop(), tokens)
+            loop = asyncio.get_running_loop()
+            return scheduler.submit(req.instruction, req.input, req.max_tokens, loop, tokens, final=req.final)
         except QueueFull:
             raise ApiError(503, f"the server is busy ({opts.max_queue} requests queued); retry later", "server_error",
                            code="queue_full", headers={"Retry-After": str(opts.retry_after)}) from None  # fmt: skip
@@ -170,8 +243,24 @@ def create_app(stack: Stack, options: ServeOptions | None = None) -> Any:
             if kind == "done":
                 return data
             if kind == "error":
-                raise ApiError(data["status"], data["message"], data["type"])
+                raise job_error(data)
         raise AssertionError("unreachable")
+
+    async def traces_of(request: HttpRequest, req: Ask) -> list[dict[str, Any]]:
+        """`req.n` whole runs, batched by the scheduler; all dropped as soon as the client goes away."""
+        runs = [asyncio.ensure_future(trace_of(req)) for _ in range(req.n)]
+        work = asyncio.gather(*runs)
+        gone = asyncio.ensure_future(disconnected(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            for run in runs:  # the client left, or one run failed: cancelling takes the jobs out of the scheduler
+                run.cancel()
+        if not work.done():
+            await asyncio.gather(work, return_exceptions=True)
+            raise ClientGone
+        return work.result()
 
     # --- routes ----------------------------------------------------------------------------------------
 
@@ -190,20 +279,24 @@ def create_app(stack: Stack, options: ServeOptions | None = None) -> Any:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HttpRequest) -> Any:
         authorize(request)
-        req = parse_chat(await read_json(request), opts.max_tokens, model_name)
+        req = parse_chat(
+            await read_json(request), opts.max_tokens, model_name, stack.config.final_stage.generation.stop
+        )
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         if not req.stream:
-            trace = await trace_of(req)
-            return {
-                "id": cid, "object": "chat.completion", "created": created, "model": req.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": trace["answer"]},
-                             "finish_reason": finish_reason(trace, req.max_tokens, stack)}],
-                "usage": usage(trace), "fslm_trace": trace,
-            }  # fmt: skip
+            traces = await traces_of(request, req)
+            choices = [{"index": i, "message": {"role": "assistant", "content": t["answer"]},
+                        "finish_reason": finish_reason(t, req.max_tokens, stack)} for i, t in enumerate(traces)]  # fmt: skip
+            if req.n > 1:
+                for choice, t in zip(choices, traces, strict=True):
+                    choice["fslm_trace"] = t
+            total = usage(*traces)
+            return {"id": cid, "object": "chat.completion", "created": created, "model": req.model,
+                    "choices": choices, "usage": total, "fslm_trace": traces[0]}  # fmt: skip
         job, queue = submit(req, tokens=True)
         last = stack.config.stage_names[-1]
-        stop = stack.config.stages[-1].generation.stop
+        stop = (req.final or {}).get("stop", stack.config.final_stage.generation.stop)
 
         def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
             body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
@@ -228,7 +321,7 @@ def create_app(stack: Stack, options: ServeOptions | None = None) -> Any:
                         reason = finish_reason(data, req.max_tokens, stack)
                         yield chunk({}, reason, usage=usage(data), fslm_trace=data)
                     elif kind == "error":
-                        yield f"data: {json.dumps(ApiError(data['status'], data['message'], data['type']).body())}\n\n"
+                        yield f"data: {json.dumps(job_error(data).body())}\n\n"
             except ApiError as e:
                 yield f"data: {json.dumps(e.body())}\n\n"
             yield "data: [DONE]\n\n"
@@ -238,7 +331,7 @@ def create_app(stack: Stack, options: ServeOptions | None = None) -> Any:
     @app.post("/v1/stack/run")
     async def stack_run(request: HttpRequest) -> dict[str, Any]:
         authorize(request)
-        return await trace_of(parse_run(await read_json(request), opts.max_tokens))
+        return (await traces_of(request, parse_run(await read_json(request), opts.max_tokens)))[0]
 
     async def stream_events(req: Ask) -> Any:
         job, queue = submit(req, tokens=True)
@@ -246,6 +339,9 @@ def create_app(stack: Stack, options: ServeOptions | None = None) -> Any:
         async def body() -> AsyncIterator[str]:
             try:
                 async for kind, data in events(job, queue):
+                    if kind == "error":
+                        e = job_error(data)
+                        data = {"message": e.message, "status": e.status}
                     yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
             except ApiError as e:
                 yield f"event: error\ndata: {json.dumps({'message': e.message, 'status': e.status})}\n\n"
@@ -272,6 +368,20 @@ def create_app(stack: Stack, options: ServeOptions | None = None) -> Any:
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+def job_error(data: dict[str, Any]) -> ApiError:
+    """A failed job as an ApiError; a server-side failure says no more than that (the worker logged the details)."""
+    if data["status"] >= 500:
+        return ApiError(data["status"], "generation failed (details in the server log)", "server_error",
+                        code="internal_error")  # fmt: skip
+    return ApiError(data["status"], data["message"], data["type"])
+
+
+async def disconnected(request: HttpRequest) -> None:
+    """Return once the client has closed the connection (the body is already read, so only that message is left)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def answer_so_far(raw: str, stop: list[str]) -> str:
     """The part of a streaming answer that the final (stop-cut, stripped) answer is sure to start with."""
     text = cut_at_stop(raw, stop)
@@ -287,9 +397,9 @@ def finish_reason(trace: dict[str, Any], max_tokens: int | None, stack: Stack) -
     return "length" if last["output_tokens"] >= limit else "stop"
 
 
-def usage(trace: dict[str, Any]) -> dict[str, int]:
-    prompt = sum(s["prompt_tokens"] for s in trace["stages"])
-    completion = sum(s["output_tokens"] for s in trace["stages"])
+def usage(*traces: dict[str, Any]) -> dict[str, int]:
+    prompt = sum(s["prompt_tokens"] for t in traces for s in t["stages"])
+    completion = sum(s["output_tokens"] for t in traces for s in t["stages"])
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -309,6 +419,43 @@ def _max_tokens(body: dict[str, Any], limit: int) -> int | None:
             raise _bad(f"{key} must be an integer from 1 to {limit}", key)
         return value
     return None
+
+
+def _number(body: dict[str, Any], key: str, low: float, high: float, low_open: bool = False) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value > high or value < low or (low_open and value == low):
+        bound = f"greater than {low:g}" if low_open else f"from {low:g}"
+        raise _bad(f"{key} must be a number {bound} to {high:g}", key)
+    return float(value)
+
+
+def _sampling(body: dict[str, Any], stage_stop: tuple[str, ...] | list[str]) -> tuple[int, dict[str, Any] | None]:
+    """`n` and the final stage's overrides: temperature, top_p, stop (OpenAI's meanings, applied to the answer)."""
+    n = body.get("n")
+    if n is None:
+        n = 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+        raise _bad(f"n must be an integer from 1 to {MAX_N}", "n")
+    final: dict[str, Any] = {}
+    temperature = _number(body, "temperature", 0.0, 2.0)
+    if temperature is not None:
+        final["temperature"] = temperature
+    top_p = _number(body, "top_p", 0.0, 1.0, low_open=True)
+    if top_p is not None:
+        final["top_p"] = top_p
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None:
+        if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(x, str) and x for x in stop):
+            raise _bad(f"stop must be a non-empty string or a list of at most {MAX_STOP} of them", "stop")
+        for x in stop:
+            _utf8(x, "stop")
+        final["stop"] = [*stage_stop, *(x for x in stop if x not in stage_stop)]
+    return n, final or None
 
 
 def _utf8(text: str, param: str) -> None:
@@ -334,7 +481,7 @@ def _text(content: Any, param: str) -> str:
     raise _bad(f"{param} must be a string or a list of text parts", param)
 
 
-def parse_chat(body: Any, max_tokens: int, model: str) -> Ask:
+def parse_chat(body: Any, max_tokens: int, model: str, stage_stop: tuple[str, ...] | list[str] = ()) -> Ask:
     if not isinstance(body, dict):
         raise _bad("the body must be a JSON object", None)
     messages = body.get("messages")
@@ -360,7 +507,11 @@ def parse_chat(body: Any, max_tokens: int, model: str) -> Ask:
     name = body.get("model", model)
     if not isinstance(name, str):
         raise _bad("model must be a string", "model")
-    return Ask(instruction.strip(), None, _max_tokens(body, max_tokens), stream, name or model)
+    _utf8(name, "model")  # echoed in the answer
+    n, final = _sampling(body, stage_stop)
+    if stream and n > 1:
+        raise _bad("n > 1 is not supported with stream: true", "n")
+    return Ask(instruction.strip(), None, _max_tokens(body, max_tokens), stream, name[:256] or model, n, final)
 
 
 def parse_run(body: Any, max_tokens: int, from_query: bool = False) -> Ask:
@@ -369,8 +520,8 @@ def parse_run(body: Any, max_tokens: int, from_query: bool = False) -> Ask:
         raise _bad("the body must be a JSON object", None)
     body = dict(body)
     if from_query and "max_tokens" in body:
-        raw = body["max_tokens"]
-        body["max_tokens"] = int(raw) if raw.isdigit() else raw
+        raw = body["max_tokens"]  # a string; int() of thousands of digits raises (and needs no trying)
+        body["max_tokens"] = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 12 else raw
     instruction, input = body.get("instruction"), body.get("input")
     if not isinstance(instruction, str) or not instruction.strip():
         raise _bad("instruction must be a non-empty string", "instruction")

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fslm.config import GenerationSettings
 from fslm.errors import FslmError
 from fslm.stack import Stack, StageResult, Trace
 
@@ -45,6 +46,7 @@ class Job:
     skipped: int = 0  # steps run without this job since it last ran
     cancelled: bool = False
     created: float = field(default_factory=time.monotonic)
+    final: dict[str, Any] = field(default_factory=dict)  # the request's overrides of the last stage's generation
 
 
 class Scheduler:
@@ -72,6 +74,7 @@ class Scheduler:
         max_tokens: int | None,
         loop: asyncio.AbstractEventLoop,
         tokens: bool = True,
+        final: dict[str, Any] | None = None,
     ) -> tuple[Job, asyncio.Queue[Event]]:
         """Admit a request or raise QueueFull; its events arrive on the returned asyncio queue."""
         queue: asyncio.Queue[Event] = asyncio.Queue()
@@ -82,7 +85,7 @@ class Scheduler:
             except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
                 pass
 
-        job = Job(Trace(instruction=instruction, input=input), max_tokens, emit, tokens)
+        job = Job(Trace(instruction=instruction, input=input), max_tokens, emit, tokens, final=dict(final or {}))
         with self.cond:
             if len(self.jobs) >= self.max_queue:
                 raise QueueFull
@@ -124,8 +127,8 @@ class Scheduler:
                 first = starved
             else:
                 first = min(self.jobs, key=lambda j: (j.stage, j.created))
-            key = (first.stage, self._max_new(first))
-            batch = sorted((j for j in self.jobs if (j.stage, self._max_new(j)) == key), key=lambda j: j.created)
+            key = (first.stage, self._settings(first))
+            batch = sorted((j for j in self.jobs if (j.stage, self._settings(j)) == key), key=lambda j: j.created)
             batch = batch[: self.max_batch]
             chosen = {id(j) for j in batch}
             for job in self.jobs:
@@ -136,6 +139,13 @@ class Scheduler:
         stage = self.stack.config.stages[job.stage]
         limit = stage.generation.max_new_tokens
         return limit if job.max_tokens is None else min(limit, job.max_tokens)
+
+    def _settings(self, job: Job) -> GenerationSettings:
+        """How the job's next stage decodes: max_tokens capped, and the request's overrides on the last stage."""
+        update: dict[str, Any] = {"max_new_tokens": self._max_new(job)}
+        if job.final and job.stage == len(self.stack.config.stages) - 1:
+            update.update(job.final)
+        return self.stack.config.stages[job.stage].generation.model_copy(update=update)
 
     def _work(self) -> None:
         while (batch := self._next_batch()) is not None:
@@ -171,7 +181,7 @@ class Scheduler:
         """Run one stage for a batch of jobs that are all at that stage."""
         stack = self.stack
         stage = stack.config.stages[batch[0].stage]
-        settings = stage.generation.model_copy(update={"max_new_tokens": self._max_new(batch[0])})
+        settings = self._settings(batch[0])
         adapter = stack.stage_adapter(stage.name)
         prompts = [stack.render_prompt(stage, j.trace.instruction, j.trace.input, j.trace.outputs) for j in batch]
         for job in batch:
