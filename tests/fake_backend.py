@@ -9,18 +9,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from fslm.backends import Completion, cut_at_stop
+from fslm.backends import Backend, Completion, cut_at_stop
 from fslm.config import GenerationSettings, LoraSettings, StackConfig, StageConfig
 from fslm.recipes import load_recipe
 from fslm.stack import Stack
 from fslm.steps.serve import ServeOptions, create_app
 
 
-class FakeBackend:
+class FakeBackend(Backend):
     """Answers `<stage> answer <n> STOP tail` at once; records every call; can be held, slowed or made to fail."""
 
     name = "fake"
-    context_length = 1 << 20
+
+    @property
+    def context_length(self) -> int:
+        return 1 << 20
 
     def __init__(self) -> None:
         self.adapters: dict[str, Path] = {}

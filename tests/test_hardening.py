@@ -273,7 +273,7 @@ def test_a_500_names_nothing_and_the_log_has_the_details(fake, url, caplog, monk
     # An exception in the HTTP layer itself: the same generic body.
     import fslm.steps.serve
 
-    monkeypatch.setattr(fslm.serve, "usage", lambda *t: 1 / 0)
+    monkeypatch.setattr(fslm.steps.serve, "usage", lambda *t: 1 / 0)
     r = httpx.post(f"{url}/v1/chat/completions", json=CHAT)
     assert r.status_code == 500 and "ZeroDivision" not in r.text and r.json()["error"]["message"]
 
