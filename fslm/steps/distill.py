@@ -306,34 +306,13 @@ def _distill_locked(
         outputs.open()
         rejected.open()
         cache = TeacherCache(paths["cache"])
-        manifest: dict[str, Any] = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "status": "running",
-            "run": run,
-            "stack": {
-                "directory": str(stack_dir) if stack_dir is not None else None,
-                "name": config.name,
-                "stages": config.stage_names,
-                "prompts_sha256": run["prompts_sha256"],
-            },
-            "dataset": dataset.describe(),
-            "teacher": teacher.describe(),
-            "options": options.recipe(),
-            "cache": str(paths["cache"]),
-            "contamination": contamination or {"checked": False},
-            "versions": versions(),
-            "started": now(),
-        }
-        atomic_write_text(paths["manifest"], json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-
+        manifest = _start_manifest(config, dataset, teacher, paths, options, run, contamination, stack_dir)
         done = {_group(r) for r in outputs.rows} | {_group(r) for r in rejected.rows}
         todo = [r for r in dataset.records if r.id not in done]
         resumed = len(dataset.records) - len(todo)
         stats = {"calls": 0, "hits": 0, "tokens": 0, "trimmed": 0}
         start = time.perf_counter()
-        total = len(dataset.records)
-        emit(on_event, Progress("distill", "records", resumed, total))
+        emit(on_event, Progress("distill", "records", resumed, len(dataset.records)))
         for i in range(0, len(todo), teacher.batch_size):
             chunk = todo[i : i + teacher.batch_size]
             good, bad = [], []
@@ -347,30 +326,9 @@ def _distill_locked(
             finished = i + len(chunk)
             dt = max(time.perf_counter() - start, 1e-9)
             rates = {"rate": f"{finished / dt:.2f} rec/s · {stats['tokens'] / dt:.1f} tok/s"}
-            emit(on_event, Progress("distill", "records", resumed + finished, total, rates))
+            emit(on_event, Progress("distill", "records", resumed + finished, len(dataset.records), rates))
         seconds = time.perf_counter() - start
-
-        filtered = {f: 0 for f in REJECTIONS}
-        for r in rejected.rows:
-            filtered[r["rejected"]["filter"]] = filtered.get(r["rejected"]["filter"], 0) + 1
-        written_groups = {_group(r) for r in outputs.rows}
-        rejected_groups = {_group(r) for r in rejected.rows} - written_groups
-        checks = summarise_checks(config, outputs.rows, rejected.rows)
-        result = DistillResult(
-            paths["out"],
-            paths["manifest"],
-            len(dataset.records),
-            len(outputs.rows),
-            filtered,
-            resumed,
-            stats["calls"],
-            stats["hits"],
-            stats["tokens"],
-            seconds,
-            written_records=len(written_groups),
-            rejected_records=len(rejected_groups),
-            checks=checks,
-        )
+        result = _result(config, dataset, paths, outputs.rows, rejected.rows, resumed, stats, seconds)
         manifest.update(
             status="complete",
             finished=now(),
@@ -379,10 +337,10 @@ def _distill_locked(
                 "written": result.written,
                 "written_records": result.written_records,
                 "rejected_records": result.rejected_records,
-                "filtered": filtered,
+                "filtered": result.filtered,
                 "lost": result.lost,
             },
-            checks=checks,
+            checks=result.checks,
             last_run={
                 "resumed_records": resumed,
                 "records": len(todo),
@@ -404,6 +362,72 @@ def _distill_locked(
         rejected.close()
         if cache is not None:
             cache.close()
+
+
+def _start_manifest(
+    config: StackConfig,
+    dataset: Dataset,
+    teacher: Teacher,
+    paths: dict[str, Path],
+    options: DistillOptions,
+    run: dict[str, Any],
+    contamination: dict[str, Any] | None,
+    stack_dir: str | Path | None,
+) -> dict[str, Any]:
+    """The manifest written at the start (status running): what this run is, so a rerun can tell it is the same."""
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "status": "running",
+        "run": run,
+        "stack": {
+            "directory": str(stack_dir) if stack_dir is not None else None,
+            "name": config.name,
+            "stages": config.stage_names,
+            "prompts_sha256": run["prompts_sha256"],
+        },
+        "dataset": dataset.describe(),
+        "teacher": teacher.describe(),
+        "options": options.recipe(),
+        "cache": str(paths["cache"]),
+        "contamination": contamination or {"checked": False},
+        "versions": versions(),
+        "started": now(),
+    }
+    atomic_write_text(paths["manifest"], json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    return manifest
+
+
+def _result(
+    config: StackConfig,
+    dataset: Dataset,
+    paths: dict[str, Path],
+    rows: list[dict[str, Any]],
+    rejected: list[dict[str, Any]],
+    resumed: int,
+    stats: dict[str, int],
+    seconds: float,
+) -> DistillResult:
+    """Counts over the whole files (every run of this command so far), this run's teacher figures."""
+    filtered = {f: 0 for f in REJECTIONS}
+    for r in rejected:
+        filtered[r["rejected"]["filter"]] = filtered.get(r["rejected"]["filter"], 0) + 1
+    written_groups = {_group(r) for r in rows}
+    return DistillResult(
+        paths["out"],
+        paths["manifest"],
+        len(dataset.records),
+        len(rows),
+        filtered,
+        resumed,
+        stats["calls"],
+        stats["hits"],
+        stats["tokens"],
+        seconds,
+        written_records=len(written_groups),
+        rejected_records=len({_group(r) for r in rejected} - written_groups),
+        checks=summarise_checks(config, rows, rejected),
+    )
 
 
 def _group(row: dict[str, Any]) -> str:
