@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--openbookqa", type=int, default=500, help="OpenBookQA train questions (regime mc)")
     p.add_argument("--alpaca", type=int, default=2000, help="Alpaca instructions (regime alpaca)")
     p.add_argument("--samples", type=int, default=1, help="chains per question")
+    p.add_argument("--filters", default="empty,overlong,repetition,leak", help="distill's quality filters")
+    p.add_argument("--alpaca-glob", default=ALPACA, help="Alpaca files under the data dir (regime alpaca)")
     p.add_argument("--budgets", default="intent=48,plan=64,reasoning=96,answer=48", help="stage max_new_tokens")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=8)
@@ -60,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-limit", type=int, default=1000, help="items per task (seeded); full set when smaller")
     p.add_argument("--eval-seed", type=int, default=1234)
     p.add_argument("--eval-extra", default="{}", help="JSON of further EvalOptions fields (scoring modes, ...)")
+    p.add_argument("--publish", action="store_true", help="copy results to docs/results/ and data to data/ (real runs)")
     return p.parse_args(argv)
 
 
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     sources = (
         {name: (args.data_dir / rel, fmt, getattr(args, name.removesuffix("_train"))) for name, (rel, fmt) in MC_SOURCES.items()}
         if args.regime == "mc"
-        else {"alpaca": (args.data_dir / ALPACA, "alpaca", args.alpaca)}
+        else {"alpaca": (args.data_dir / args.alpaca_glob, "alpaca", args.alpaca)}
     )  # fmt: skip
     policy = "hint-on-retry" if args.regime == "mc" else "hidden"
     data = out / "train.jsonl"
@@ -140,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 teacher=TeacherSpec(backend=args.teacher_backend, model=args.teacher, batch_size=args.teacher_batch),
                 reference=policy,
                 samples=args.samples,
+                filters=args.filters,
                 format=fmt,
                 limit=n,
                 seed=args.seed,
@@ -192,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     except FslmError as e:
         err.print(f"[red]error:[/] {e}")
         return 2
-    publish(out, ledger.data, args)
+    if args.publish:
+        publish(out, ledger.data, args)
     return 0
 
 
