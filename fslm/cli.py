@@ -319,29 +319,7 @@ def train(
     _grant(trust_remote_code)
     if processes > 1 and "LOCAL_RANK" not in os.environ:
         raise typer.Exit(launch(strip_processes(sys.argv[2:]), processes))
-    options = TrainOptions.build(
-        stages=stages,
-        single=single,
-        multitask=multitask,
-        answer_inputs=answer_inputs,
-        student_backend=student_backend,
-        epochs=epochs,
-        max_steps=max_steps,
-        lr=lr,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        scheduler=scheduler,
-        warmup=warmup,
-        seed=seed,
-        val_fraction=val_fraction,
-        save_steps=save_steps,
-        max_length=max_length,
-        strict=strict,
-        resume=resume,
-        fresh=fresh,
-        keep_checkpoints=keep_checkpoints,
-        precision=precision,
-    )
+    options = TrainOptions.pick(locals())
     main_process = os.environ.get("RANK", "0") == "0"
     with EventView() if main_process else _nothing() as view:
         result = train_step(directory, data, options, on_event=view)
@@ -461,28 +439,7 @@ def distill(
             url=teacher_url, api_key_env=api_key_env, concurrency=concurrency, timeout=timeout, max_retries=max_retries
         )
     teacher = TeacherSpec.build(backend=teacher_backend, model=teacher_model, server=server, batch_size=batch_size)
-    options = DistillOptions.build(
-        teacher=teacher,
-        reference=reference,
-        final_from=final_from,
-        samples=samples,
-        sample_temperature=sample_temperature,
-        sample_top_p=sample_top_p,
-        max_new_tokens=max_new_tokens,
-        filters=filters,
-        overlong_factor=overlong_factor,
-        trim_cut=trim_cut,
-        format=format,
-        instruction_field=instruction_field,
-        input_field=input_field,
-        output_field=output_field,
-        limit=limit,
-        seed=seed,
-        strict=strict,
-        data_dir=data_dir,
-        cache=cache,
-        overwrite=overwrite,
-    )
+    options = DistillOptions.pick({**locals(), "teacher": teacher})
     with EventView() as view:
         r = distill_step(dataset, stack, out_path, options, on_event=view)
     dropped = ", ".join(f"{n} {k}" for k, n in r.filtered.items() if n) or "none"
@@ -652,16 +609,7 @@ def eval_cmd(
     from fslm.steps.evaluate import evaluate
 
     _grant(trust_remote_code)
-    options = EvalOptions.build(
-        tasks=tasks,
-        data_dir=data_dir,
-        systems=systems,
-        limit=limit,
-        seed=seed,
-        ablate=ablate,
-        batch_size=batch_size,
-        stage_tokens=stage_tokens,
-    )
+    options = EvalOptions.pick(locals())
     with EventView() as view:
         result = evaluate(directory, out_dir, options, on_event=view)
     print_eval_table(result.results)
@@ -708,17 +656,7 @@ def quickstart(
     """The whole pipeline on the embedded model, offline, in minutes: init, distill, train, run, eval."""
     from fslm.quickstart import quickstart as quickstart_step
 
-    options = QuickstartOptions.build(
-        records=records,
-        teacher_tokens=teacher_tokens,
-        train_steps=train_steps,
-        batch_size=batch_size,
-        eval_items=eval_items,
-        stage_tokens=stage_tokens,
-        base=base,
-        teacher_backend=teacher_backend,
-        filters=filters,
-    )
+    options = QuickstartOptions.pick(locals())
     with EventView() as view:
         result = quickstart_step(out_dir, options, on_event=view)
     out.print(f"\n[bold]{result.trace.instruction}[/]")

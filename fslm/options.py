@@ -19,6 +19,12 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
     @classmethod
+    def pick(cls: type[OptionsT], values: dict[str, Any]) -> OptionsT:
+        """Options from the entries of `values` that are fields of this class (a CLI command passes its `locals()`:
+        each flag is then named once, as the command's parameter, and reaches its field by that name)."""
+        return cls.build(**{k: v for k, v in values.items() if k in cls.model_fields})
+
+    @classmethod
     def build(cls: type[OptionsT], **values: Any) -> OptionsT:
         """Validate `values` into options; a bad value is reported as `--flag-name: why` (exit code 2)."""
         try:
