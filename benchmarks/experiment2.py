@@ -63,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-seed", type=int, default=1234)
     p.add_argument("--eval-extra", default="{}", help="JSON of further EvalOptions fields (scoring modes, ...)")
     p.add_argument("--publish", action="store_true", help="copy results to docs/results/ and data to data/ (real runs)")
+    p.add_argument("--until", choices=("init", "distill", "train", "eval"), default="eval", help="stop after this step")
     return p.parse_args(argv)
 
 
@@ -113,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.expanduser()
     out.mkdir(parents=True, exist_ok=True)
     stack = StackDir(out / "stack")
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("out", "data_dir")}
+    # What identifies the experiment: not where it writes, how far this invocation goes, or the eval's extra options
+    # (the eval reuses only rows computed with its exact setup; the ledger records what it ran).
+    skip = ("out", "data_dir", "until", "publish", "eval_extra")
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in skip}
     ledger = Ledger(out / "ledger.json", settings)
     sources = (
         {name: (args.data_dir / rel, fmt, getattr(args, name.removesuffix("_train"))) for name, (rel, fmt) in MC_SOURCES.items()}
@@ -183,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         with EventView() as view:
             result = evaluate(stack.root, out / "eval", options, on_event=view)
         ledger.data["results"] = result.results
+        ledger.data["eval_options"] = options.model_dump(mode="json")
 
     steps = (("init", make_stack), ("distill", distil), ("train", train_all), ("eval", evaluate_all))
     try:
@@ -193,10 +198,12 @@ def main(argv: list[str] | None = None) -> int:
             err.print(f"[bold cyan]experiment2 ({args.regime}): {name}[/]")
             ledger.step(name, fn)
             ledger.finish(name)
+            if name == args.until:
+                break
     except FslmError as e:
         err.print(f"[red]error:[/] {e}")
         return 2
-    if args.publish:
+    if args.publish and ledger.done("eval"):
         publish(out, ledger.data, args)
     return 0
 
