@@ -118,7 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     # (the eval reuses only rows computed with its exact setup; the ledger records what it ran).
     skip = ("out", "data_dir", "until", "publish", "eval_extra")
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in skip}
-    ledger = Ledger(out / "ledger.json", settings)
+    try:
+        ledger = Ledger(out / "ledger.json", settings)
+    except FslmError as e:  # another experiment's --out: refuse before touching it
+        err.print(f"[red]error:[/] {e}")
+        return 2
     sources = (
         {name: (args.data_dir / rel, fmt, getattr(args, name.removesuffix("_train"))) for name, (rel, fmt) in MC_SOURCES.items()}
         if args.regime == "mc"

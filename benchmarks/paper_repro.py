@@ -132,7 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     settings["alpaca_sha256"] = sha256_file(args.alpaca)
     for key in ("alpaca", "data_dir"):  # paths differ between machines; the hashes identify the data
         settings.pop(key)
-    ledger = Ledger(out / "paper_repro.json", settings)
+    try:
+        ledger = Ledger(out / "paper_repro.json", settings)
+    except FslmError as e:  # another experiment's --out: refuse before touching it
+        err.print(f"[red]error:[/] {e}")
+        return 2
 
     def say(text: str) -> None:
         err.print(text)
