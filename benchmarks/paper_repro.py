@@ -111,7 +111,7 @@ def markdown(ledger: dict[str, Any], results: dict[str, Any], tasks: list[str], 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from fslm.cli import EventView, err
+    from fslm.cli import EventView, _setup_logging, err
     from fslm.config import ServerSettings
     from fslm.errors import FslmError
     from fslm.files import atomic_write_text, sha256_file
@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     from fslm.steps.train import TrainOptions
     from fslm.teachers import TeacherSpec
 
+    _setup_logging()  # fslm's info lines ("already trained ...: kept", "already evaluated") as the CLI shows them
     out = args.out.expanduser()
     out.mkdir(parents=True, exist_ok=True)
     stack_dir, data, report = out / "stack", out / "distilled.jsonl", out / "eval"

@@ -224,3 +224,32 @@ def llama_server(args: list[str], port: int, log_path: Path) -> Iterator[str]:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+# --- `pytest -m "not slow"` skips every test that touches the embedded model (README, "Tests") -------------------
+
+SLOW: dict[str, bool] = {}  # node id -> marked slow
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    SLOW.update({item.nodeid: item.get_closest_marker("slow") is not None for item in items})
+
+
+@pytest.fixture(scope="session", autouse=True)
+def embedded_model_only_in_slow_tests():
+    """Resolving the embedded GGUF (every in-process load of it starts there) from a test not marked `slow` fails
+    that test, so the README's `pytest -m "not slow"` really skips the real model. (Subprocesses are not watched:
+    the tests that start `python -m fslm` on the embedded model are marked slow by hand.)"""
+    from fslm.models import EmbeddedGGUF
+
+    original = EmbeddedGGUF.path
+
+    def guarded(self: EmbeddedGGUF) -> Path:
+        current = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
+        if current in SLOW and not SLOW[current]:
+            pytest.fail(f"{current} touches the embedded model {self.filename}: mark it @pytest.mark.slow")
+        return original(self)
+
+    EmbeddedGGUF.path = guarded  # type: ignore[method-assign]
+    yield
+    EmbeddedGGUF.path = original  # type: ignore[method-assign]

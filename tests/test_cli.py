@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -30,7 +31,14 @@ def test_init_info_run_json(tmp_path, tiny_model):
 
     r = invoke("info", d)
     assert r.exit_code == 0, r.output
-    assert "intent" in r.output and "adapters/answer" in r.output and "none (base)" in r.output
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in r.stdout.splitlines() if line.startswith("│")]
+    assert [(row[1], row[3]) for row in rows] == [
+        ("intent", "none (base)"),
+        ("plan", "none (base)"),
+        ("reasoning", "none (base)"),
+        ("answer", "adapters/answer"),
+    ]
+    assert rows[3][4].endswith(" M") and [row[4] for row in rows[:3]] == ["-", "-", "-"]  # adapter parameters
 
     r = invoke("run", d, "Give three tips for staying healthy.", "--json", "--max-new-tokens", "5")
     assert r.exit_code == 0, r.output
@@ -44,7 +52,16 @@ def test_init_info_run_json(tmp_path, tiny_model):
 
     r = invoke("run", d, "Give three tips.", "--max-new-tokens", "3")
     assert r.exit_code == 0, r.output
-    assert "answer" in r.stdout and "adapter answer" in r.stdout
+    # one panel per stage, titled with what it ran on and how many tokens it wrote, then the answer panel
+    titles = re.findall(r"╭─ (\w+)(?: · (base model|adapter \w+) · (\d+) tokens)?", r.stdout)
+    assert [t[:2] for t in titles] == [
+        ("intent", "base model"),
+        ("plan", "base model"),
+        ("reasoning", "base model"),
+        ("answer", "adapter answer"),
+        ("answer", ""),
+    ]
+    assert all(1 <= int(t[2]) <= 3 for t in titles[:4])
 
 
 def _bad(tmp_path, tiny_llama):

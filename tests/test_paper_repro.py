@@ -56,14 +56,20 @@ def test_paper_repro_runs_every_step_and_resumes(tmp_path, capsys):
     table = (out / "paper_repro.md").read_text()
     assert "| stack |" in table and "| train |" in table and "| answer | " in table and "alpaca" in table
 
-    # A rerun keeps the adapters and the finished eval rows: the results are the same, and train does not rerun.
+    # A rerun keeps the adapters and the finished eval rows: neither is written again (greedy decoding would give
+    # equal results even if they were recomputed, so the files themselves are the evidence).
     adapter = out / "stack" / "adapters" / "answer" / "adapter_model.safetensors"
     mtime = adapter.stat().st_mtime_ns
+    rows = {p.name: p.stat().st_mtime_ns for p in (out / "eval" / "systems").glob("*.json")}
+    assert set(rows) == {"base.json", "single.json", "stack.json"}
     capsys.readouterr()
     assert script.main(argv) == 0
-    assert "already trained on this data: kept" in capsys.readouterr().err
+    err = " ".join(capsys.readouterr().err.split())
+    assert "already trained on this data: kept" in err
+    assert all(f"{name}: already evaluated" in err for name in ("base", "single", "stack")), err
     again = json.loads((out / "paper_repro.json").read_text())
     assert adapter.stat().st_mtime_ns == mtime
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "eval" / "systems").glob("*.json")} == rows
     assert again["results"] == ledger["results"]
     assert all(s["invocations"] == 2 for s in again["steps"].values())
 

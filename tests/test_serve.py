@@ -129,7 +129,18 @@ def test_openai_client_plain_and_streaming(stack, url):
     strace = last.model_extra["fslm_trace"]
     assert [s["name"] for s in strace["stages"]] == names
     assert text == strace["answer"] == stack.run("Explain the sky.").answer
-    assert len(chunks) >= 3  # role chunk, at least one content delta, final chunk
+    # Streamed: the answer arrives in several content chunks before the final one, which carries the usage.
+    contents = [c.choices[0].delta.content for c in chunks[1:-1]]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len(contents) >= 3 and all(contents), contents
+    assert last.usage.completion_tokens == sum(s["output_tokens"] for s in strace["stages"]) > 0
+    assert last.usage.prompt_tokens == sum(s["prompt_tokens"] for s in strace["stages"])
+    # The raw stream ends with `data: [DONE]` right after the usage chunk (the openai client hides both details).
+    body = {"messages": [{"role": "user", "content": "Explain the sky."}], "stream": True}
+    raw = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).text
+    events = [e for e in raw.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: {") for e in events[:-1])
+    assert json.loads(events[-2][6:])["usage"] == last.usage.model_dump(exclude_none=True)
 
 
 def test_stage_events_stream_tokens(stack, url):

@@ -71,16 +71,22 @@ def test_adapter_switching(tmp_path, tiny_model):
     assert gen("intent") == first, "switching back must restore the first adapter exactly"
     assert gen(None) == base, "disabling adapters must restore the base model exactly"
 
-    trace = stack.run("Explain why the sky is blue.", max_new_tokens=4)
+    question = "Explain why the sky is blue."
+    trace = stack.run(question, max_new_tokens=4)
     assert [s.adapter for s in trace.stages] == ["intent", "plan", None, None]
-    ablated = stack.run("Explain why the sky is blue.", max_new_tokens=4, adapters={"intent": None})
-    assert ablated.stages[0].adapter is None
-    assert (
-        ablated.stages[0].output
-        == stack.run("Explain why the sky is blue.", max_new_tokens=4, adapters={"intent": None, "plan": None})
-        .stages[0]
-        .output
-    )
+    # Ablating intent: that stage runs on the bare base (its output is the base model's, not the adapter's),
+    # and the next stage still runs with its own adapter, on the ablated intent's text.
+    ablated = stack.run(question, max_new_tokens=4, adapters={"intent": None})
+    assert [s.adapter for s in ablated.stages] == [None, "plan", None, None]
+    short = settings.model_copy(update={"max_new_tokens": 4})
+    with_adapter = stack.backend.generate([trace.stages[0].prompt], "intent", short)[0].text
+    on_base = stack.backend.generate([trace.stages[0].prompt], None, short)[0].text
+    assert with_adapter != on_base, "the intent adapter must change the first 4 tokens"
+    assert trace.stages[0].output == with_adapter and ablated.stages[0].output == on_base
+    plan_prompt = ablated.stages[1].prompt
+    assert on_base in plan_prompt and plan_prompt != trace.stages[1].prompt
+    assert ablated.stages[1].output == stack.backend.generate([plan_prompt], "plan", short)[0].text
+    assert ablated.stages[1].output != stack.backend.generate([plan_prompt], None, short)[0].text
 
 
 def test_batch_equals_one_by_one_greedy(tmp_path, tiny_model):

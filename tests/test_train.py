@@ -205,7 +205,7 @@ def test_trained_stack_runs_with_its_adapters_and_differs_from_zero_shot(llama_s
     assert [s["adapter"] for s in trained["stages"]] == STAGES
     assert [s["output"] for s in trained["stages"]] != [s["output"] for s in zero_shot["stages"]]
     r = invoke("info", llama_stack)
-    assert r.exit_code == 0 and "adapters/answer" in r.output
+    assert r.exit_code == 0 and "adapters/answer" in r.output and "none (base)" not in r.output
 
 
 def test_single_baseline(llama_stack, tmp_path):
