@@ -26,6 +26,7 @@ from rich.logging import RichHandler
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from typer.core import TyperGroup
 
 from fslm.config import ServerSettings
 from fslm.errors import FslmError
@@ -586,11 +587,51 @@ def print_eval_table(results: dict[str, Any]) -> None:
         cells = [f"{s['tasks'][t]['accuracy']:.3f} ± {s['tasks'][t]['stderr'] or 0:.3f}" for t in tasks]
         table.add_row(name, *cells, f"{s['seconds_per_query']:.3f}")
     out.print(table)
+    acc_pairs = [r for r in results.get("paired", []) if r["metric"] == "acc"]
+    if acc_pairs:
+        print_paired(acc_pairs, "paired differences (acc, same items)")
     for w in results["contamination_warnings"]:
         err.print(f"[yellow]warning:[/] {w}")
 
 
-@app.command("eval")
+def print_paired(rows: list[dict[str, Any]], title: str) -> None:
+    from fslm.steps.eval_stats import format_p
+
+    table = Table("task", "metric", "A", "B", "n", "A − B (95% CI)", "A only / B only", "McNemar p", title=title)
+    for r in rows:
+        diff = f"{100 * r['diff']:+.1f} pts ({100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f})"
+        table.add_row(
+            r["task"],
+            r["metric"],
+            r["a"],
+            r["b"],
+            str(r["n"]),
+            diff,
+            f"{r['a_only']} / {r['b_only']}",
+            format_p(r["p_value"]),
+        )
+    out.print(table)
+
+
+class EvalGroup(TyperGroup):
+    """`fslm eval DIR ...` runs an evaluation (the `run` subcommand, implied); `fslm eval compare A B` compares runs."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+eval_app = typer.Typer(
+    cls=EvalGroup,
+    no_args_is_help=True,
+    help="Score base model vs baselines vs stack on offline benchmarks (`fslm eval DIR ...` = `fslm eval run DIR ...`); "
+    "compare two runs item by item (`fslm eval compare A B`).",
+)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("run")
 @friendly
 def eval_cmd(
     directory: StackDir,
@@ -604,6 +645,18 @@ def eval_cmd(
     batch_size: int = flag(EvalOptions, "batch_size", min=1),
     stage_tokens: int | None = flag(EvalOptions, "stage_tokens", min=1),
     trust_remote_code: TrustRemoteCode = False,
+    stage_backend: str = flag(EvalOptions, "stage_backend"),
+    stage_batch: int | None = flag(EvalOptions, "stage_batch", min=1),
+    stage_check: int = flag(EvalOptions, "stage_check", min=0),
+    stack_scoring: str = flag(EvalOptions, "stack_scoring"),
+    chains: int = flag(EvalOptions, "chains", min=1),
+    chain_temperature: float = flag(EvalOptions, "chain_temperature", min=0.0),
+    ensemble_weight: float | None = flag(EvalOptions, "ensemble_weight", min=0.0, max=1.0),
+    gate_threshold: float | None = flag(EvalOptions, "gate_threshold", min=0.0, max=1.0),
+    tune_limit: int = flag(EvalOptions, "tune_limit", min=1),
+    generative: bool = flag(EvalOptions, "generative"),
+    gen_tokens: int | None = flag(EvalOptions, "gen_tokens", min=1),
+    bootstrap: int = flag(EvalOptions, "bootstrap", min=100),
 ) -> None:
     """Score base model vs single adapter vs stack on offline benchmarks (lm-evaluation-harness)."""
     from fslm.steps.evaluate import evaluate
@@ -614,6 +667,48 @@ def eval_cmd(
         result = evaluate(directory, out_dir, options, on_event=view)
     print_eval_table(result.results)
     out.print(f"report: {result.report}")
+
+
+@eval_app.command("compare")
+@friendly
+def eval_compare_cmd(
+    run_a: Annotated[Path, typer.Argument(help="An `fslm eval --out` directory (or its results.json).")],
+    run_b: Annotated[Path, typer.Argument(help="Another one, scored on overlapping items.")],
+    systems_a: Annotated[
+        str | None, typer.Option(help="Systems of run A to compare (default: the names both runs have).")
+    ] = None,
+    systems_b: Annotated[str | None, typer.Option(help="Systems of run B to compare.")] = None,
+    metric: Annotated[str, typer.Option(help="Comma list of metrics: acc, acc_norm, gen.")] = "acc,acc_norm,gen",
+    bootstrap: Annotated[int, typer.Option(help="Paired bootstrap resamples.", min=100)] = 10_000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 1234,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+) -> None:
+    """Paired comparison of two eval runs on the items both scored (matched by item id)."""
+    from fslm.options import comma_list
+    from fslm.steps.eval_stats import METRICS, compare_runs
+
+    metrics = comma_list(metric)
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise FslmError(f"--metric: unknown {', '.join(unknown) or '(none)'} (known: {', '.join(METRICS)})")
+    report = compare_runs(
+        run_a,
+        run_b,
+        comma_list(systems_a) if systems_a else None,
+        comma_list(systems_b) if systems_b else None,
+        metrics,
+        bootstrap,
+        seed,
+    )
+    if as_json:
+        sys.stdout.write(json.dumps(report) + "\n")
+        return
+    print_paired(report["rows"], f"A = {run_a}, B = {run_b}")
+    dropped = {t: n for t, n in report["unmatched_items"].items() if n}
+    if dropped:
+        err.print(
+            "[yellow]items scored in only one run (left out):[/] " + ", ".join(f"{t} {n}" for t, n in dropped.items())
+        )
 
 
 @app.command(

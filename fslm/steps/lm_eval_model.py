@@ -6,8 +6,10 @@ hands its arguments to lm-eval's own CLI. Systems:
 - `base`: the bare base model on the raw lm-eval context (no stage prompt), scored as lm-eval's `hf` model does.
 - `single`, `multitask`: a baseline adapter (`adapters/single/`, `adapters/multitask/`) answering directly, prompt
   from `Stack.direct_prompt`.
-- `stack`: stages 1..N-1 generate once per distinct context (cached: all answer choices share it); the final stage
-  scores the continuation after its own prompt, built from the context and the earlier stages' outputs.
+- `stack`: stages 1..N-1 generate once per distinct context (cached: all answer choices share it), on the stage
+  backend (`stages`: a Stack on llama.cpp or a server, or the scoring stack itself); the final stage scores the
+  continuation on PyTorch after its own prompt, built from the context and the earlier stages' outputs.
+  `scoring` chooses how paths combine (chain, ensemble, gate: fslm/steps/eval_scoring.py).
   `ablate=<stage>` runs that stage on the bare base model.
 
 Scores are pinned: fixed batch size (model_args `batch_size`, default 8), right padding, float32 log-softmax, and
@@ -16,8 +18,9 @@ requests sorted by length, so a score does not depend on how lm-eval batches req
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from lm_eval.api.model import TemplateLM
@@ -28,13 +31,23 @@ from fslm.backends import SCORE
 from fslm.errors import FslmError
 from fslm.stack import SYSTEMS
 from fslm.stackdir import BASELINES
+from fslm.steps import eval_scoring as scoring_modes
+from fslm.steps.eval_stages import load_stage_stack, resolve, run_stages
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
+PerTask = float | Mapping[str, float] | None  # one value, or one per lm-eval task name (fslm_arc_easy: 0.3)
 
 
 @register_model("fslm")
 class FslmLM(TemplateLM):
-    """lm-eval model over a `Stack`; `stack` is a directory (CLI) or a loaded `Stack` (fslm eval reuses one)."""
+    """lm-eval model over a `Stack`; `stack` is a directory (CLI) or a loaded `Stack` (fslm eval reuses one).
+
+    stages: the Stack that generates stages 1..N-1 (and the answers of generative tasks where it has the adapter);
+    a backend name (torch|llamacpp|openai|auto) loads one; default: the scoring stack itself.
+    scoring: chain | ensemble | gate; chains (K), temperature and seed for the ensemble's sampled chains; weight (λ)
+    and threshold (τ), one value or one per task; None records every path for tuning and answers with the direct
+    path's scores (`records` holds them).
+    """
 
     def __init__(
         self,
@@ -46,6 +59,16 @@ class FslmLM(TemplateLM):
         stage_tokens: int | str | None = None,
         progress: Progress | None = None,
         trust_remote_code: bool | str = False,
+        stages: Any = None,
+        stage_backend: str | None = None,
+        stage_batch: int | str | None = None,
+        scoring: str = "chain",
+        chains: int | str = 3,
+        temperature: float | str = 0.7,
+        weight: PerTask | str = None,
+        threshold: PerTask | str = None,
+        seed: int | str = 1234,
+        gen_tokens: int | str | None = None,
         **_: Any,  # lm-eval passes device etc.; the stack's manifest decides those
     ) -> None:
         super().__init__()
@@ -64,6 +87,8 @@ class FslmLM(TemplateLM):
         names = [s.name for s in self.stack.config.stages]
         if ablate and ablate not in names:
             raise FslmError(f"model_args ablate={ablate!r}: no such stage (stages: {', '.join(names)})")
+        if scoring not in scoring_modes.SCORING:
+            raise FslmError(f"model_args scoring={scoring!r}: expected one of {', '.join(scoring_modes.SCORING)}")
         self.stack.backend.require(SCORE, "lm-eval scoring")
         self.system, self.ablate = system, ablate
         self.fixed_batch = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" would move scores: pinned
@@ -72,10 +97,26 @@ class FslmLM(TemplateLM):
         self.final = self.stack.config.final_stage
         if system in BASELINES:
             self.stack.load_baseline(system)
-        self.prefix_cache: dict[str, dict[str, str]] = {}  # context -> earlier stages' outputs
+        if stages is None and stage_backend and self.stack.dir is not None:
+            stages = load_stage_stack(self.stack.dir, resolve(self.stack.dir, stage_backend), self.stack)
+        self.stages = stages if stages is not None else self.stack
+        # stage generation: the fast backends take many prompts per call; torch keeps the scoring batch (memory)
+        fast = self.stages.backend is not self.stack.backend
+        self.stage_batch = int(stage_batch) if stage_batch else (32 if fast else self.fixed_batch)
+        self.scoring = scoring
+        self.chains = int(chains)
+        self.temperature = float(temperature)
+        self.weight = _per_task(weight)
+        self.threshold = _per_task(threshold)
+        self.seed = int(seed)
+        self.gen_tokens = int(gen_tokens) if gen_tokens else None
+        self.prefix_cache: dict[tuple[str, int | None], dict[str, str]] = {}  # (context, chain) -> stage outputs
+        self.records: dict[tuple[str, Any], scoring_modes.Question] = {}  # per question, every path's scores
         self.stage_calls = 0  # contexts sent through stages 1..N-1 (the cache test counts these)
+        self.chain_questions = 0  # questions that ran a chain (gate: the unsure share)
         self.scored_tokens = 0
         self.seconds = 0.0
+        self.stage_seconds = 0.0
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None) -> FslmLM:
@@ -109,6 +150,11 @@ class FslmLM(TemplateLM):
     @property
     def final_adapter(self) -> str | None:
         return self.adapters[self.final.name]
+
+    @property
+    def stage_backend(self) -> str:
+        """Where stages 1..N-1 generate (the name of the stage stack's backend)."""
+        return self.stages.backend.name
 
     def parameters_per_query(self) -> int:
         """Parameters touched per query: the base once plus each distinct adapter used (LoRA weights)."""
@@ -144,41 +190,129 @@ class FslmLM(TemplateLM):
         if self.system == "base":
             return super().loglikelihood(requests, disable_tqdm=True)
         pairs = [req.args for req in requests]
-        outputs = self._earlier_outputs([c for c, _ in pairs])
+        if self.system in BASELINES:
+            return self._score(pairs, None)
+        if self.scoring == "chain" or len(self.stack.config.stages) < 2:
+            return self._score(pairs, self._earlier_outputs([c for c, _ in pairs]))
+        return self._loglikelihood_paths(requests)
+
+    def _score(
+        self, pairs: list[tuple[str, str]], outputs: Mapping[str, Mapping[str, str]] | None
+    ) -> list[tuple[float, bool]]:
+        """Each (context, continuation) scored by the final stage after its prompt: the chain's prompt holding
+        `outputs[context]`, or the direct prompt when `outputs` is None (or for a baseline)."""
+        encoded: dict[str, list[int]] = {}
         new_reqs = []
         for context, continuation in pairs:
-            prompt = self._final_prompt(context, outputs.get(context, {}))
-            ctx = self.stack.backend.encode(prompt)
+            prompt = self._final_prompt(context, None if outputs is None else outputs.get(context, {}))
+            if prompt not in encoded:  # the choices of one question share their prompt
+                encoded[prompt] = self.stack.backend.encode(prompt)
             # the stage's answer starts a new line after the prompt: drop lm-eval's leading target delimiter
             cont = self.tokenizer.encode(continuation.lstrip(" "), add_special_tokens=False)
-            new_reqs.append(((context, continuation), ctx, cont))
+            new_reqs.append(((context, continuation), encoded[prompt], cont))
         return self._loglikelihood_tokens(new_reqs)
 
-    def _final_prompt(self, context: str, outputs: dict[str, str]) -> str:
-        if self.system in BASELINES:
+    def _final_prompt(self, context: str, outputs: Mapping[str, str] | None) -> str:
+        if self.system in BASELINES or outputs is None:
             return self.stack.direct_prompt(context.strip())
         return self.stack.render_prompt(self.final, instruction=context.strip(), outputs=outputs)
 
-    def _earlier_outputs(self, contexts: list[str]) -> dict[str, dict[str, str]]:
-        """Run stages 1..N-1 once per distinct context not seen before; all answer choices share the result."""
+    def _loglikelihood_paths(self, requests: list[Any]) -> list[tuple[float, bool]]:
+        """ensemble / gate: group the requests into questions, score the paths each mode needs, combine."""
+        pairs = [req.args for req in requests]
+        groups: dict[tuple[str, Any], list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(scoring_modes.question_key(req), []).append(i)
+        for members in groups.values():
+            members.sort(key=lambda i: getattr(requests[i], "idx", 0))
+        direct = self._score(pairs, None)
+        out: list[tuple[float, bool]] = list(direct)
+        task_of = {key: key[0] for key in groups}
+        if self.scoring == "ensemble":
+            weights = {key: _value(self.weight, task_of[key]) for key in groups}
+            need = [key for key in groups if weights[key] is None or weights[key] < 1.0]
+            idx = [i for key in need for i in groups[key]]
+            chains = []
+            for k in range(self.chains):
+                outputs = self._earlier_outputs([pairs[i][0] for i in idx], sample=k)
+                chains.append(dict(zip(idx, self._score([pairs[i] for i in idx], outputs), strict=True)))
+            self.chain_questions += len(need)
+            for key, members in groups.items():
+                record = self._record(key, [direct[i][0] for i in members])
+                record.chains = [[c[i][0] for i in members] for c in chains] if key in need else []
+                record.chain_ran = key in need
+                if weights[key] is None:
+                    continue  # tuning: keep the direct scores
+                scores = scoring_modes.ensemble(record.direct, record.chains, weights[key])
+                for i, s in zip(members, scores, strict=True):
+                    out[i] = (s, direct[i][1])
+            return out
+        # gate: a greedy chain for the questions the direct path is unsure about (all of them while tuning)
+        thresholds = {key: _value(self.threshold, task_of[key]) for key in groups}
+        for key, members in groups.items():
+            self._record(key, [direct[i][0] for i in members])
+        unsure = [
+            key
+            for key in groups
+            if thresholds[key] is None or self.records[key].margin < thresholds[key]  # type: ignore[operator]
+        ]
+        idx = [i for key in unsure for i in groups[key]]
+        chain = dict(
+            zip(
+                idx,
+                self._score([pairs[i] for i in idx], self._earlier_outputs([pairs[i][0] for i in idx])),
+                strict=True,
+            )
+        )
+        self.chain_questions += len(unsure)
+        for key in unsure:
+            members = groups[key]
+            record = self.records[key]
+            record.chains = [[chain[i][0] for i in members]]
+            record.chain_ran = True
+            if thresholds[key] is None:
+                continue
+            for i in members:
+                out[i] = chain[i]
+        return out
+
+    def _record(self, key: tuple[str, Any], direct: list[float]) -> scoring_modes.Question:
+        record = scoring_modes.Question(task=key[0], doc_id=key[1], direct=direct)
+        record.margin = scoring_modes.margin(direct)
+        self.records[key] = record
+        return record
+
+    def _earlier_outputs(self, contexts: list[str], sample: int | None = None) -> dict[str, dict[str, str]]:
+        """Stages 1..N-1 once per distinct context not seen before (all answer choices share the result), greedy,
+        or the `sample`-th sampled chain (temperature, seed + sample) for the ensemble."""
         n = len(self.stack.config.stages)
         if self.system != "stack" or n < 2:
             return {}
-        todo = list(dict.fromkeys(c for c in contexts if c not in self.prefix_cache))
+        todo = list(dict.fromkeys(c for c in contexts if (c, sample) not in self.prefix_cache))
+        update: dict[str, Any] = {}
+        if self.stage_tokens:
+            update["max_new_tokens"] = self.stage_tokens
+        if sample is not None:
+            update.update(temperature=self.temperature, seed=self.seed + 1000 * sample)
+        what = "earlier stages" if sample is None else f"earlier stages, chain {sample + 1}/{self.chains}"
         done = 0
-        for i in range(0, len(todo), self.fixed_batch):
-            chunk = todo[i : i + self.fixed_batch]
+        for i in range(0, len(todo), self.stage_batch):
+            chunk = todo[i : i + self.stage_batch]
             start = time.perf_counter()
-            traces = self.stack.run_batch(
-                [c.strip() for c in chunk], adapters=self.adapters, stages=n - 1, max_new_tokens=self.stage_tokens
-            )
-            self.seconds += time.perf_counter() - start
+            outputs = run_stages(self.stages, [c.strip() for c in chunk], self.adapters, n - 1, update)
+            elapsed = time.perf_counter() - start
+            self.seconds += elapsed
+            self.stage_seconds += elapsed
             self.stage_calls += len(chunk)
-            for context, trace in zip(chunk, traces, strict=True):
-                self.prefix_cache[context] = trace.outputs
+            for context, out in zip(chunk, outputs, strict=True):
+                self.prefix_cache[(context, sample)] = out
             done += len(chunk)
-            self._report("earlier stages", done, len(todo))
-        return {c: self.prefix_cache[c] for c in contexts}
+            self._report(what, done, len(todo))
+        return {c: self.prefix_cache[(c, sample)] for c in contexts}
+
+    def greedy_outputs(self) -> dict[str, dict[str, str]]:
+        """Context -> the greedy chain's stage outputs generated so far (the stage-agreement check reads these)."""
+        return {c: out for (c, sample), out in self.prefix_cache.items() if sample is None}
 
     def _loglikelihood_tokens(
         self, requests: list[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False, **_: Any
@@ -225,35 +359,65 @@ class FslmLM(TemplateLM):
     # --- generation --------------------------------------------------------------------------------
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        """The whole stack's final answer; `until` and `max_gen_toks` apply to the final stage."""
-        backend = self.stack.backend
-        answers: list[str] = []
-        for b in range(0, len(requests), self.fixed_batch):
-            chunk = [req.args for req in requests[b : b + self.fixed_batch]]
-            contexts = [c for c, _ in chunk]
-            outputs = self._earlier_outputs(contexts)
-            start = time.perf_counter()
-            for context, kwargs in chunk:  # gen kwargs may differ per request: one call each keeps them exact
-                kwargs = dict(kwargs or {})
-                until = kwargs.get("until") or []
-                until = [until] if isinstance(until, str) else list(until)
-                settings = self.final.generation.model_copy(
-                    update={
-                        "max_new_tokens": int(kwargs.get("max_gen_toks", self.final.generation.max_new_tokens)),
-                        "stop": [*self.final.generation.stop, *until],
-                        "temperature": float(kwargs.get("temperature", 0.0) or 0.0),
-                    }
-                )
+        """The system's answer: the whole stack (greedy chain, then the final stage), the baseline or the base model
+        answering directly; `until` and `max_gen_toks` apply to the answering step.
+
+        Requests with the same generation settings go to the backend together, `batch_size` at a time (a
+        generative multiple-choice task sends one setting for all its questions). The answering step runs on the
+        stage backend when that has its adapter (the bare base and the exported stages), else on PyTorch.
+        """
+        answers: list[str | None] = [None] * len(requests)
+        by_settings: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            by_settings.setdefault(json.dumps(req.args[1] or {}, sort_keys=True, default=str), []).append(i)
+        adapter = self.final_adapter
+        runner = self.stages if adapter is None or self.stages.backend.has_adapter(adapter) else self.stack
+        done = 0
+        for members in by_settings.values():
+            settings = self._answer_settings(requests[members[0]].args[1])
+            for b in range(0, len(members), self.fixed_batch):
+                chunk = members[b : b + self.fixed_batch]
+                contexts = [requests[i].args[0] for i in chunk]
                 if self.system == "base":
-                    prompt = context
+                    prompts = contexts
                 else:
-                    prompt = self._final_prompt(context, outputs.get(context, {}))
-                (c,) = backend.generate([prompt], self.final_adapter, settings, label=self.final.name)
-                answers.append(c.text)
-            self.seconds += time.perf_counter() - start
-            self._report("generating", len(answers), len(requests))
-        return answers
+                    outputs = self._earlier_outputs(contexts)
+                    prompts = [self._final_prompt(c, outputs.get(c, {})) for c in contexts]
+                start = time.perf_counter()
+                completions = runner.backend.generate(prompts, adapter, settings, label=self.final.name)
+                self.seconds += time.perf_counter() - start
+                for i, c in zip(chunk, completions, strict=True):
+                    answers[i] = c.text
+                done += len(chunk)
+                self._report("generating", done, len(requests))
+        return [a or "" for a in answers]
+
+    def _answer_settings(self, kwargs: Mapping[str, Any] | None) -> Any:
+        kwargs = dict(kwargs or {})
+        until = kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        max_new = self.gen_tokens or int(kwargs.get("max_gen_toks", self.final.generation.max_new_tokens))
+        return self.final.generation.model_copy(
+            update={
+                "max_new_tokens": max_new,
+                "stop": [*self.final.generation.stop, *until],
+                "temperature": float(kwargs.get("temperature", 0.0) or 0.0),
+            }
+        )
 
     def _report(self, what: str, done: int, total: int) -> None:
         if self.progress is not None:
             self.progress(what, done, total)
+
+
+def _per_task(value: PerTask | str) -> PerTask:
+    """A model_args string ("0.3") as a float; a float, a per-task mapping or None as given."""
+    if isinstance(value, str):
+        return float(value) if value.strip() else None
+    return value
+
+
+def _value(value: PerTask, task: str) -> float | None:
+    if isinstance(value, Mapping):
+        return value.get(task)
+    return value

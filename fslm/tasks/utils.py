@@ -2,7 +2,10 @@
 
 Each YAML names a loader here as `custom_dataset`; lm-eval calls it with the task metadata, which carries
 `data_dir` (set by `fslm eval --data-dir`, or `--metadata '{"data_dir": ...}'` / env FSLM_DATA_DIR with
-`fslm lm-eval`) and optionally `subset` + `seed` (a fixed random subset, the same for every system and run).
+`fslm lm-eval`) and optionally `subset` + `seed` (a fixed random subset, the same for every system and run) and
+`split` (`test`, the default, or `dev`: the task's dev/validation file in DEV_FILES, which tunes the stack's scoring
+weights; the loaded split is still called `test` inside lm-eval). Every row carries an `id` that is stable across
+runs and subsets (the file's own id, else file + row number), so per-item results of two runs can be paired.
 Nothing is fetched from the hub: the files are the layouts described in the shared data README.
 """
 
@@ -30,6 +33,28 @@ FILES: dict[str, str] = {
     "truthfulqa_mc2": "truthfulqa/v0/mc_task.json",
     "gsm8k": "gsm8k/test.jsonl",
 }
+# task -> its dev/validation split, where the task has one apart from the evaluated split (HellaSwag, WinoGrande,
+# PIQA and BoolQ are evaluated on their dev splits already; TruthfulQA and GSM8K have none here)
+DEV_FILES: dict[str, str] = {
+    "arc_easy": "arc/ARC-Easy-Dev.jsonl",
+    "arc_challenge": "arc/ARC-Challenge-Dev.jsonl",
+    "mmlu": "mmlu/val/*_val.csv",
+    "openbookqa": "openbookqa/dev.tsv",
+}
+
+
+def split_files(split: str) -> dict[str, str]:
+    if split not in ("test", "dev"):
+        raise ValueError(f"split {split!r}: expected test or dev")
+    return FILES if split == "test" else DEV_FILES
+
+
+def _task_file(kwargs: dict[str, Any], task: str) -> Path:
+    split = kwargs.get("split") or "test"
+    files = split_files(split)
+    if task not in files:
+        raise ValueError(f"task {task} has no {split} split in the data layout")
+    return _file(kwargs, files[task])
 
 
 def _data_dir(kwargs: dict[str, Any]) -> Path:
@@ -95,11 +120,11 @@ def arc_text(doc: dict[str, Any]) -> str:
 
 
 def arc_easy(**kwargs: Any) -> Any:
-    return _dataset(_arc(_file(kwargs, FILES["arc_easy"])), kwargs)
+    return _dataset(_arc(_task_file(kwargs, "arc_easy")), kwargs)
 
 
 def arc_challenge(**kwargs: Any) -> Any:
-    return _dataset(_arc(_file(kwargs, FILES["arc_challenge"])), kwargs)
+    return _dataset(_arc(_task_file(kwargs, "arc_challenge")), kwargs)
 
 
 def mmlu_rows(path: Path) -> list[dict[str, Any]]:
@@ -107,19 +132,27 @@ def mmlu_rows(path: Path) -> list[dict[str, Any]]:
     subject = re.sub(r"_(test|val|dev)$", "", path.stem)
     rows = []
     with path.open(encoding="utf-8", newline="") as f:
-        for row in csv.reader(f):
+        for line, row in enumerate(csv.reader(f), 1):
             if len(row) != 6:
                 continue
             rows.append(
-                {"subject": subject, "question": row[0], "choices": row[1:5], "gold": "ABCD".index(row[5].strip())}
+                {
+                    "id": f"{path.stem}:{line}",
+                    "subject": subject,
+                    "question": row[0],
+                    "choices": row[1:5],
+                    "gold": "ABCD".index(row[5].strip()),
+                }
             )
     return rows
 
 
 def mmlu(**kwargs: Any) -> Any:
-    paths = sorted((_data_dir(kwargs) / "mmlu" / "test").glob("*_test.csv"))
+    split = kwargs.get("split") or "test"
+    pattern = split_files(split)["mmlu"]
+    paths = sorted(_data_dir(kwargs).glob(pattern))
     if not paths:
-        raise ValueError(f"{_data_dir(kwargs) / 'mmlu/test'}: no *_test.csv files")
+        raise ValueError(f"{_data_dir(kwargs) / pattern}: no such files")
     return _dataset([row for path in paths for row in mmlu_rows(path)], kwargs)
 
 
@@ -146,6 +179,7 @@ def hellaswag(**kwargs: Any) -> Any:
         ctx = r["ctx_a"] + " " + r["ctx_b"].capitalize()
         rows.append(
             {
+                "id": f"hellaswag:{r['ind']}",
                 "query": _hellaswag_clean(r["activity_label"] + ": " + ctx),
                 "choices": [_hellaswag_clean(e) for e in r["endings"]],
                 "gold": int(r["label"]),
@@ -156,8 +190,13 @@ def hellaswag(**kwargs: Any) -> Any:
 
 def winogrande(**kwargs: Any) -> Any:
     rows = [
-        {"options": r["context_options"], "continuation": r["continuation"], "gold": int(r["gold"])}
-        for r in _jsonl(_file(kwargs, FILES["winogrande"]))
+        {
+            "id": f"winogrande:{i}",
+            "options": r["context_options"],
+            "continuation": r["continuation"],
+            "gold": int(r["gold"]),
+        }
+        for i, r in enumerate(_jsonl(_file(kwargs, FILES["winogrande"])))
     ]
     return _dataset(rows, kwargs)
 
@@ -181,16 +220,21 @@ def piqa(**kwargs: Any) -> Any:
     if len(labels) != len(docs):
         raise ValueError(f"piqa: {len(docs)} items but {len(labels)} labels")
     rows = [
-        {"goal": d["goal"], "choices": [d["sol1"], d["sol2"]], "gold": int(g)}
-        for d, g in zip(docs, labels, strict=True)
+        {"id": f"piqa:{d.get('id', i)}", "goal": d["goal"], "choices": [d["sol1"], d["sol2"]], "gold": int(g)}
+        for i, (d, g) in enumerate(zip(docs, labels, strict=True))
     ]
     return _dataset(rows, kwargs)
 
 
 def boolq(**kwargs: Any) -> Any:
     rows = [
-        {"passage": r["passage"], "question": r["question"], "gold": int(bool(r["label"]))}
-        for r in _jsonl(_file(kwargs, FILES["boolq"]))
+        {
+            "id": f"boolq:{r.get('idx', i)}",
+            "passage": r["passage"],
+            "question": r["question"],
+            "gold": int(bool(r["label"])),
+        }
+        for i, r in enumerate(_jsonl(_file(kwargs, FILES["boolq"])))
     ]
     return _dataset(rows, kwargs)
 
@@ -214,7 +258,7 @@ def openbookqa_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def openbookqa(**kwargs: Any) -> Any:
-    return _dataset(openbookqa_rows(_file(kwargs, FILES["openbookqa"])), kwargs)
+    return _dataset(openbookqa_rows(_task_file(kwargs, "openbookqa")), kwargs)
 
 
 def sciq_rows(path: Path) -> list[dict[str, Any]]:
@@ -249,10 +293,11 @@ TRUTHFULQA_PRIMER = (
 def truthfulqa(**kwargs: Any) -> Any:
     data = json.loads(_file(kwargs, FILES["truthfulqa_mc1"]).read_text(encoding="utf-8"))
     rows = []
-    for r in data:
+    for i, r in enumerate(data):
         mc1, mc2 = r["mc1_targets"], r["mc2_targets"]
         rows.append(
             {
+                "id": f"truthfulqa:{i}",
                 "question": r["question"],
                 "mc1_choices": list(mc1),
                 "mc1_gold": list(mc1.values()).index(1),
@@ -279,4 +324,5 @@ def truthfulqa_mc2_results(doc: dict[str, Any], results: list[Any]) -> dict[str,
 
 
 def gsm8k(**kwargs: Any) -> Any:
-    return _dataset(_jsonl(_file(kwargs, FILES["gsm8k"])), kwargs)
+    rows = [{"id": f"gsm8k:{i}", **r} for i, r in enumerate(_jsonl(_file(kwargs, FILES["gsm8k"])))]
+    return _dataset(rows, kwargs)
