@@ -399,7 +399,11 @@ def serve(
         list[str] | None, typer.Option(help="Allow browser calls from this origin (repeat).")
     ] = None,
     backend: Annotated[
-        str | None, typer.Option(help="Backend: torch, llamacpp or openai (default: the manifest's base.backend).")
+        str | None,
+        typer.Option(
+            help="Backend: torch, llamacpp or openai (default: llamacpp when the GGUF export is current and the "
+            "manifest says torch, else the manifest's base.backend)."
+        ),
     ] = None,
 ) -> None:
     """Serve the stack: OpenAI-compatible API (/v1/chat/completions), per-stage streaming, and a web page at /."""
@@ -411,8 +415,17 @@ def serve(
     config = load_config(directory)  # validate before the (slow) model load
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         err.print(f"[yellow]warning:[/] serving on {host} without --api-key: anyone who can reach it can use it")
+    if backend is None and config.base.backend == "torch":  # the fast path whenever the export is current
+        from fslm.backends.llamacpp import export_problem
+
+        problem = export_problem(directory, config)
+        if problem is None:
+            backend = "llamacpp"
+        elif problem != "no GGUF export":
+            err.print(f"[yellow]warning:[/] not serving the GGUF export ({problem}); re-run fslm export to use it")
     with err.status(f"loading {config.base.model}"):
         stack = Stack.load(directory, backend=backend)
+    err.print(f"backend: {stack.backend.name}")
     options = ServeOptions(
         api_key=api_key or None,
         max_body=max_body,
