@@ -190,7 +190,7 @@ class LlamaCppBackend(TokenizerPrompts):
         self._mem = lc.llama_get_memory(self._ctx)
         self.n_ctx_train = int(lc.llama_model_n_ctx_train(self._model))
         self.n_vocab = int(lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self._model)))
-        self.n_batch = int(context_params.n_batch)
+        self.n_batch = int(lc.llama_n_batch(self._ctx))  # llama.cpp caps it at n_ctx
         self._batch = _Batch(lc, self.n_batch)
         self.adapters: dict[str, Path] = {}
         self._active: str | None = None
