@@ -1,7 +1,10 @@
-"""Decode speed of a stack: PyTorch vs llama.cpp with the stage adapters vs llama.cpp's bare base (batch 1).
+"""Decode speed of a stack: PyTorch vs fslm's llama.cpp backend vs plain llama-cpp-python, with the stage adapters
+and on the bare base, one query at a time; and fslm's llama.cpp backend with all queries of a stage in one call.
 
 Every backend decodes the SAME stage prompts (rendered once from a PyTorch run of the stack) with each stage's
-generation settings; tok/s = output tokens / wall seconds of the stage call (prompt processing included).
+generation settings; tok/s = output tokens / wall seconds of the stage call (prompt processing included). "Plain"
+is llama-cpp-python's high-level `Llama.generate` on the same token ids (one Llama per stage with its LoRA as
+`lora_path`), generating exactly as many tokens as fslm's backend did.
 `--memory` also measures resident memory of the two llama.cpp layouts (one context with hot-swapped adapters vs one
 context per stage over the same memory-mapped base), each in a fresh subprocess.
 `--profile` (llama.cpp only, no PyTorch) splits one stage's wall time into prompt evaluation, decode, sampling and
@@ -84,6 +87,68 @@ def timed_stage_runs(backend: Any, prompts: list[list[str]], stages: list[Any], 
             [c] = backend.generate([prompt], adapter, stage.generation, label=stage.name)
             row.append({"tokens": c.output_tokens, "seconds": time.perf_counter() - t0})
         rows.append(row)
+    return rows
+
+
+def plain_llama_runs(
+    directory: Path,
+    backend: Any,
+    prompts: list[list[str]],
+    stages: list[Any],
+    counts: list[list[int]],
+    lora: bool,
+    threads: int | None,
+) -> list[list[dict]]:
+    """llama-cpp-python's own high-level `Llama.generate` on the same token ids, the stage's LoRA loaded with
+    `lora_path` (one Llama per stage, all queries of that stage in turn; Llama reuses the prompt prefix the previous
+    query shares, as fslm's backend does), same threads, greedy, the stage's repetition penalty, and exactly as many
+    tokens as fslm's backend produced for that query and stage (counts[q][s]), so both do the same work."""
+    import llama_cpp
+
+    from fslm.backends.llamacpp import avoid_amx, default_threads
+
+    avoid_amx()
+    manifest = json.loads((directory / "gguf" / "manifest.json").read_text())
+    threads = threads or default_threads()
+    rows: list[list[dict]] = [[{} for _ in stages] for _ in prompts]
+    for s, stage in enumerate(stages):
+        entry = manifest["adapters"].get(stage.name) if lora else None
+        llm = llama_cpp.Llama(
+            model_path=str(directory / "gguf" / manifest["base"]["file"]),
+            lora_path=str(directory / "gguf" / entry["file"]) if entry else None,
+            n_ctx=0,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
+        g = stage.generation
+        for q, query in enumerate(prompts):
+            ids = backend.tokenizer(query[s], add_special_tokens=not backend.chat)["input_ids"]
+            n = 0
+            t0 = time.perf_counter()
+            for _ in llm.generate(
+                ids, temp=g.temperature, top_p=g.top_p, top_k=0, min_p=0.0, repeat_penalty=g.repetition_penalty
+            ):
+                n += 1
+                if n >= counts[q][s]:
+                    break
+            rows[q][s] = {"tokens": n, "seconds": time.perf_counter() - t0}
+        llm.close()
+    return rows
+
+
+def batched_stage_runs(backend: Any, prompts: list[list[str]], stages: list[Any]) -> list[list[dict]]:
+    """Every query's prompt of a stage in ONE generate call (as Stack.run_batch and the server do); a query's share
+    of a stage's wall time is its share of the output tokens."""
+    rows: list[list[dict]] = [[{} for _ in stages] for _ in prompts]
+    for s, stage in enumerate(stages):
+        adapter = stage.name if stage.name in getattr(backend, "adapters", {}) else None
+        t0 = time.perf_counter()
+        completions = backend.generate([q[s] for q in prompts], adapter, stage.generation, label=stage.name)
+        seconds = time.perf_counter() - t0
+        total = sum(c.output_tokens for c in completions) or 1
+        for q, c in enumerate(completions):
+            rows[q][s] = {"tokens": c.output_tokens, "seconds": seconds * c.output_tokens / total}
     return rows
 
 
@@ -294,6 +359,7 @@ def main() -> None:
     ap.add_argument("--memory", action="store_true", help="Also measure RSS of the two llama.cpp layouts.")
     ap.add_argument("--profile", metavar="STAGE", help="Only profile this stage on llama.cpp (see above).")
     ap.add_argument("--repeats", type=int, default=3, help="--profile: passes over the prompts.")
+    ap.add_argument("--no-torch", action="store_true", help="Skip PyTorch (prompts from a llama.cpp run).")
     ap.add_argument("--threads", type=int, help="llama.cpp threads (default: fslm's, all cores up to 4).")
     ap.add_argument("--demo-dir", type=Path, help="Build the demo stack here once and reuse it (default: a temp dir).")
     ap.add_argument(
@@ -317,25 +383,49 @@ def main() -> None:
         s.generation.max_new_tokens = args.max_new_tokens
     names = config.stage_names
 
-    torch_stack = Stack(config, Stack.load(directory, backend="torch").backend, directory)
     instructions = INSTRUCTIONS[: args.queries]
-    prompts = []
-    for text in instructions:  # the prompts every backend decodes: the PyTorch stack's own
-        trace = torch_stack.run(text)
-        prompts.append([r.prompt for r in trace.stages])
-    results = {"torch": summarise(timed_stage_runs(torch_stack.backend, prompts, config.stages, True), names)}
-    llama_stack = Stack(config, LlamaCppBackend.from_settings(config.base, directory, **llama_options(args)), directory)
-    results["llamacpp"] = summarise(timed_stage_runs(llama_stack.backend, prompts, config.stages, True), names)
-    results["llamacpp_base"] = summarise(timed_stage_runs(llama_stack.backend, prompts, config.stages, False), names)
+    llama = LlamaCppBackend.from_settings(config.base, directory, **llama_options(args))
+    llama_stack = Stack(config, llama, directory)
+    results: dict[str, Any] = {}
+    # the prompts every backend decodes: the PyTorch stack's own (with --no-torch: the llama.cpp stack's)
+    if args.no_torch:
+        prompts = [[r.prompt for r in llama_stack.run(text).stages] for text in instructions]
+    else:
+        torch_stack = Stack(config, Stack.load(directory, backend="torch").backend, directory)
+        prompts = [[r.prompt for r in torch_stack.run(text).stages] for text in instructions]
+        results["torch"] = summarise(timed_stage_runs(torch_stack.backend, prompts, config.stages, True), names)
+    lora_rows = timed_stage_runs(llama, prompts, config.stages, True)
+    results["llamacpp"] = summarise(lora_rows, names)
+    base_rows = timed_stage_runs(llama, prompts, config.stages, False)
+    results["llamacpp_base"] = summarise(base_rows, names)
+    results["llamacpp_batched"] = summarise(batched_stage_runs(llama_stack.backend, prompts, config.stages), names)
+    for key, rows, lora in (("plain_llamacpp", lora_rows, True), ("plain_llamacpp_base", base_rows, False)):
+        counts = [[r["tokens"] for r in row] for row in rows]
+        plain = plain_llama_runs(directory, llama, prompts, config.stages, counts, lora, args.threads)
+        results[key] = summarise(plain, names)
 
-    table = Table("stage", "torch tok/s", "llama.cpp+LoRA tok/s", "llama.cpp base tok/s", "LoRA/torch", "LoRA/base")
-    for name in [*names, "whole query"]:
-        pick = (lambda r: r["query"]) if name == "whole query" else (lambda r, n=name: r["stages"][n])  # noqa: E731
-        t, lo, b = (pick(results[k])["tok_s"] for k in ("torch", "llamacpp", "llamacpp_base"))
-        table.add_row(name, f"{t:.1f}", f"{lo:.1f}", f"{b:.1f}", f"{lo / t:.2f}x", f"{lo / b:.2f}x")
+    labels = {
+        "torch": "PyTorch + LoRA",
+        "llamacpp": "fslm llama.cpp + LoRA",
+        "plain_llamacpp": "plain llama-cpp-python + LoRA",
+        "llamacpp_batched": f"fslm llama.cpp + LoRA, {len(prompts)} queries batched",
+        "llamacpp_base": "fslm llama.cpp, bare base",
+        "plain_llamacpp_base": "plain llama-cpp-python, bare base",
+    }
+    table = Table("tok/s (prompt processing included)", *names, "whole query", "x PyTorch", "x plain (same adapters)")
+    for key, label in labels.items():
+        if key not in results:
+            continue
+        r = results[key]
+        plain = results["plain_llamacpp_base" if "base" in key else "plain_llamacpp"]["query"]["tok_s"]
+        q = r["query"]["tok_s"]
+        cells = [f"{r['stages'][n]['tok_s']:.1f}" for n in names]
+        torch_ratio = f"{q / results['torch']['query']['tok_s']:.2f}x" if "torch" in results else "-"
+        table.add_row(label, *cells, f"{q:.1f}", torch_ratio, f"{q / plain:.2f}x" if key != "torch" else "-")
     console.print(table)
 
     report: dict[str, Any] = {"results": results, "queries": instructions, "max_new_tokens": args.max_new_tokens}
+    report["llamacpp_stats"] = llama.stats
     if args.memory:
         report["memory"] = {}
         for layout in ("hot-swap", "per-stage"):
