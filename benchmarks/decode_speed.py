@@ -42,6 +42,14 @@ from fslm.config import load_config
 from fslm.stack import Stack
 
 DEFAULT_OUT = Path("benchmarks/results/decode_speed.json")
+EARLIER = [  # --profile: what the earlier stages "wrote" (about 40 tokens each, like 48-token stage outputs)
+    "The user wants a short, practical answer that names the main points clearly and explains each one briefly, "
+    "with no unnecessary detail.",
+    "1. Identify the key facts. 2. Order them from most to least important. 3. Explain each in one sentence. "
+    "4. End with a one-line summary.",
+    "The most important fact comes first because it answers the question directly; the others support it with "
+    "reasons and one example each.",
+]
 INSTRUCTIONS = [
     "Give three tips for staying healthy.",
     "Explain why the sky is blue.",
@@ -230,11 +238,15 @@ def instrumented(tokenizer: Any) -> Iterator[dict[str, float]]:
 
         return wrapper
 
+    from fslm.backends import llamacpp
+
     patches = [
         (lc, "llama_decode", decode_part),
         (lc, "llama_sampler_sample", "sampling + penalty"),
         (llama_cpp.Llama, "sample", "sampling + penalty"),
     ]
+    if hasattr(llamacpp, "_Greedy"):  # fslm's greedy + penalty on llama.cpp's logits
+        patches.append((llamacpp._Greedy, "pick", "sampling + penalty"))
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     for owner, name, part in patches:
         setattr(owner, name, timed(getattr(owner, name), part))
@@ -300,15 +312,15 @@ def print_profile(console: Console, profile: dict[str, Any]) -> None:
 
 
 def profile_main(args: argparse.Namespace, directory: Path, console: Console) -> None:
-    """--profile: llama.cpp only; the stage prompts come from a llama.cpp run of the stack (no PyTorch load)."""
+    """--profile: llama.cpp only; the stage's prompts read fixed texts for the earlier stages (EARLIER), so every
+    version of the backend is profiled on the same prompts without a PyTorch load."""
     config = load_config(directory)
     for s in config.stages:
         s.generation.max_new_tokens = args.max_new_tokens
     stack = Stack(config, LlamaCppBackend.from_settings(config.base, directory, **llama_options(args)), directory)
     stage = config.stage(args.profile)
-    prompts = [
-        stack.run(text).stages[config.stage_names.index(stage.name)].prompt for text in INSTRUCTIONS[: args.queries]
-    ]
+    outputs = {name: EARLIER[i % len(EARLIER)] for i, name in enumerate(config.stage_names)}
+    prompts = [stack.render_prompt(stage, text, None, outputs) for text in INSTRUCTIONS[: args.queries]]
     profile = profile_stage(stack.backend, stage, prompts, args.repeats, args.out.with_suffix(".prof"))
     print_profile(console, profile)
     report = {"profile": profile, "queries": INSTRUCTIONS[: args.queries], "max_new_tokens": args.max_new_tokens}
@@ -319,7 +331,7 @@ def profile_main(args: argparse.Namespace, directory: Path, console: Console) ->
 
 
 def llama_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"n_threads": args.threads} if args.threads else {}
+    return {"n_threads": args.threads, "n_threads_batch": args.threads} if args.threads else {}
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:

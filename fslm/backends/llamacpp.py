@@ -198,7 +198,7 @@ class LlamaCppBackend(TokenizerPrompts):
         self._seeds = itertools.count(seed)
         self._lock = threading.Lock()  # one context: callers from several threads (serve) take turns
         self.eos_ids = _eos_ids(tokenizer, lc.llama_vocab_eos(lc.llama_model_get_vocab(self._model)))
-        self.stats = {"prompt_tokens": 0, "reused_tokens": 0, "decode_calls": 0}
+        self.stats = {"prompt_tokens": 0, "prompt_tokens_evaluated": 0, "reused_tokens": 0, "decode_calls": 0}
         # Free adapters and context before interpreter teardown (late in exit the ctypes library may be gone).
         ref = weakref.ref(self)
         atexit.register(lambda: (b := ref()) is not None and b.close())
@@ -362,8 +362,7 @@ class LlamaCppBackend(TokenizerPrompts):
                     row.sampler = self._sampler(settings, row.ids)
                 else:
                     row.greedy = _Greedy(settings.repetition_penalty, row.ids, self.n_vocab)
-                self.stats["prompt_tokens"] += len(row.ids)
-                self.stats["reused_tokens"] += reuse
+                self._count_prompt(len(row.ids), len(row.ids) - reuse)
                 reserved += need
                 active.append(row)
             self._step(active, lambda row, token: self._take(row, token, max_new, settings, on_text))
@@ -507,11 +506,18 @@ class LlamaCppBackend(TokenizerPrompts):
                 part = shared[start : start + self.n_batch]
                 self._batch.add(part, start, seq, False)
                 self._decode(self._batch)
+            self._count_prompt(0, len(shared))
         except FslmError:
             self._drop(entry)
             raise
         self._prefixes[key] = entry
         return entry
+
+    def _count_prompt(self, tokens: int, evaluated: int) -> None:
+        """stats: prompt tokens of the rows, how many were evaluated, how many came from a cached prefix."""
+        self.stats["prompt_tokens"] += tokens
+        self.stats["prompt_tokens_evaluated"] += evaluated
+        self.stats["reused_tokens"] = self.stats["prompt_tokens"] - self.stats["prompt_tokens_evaluated"]
 
     def _held(self) -> int:
         """KV cells held by cached prefixes (a row that copies a prefix shares its cells)."""
