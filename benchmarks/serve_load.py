@@ -4,14 +4,17 @@ Starts the server in-process (uvicorn on 127.0.0.1, a free port) over a stack di
 stack over `--base` (alias, HF dir or .gguf), then for each concurrency level sends `--requests` chat completions
 spread over the clients with the real `openai` client. Prints requests/s, tokens/s (completion tokens of all stages),
 p50/p99 latency, the mean batch size the scheduler formed, and the speed-up over 1 client; writes JSON to --out.
+`--backend llamacpp` serves the llama.cpp fast path (a fresh stack is exported first), as `fslm serve` does for an
+exported stack; `--backend torch` serves PyTorch; the default is the stack's own choice (`Stack.load`).
 
-    python benchmarks/serve_load.py --base smollm2-135m-instruct --max-tokens 8 --requests 32
+    python benchmarks/serve_load.py --base smollm2-135m-instruct --max-tokens 8 --requests 32 --backend llamacpp
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import socket
 import statistics
@@ -82,6 +85,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32, help="requests per level")
     parser.add_argument("--max-tokens", type=int, default=8, help="max_tokens per request (caps every stage)")
     parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--backend", choices=["torch", "llamacpp"], help="default: the stack's base.backend")
+    parser.add_argument("--threads", type=int, help="llama.cpp threads (default: fslm's, all cores up to 4)")
+    parser.add_argument("--note", default="measured under contention (shared CPU)", help="saved with the figures")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serve_load.json")
     args = parser.parse_args()
 
@@ -98,7 +104,19 @@ def main() -> None:
         if directory is None:
             directory = Path(tmp) / "stack"
             init(directory, InitOptions(base=args.base))
-        stack = Stack.load(directory)
+            if args.backend == "llamacpp":
+                from fslm.steps.export import export_gguf
+
+                export_gguf(directory)
+        if args.backend == "llamacpp" and args.threads:
+            from fslm.backends.llamacpp import LlamaCppBackend
+            from fslm.config import load_config
+
+            config = load_config(directory)
+            backend = LlamaCppBackend.from_settings(config.base, directory, n_threads=args.threads)
+            stack = Stack(config, backend, directory)
+        else:
+            stack = Stack.load(directory, backend=args.backend)
         levels = [int(c) for c in args.clients.split(",")]
         opts = ServeOptions(max_queue=max(64, max(levels)), max_batch=args.max_batch, timeout=3600)
         app = create_app(stack, opts)
@@ -125,8 +143,10 @@ def main() -> None:
             thread.join(10)
 
     one = rows[0]["requests_per_s"] if rows and rows[0]["clients"] == 1 else None
+    print(f"backend {stack.backend.name}, load average {os.getloadavg()[0]:.1f}")
     print(
-        f"{'clients':>7} {'requests':>8} {'req/s':>8} {'tok/s':>8} {'p50 s':>7} {'p99 s':>7} {'batch':>6} {'speedup':>7}"
+        f"{'clients':>7} {'requests':>8} {'req/s':>8} {'tok/s':>8} {'p50 s':>7} {'p99 s':>7} {'batch':>6} "
+        f"{'step s':>6} {'speedup':>7}"
     )
     for r in rows:
         r["speedup_vs_1"] = round(r["requests_per_s"] / one, 2) if one else None
@@ -141,11 +161,16 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "requests_per_level": args.requests,
         "seed": 0,
+        "backend": stack.backend.name,
+        "llama_threads": args.threads or "default",
+        "load_average_after": os.getloadavg(),
         "torch_threads": torch.get_num_threads(),
-        "versions": {p: version(p) for p in ("torch", "transformers", "peft", "fastapi", "uvicorn", "openai")},
+        "versions": {
+            p: version(p) for p in ("torch", "transformers", "peft", "fastapi", "uvicorn", "openai", "llama_cpp_python")
+        },
         "python": platform.python_version(),
         "machine": platform.machine(),
-        "note": "measured under contention (shared CPU)",
+        "note": args.note,
         "levels": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

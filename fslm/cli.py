@@ -511,7 +511,11 @@ def serve(
         list[str] | None, typer.Option(help="Allow browser calls from this origin (repeat).")
     ] = None,
     backend: Annotated[
-        str | None, typer.Option(help="Backend: torch, llamacpp or openai (default: the manifest's base.backend).")
+        str | None,
+        typer.Option(
+            help="Backend: torch, llamacpp or openai (default: llamacpp when the GGUF export is current and the "
+            "manifest says torch, else the manifest's base.backend)."
+        ),
     ] = None,
     allowed_host: Annotated[
         list[str] | None,
@@ -539,8 +543,17 @@ def serve(
             "[yellow]note:[/] requests must name this machine as 127.0.0.1/localhost; add --allowed-host NAME for "
             "each host name clients use to reach it (Host header check, against DNS rebinding)"
         )
+    if backend is None and config.base.backend == "torch":  # the fast path whenever the export is current
+        from fslm.backends.llamacpp import export_problem
+
+        problem = export_problem(directory, config)
+        if problem is None:
+            backend = "llamacpp"
+        elif problem != "no GGUF export":
+            err.print(f"[yellow]warning:[/] not serving the GGUF export ({problem}); re-run fslm export to use it")
     with err.status(f"loading {config.base.model}"):
         stack = Stack.load(directory, backend=backend)
+    err.print(f"backend: {stack.backend.name}")
     options = ServeOptions(
         api_key=api_key or None,
         max_body=max_body,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +94,6 @@ def test_top1_agrees_on_token_ids(arch_stacks, record_property):
         exported / "gguf" / "base.gguf",
         tb.tokenizer,
         {s: exported / "gguf" / f"{s}.lora.gguf" for s in STAGES},
-        logits_all=True,
         type_k=0,  # an f32 KV cache: the default f16 cache alone moves random-model logits by ~0.3
         type_v=0,
     )
@@ -223,7 +223,6 @@ def test_embedded_model_with_random_adapter(tmp_path):
         directory / "gguf" / "base.gguf",
         tb.tokenizer,
         {"answer": directory / "gguf" / "answer.lora.gguf"},
-        logits_all=True,
     )
     try:
         ids = _token_ids(tb.tokenizer, 48)
@@ -269,3 +268,166 @@ def test_avoid_amx_turns_off_extra_buffer_types_only_where_cpu_advertises_amx(mo
     assert lc.llama_model_default_params().use_extra_bufts is False
     assert lc.llama_model_default_params is not original
     assert getattr(lc.llama_model_default_params, "fslm_avoids_amx", False)
+
+
+# --- the fast path: batched rows, prefix reuse, native sampling ---------------------------------------------------
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Give three tips for staying healthy. Eat well, sleep enough and move every day, and plan it.",
+    "Name a colour.",
+    "Explain why the sky is blue.",
+]
+
+
+def _backend(exported: Path, **kwargs) -> LlamaCppBackend:
+    """A llama.cpp backend over the exported tiny stack with every stage's adapter (f32 KV cache)."""
+    config = load_config(exported)
+    backend = LlamaCppBackend.from_settings(config.base, exported, type_k=0, type_v=0, **kwargs)
+    Stack(config, backend, exported)  # attaches the adapters
+    return backend
+
+
+@pytest.fixture(scope="module")
+def sequential(exported) -> LlamaCppBackend:
+    """The reference: one row at a time, nothing reused between calls."""
+    backend = _backend(exported, max_sequences=1, prefix_cache=False)
+    yield backend
+    backend.close()
+
+
+def _prompts(stack: Stack, stage: str, questions: list[str] = QUESTIONS) -> list[str]:
+    """Stage prompts of different lengths (earlier stages' outputs of different lengths)."""
+    config = stack.config.stage(stage)
+    return [
+        stack.render_prompt(config, q, None, {r: " ".join(["step"] * (i + 1)) for r in config.reads})
+        for i, q in enumerate(questions)
+    ]
+
+
+def _outcome(completions) -> list[tuple[str, int, int]]:
+    return [(c.text, c.prompt_tokens, c.output_tokens) for c in completions]
+
+
+def test_batched_rows_give_the_one_by_one_text(exported, llama_stack, sequential):
+    """Rows of one generate call decode together (one llama_decode per step for all of them), and each row's greedy
+    text and token counts are what it gets alone, with the bare base and with adapters."""
+    backend = _backend(exported, n_ctx=2048)  # KV cells for all rows at once (one row may still use 512)
+    try:
+        assert backend.context_length == sequential.context_length == 512
+        settings = GenerationSettings(max_new_tokens=10, repetition_penalty=1.1)
+        for stage, adapter in (("intent", None), ("plan", "plan"), ("answer", "answer")):
+            prompts = _prompts(llama_stack, stage)
+            lengths = [backend.count_tokens(p) for p in prompts]
+            assert len(set(lengths)) == len(prompts)  # different lengths
+            expect = [sequential.generate([p], adapter, settings, label=stage)[0] for p in prompts]
+            calls = backend.stats["decode_calls"]
+            got = backend.generate(prompts, adapter, settings, label=stage)
+            assert _outcome(got) == _outcome(expect), f"{stage} with adapter {adapter}"
+            # shared forward passes: the prompts' batches, then one llama_decode per step for every row
+            prompt_batches = 1 + -(-sum(lengths) // backend.n_batch)  # + 1: the shared prefix, evaluated first
+            assert backend.stats["decode_calls"] - calls <= prompt_batches + max(c.output_tokens for c in got) - 1
+    finally:
+        backend.close()
+
+
+def test_rows_wait_for_room_in_a_small_cache(exported, llama_stack, sequential):
+    """More rows than sequence slots, and a KV cache too small for all of them at once: rows are admitted as others
+    finish, with the same text."""
+    prompts = _prompts(llama_stack, "reasoning") * 2
+    settings = GenerationSettings(max_new_tokens=8, repetition_penalty=1.1)
+    ids = [llama_stack.backend.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    shared, shortest = len(os.path.commonprefix(ids)), min(len(x) for x in ids)
+    small = _backend(exported, max_sequences=3, n_ctx=max(len(x) for x in ids) + 8)
+    try:
+        assert small.kv_cells < shared + 2 * (shortest - shared + 8)  # two rows never fit at once
+        got = small.generate(prompts, "reasoning", settings, label="reasoning")
+        expect = [sequential.generate([p], "reasoning", settings, label="reasoning")[0] for p in prompts]
+        assert _outcome(got) == _outcome(expect)
+    finally:
+        small.close()
+
+
+def test_prefix_reuse_gives_the_same_text_and_skips_the_shared_tokens(exported, llama_stack, sequential):
+    """A stage's shared prompt prefix is evaluated once per adapter and reused; the text is what full evaluation
+    gives, whatever adapter ran the same stage label before."""
+    backend = _backend(exported)
+    try:
+        settings = GenerationSettings(max_new_tokens=8, repetition_penalty=1.1)
+        for stage in STAGES:
+            prompts = _prompts(llama_stack, stage)
+            ids = [backend.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+            shared = len(os.path.commonprefix(ids))  # token ids the stage's prompts share
+            assert shared > 10  # chat header + role + template text before the instruction
+            for i, prompt in enumerate(prompts):
+                before = backend.stats["reused_tokens"]
+                [got] = backend.generate([prompt], stage, settings, label=stage)
+                [expect] = sequential.generate([prompt], stage, settings, label=stage)
+                assert _outcome([got]) == _outcome([expect]), f"{stage} query {i}"
+                reused = backend.stats["reused_tokens"] - before
+                if i >= 2:  # the cached prefix has been trimmed to what the stage's prompts share
+                    assert reused == shared, f"{stage} query {i}: reused {reused}, shared {shared}"
+        # the same label under another adapter must not reuse keys/values computed under the first one
+        prompt = _prompts(llama_stack, "answer")[0]
+        for adapter in ("answer", None, "intent", "answer"):
+            [got] = backend.generate([prompt], adapter, settings, label="answer")
+            [expect] = sequential.generate([prompt], adapter, settings, label="answer")
+            assert _outcome([got]) == _outcome([expect]), f"adapter {adapter}"
+        assert sequential.stats["reused_tokens"] == 0
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize("native_greedy", [False, True], ids=["numpy-greedy", "llama.cpp-sampler-chain"])
+def test_repetition_penalty_matches_torch(exported, torch_stack, native_greedy):
+    """transformers' repetition penalty (whole context, once per distinct token) and llama.cpp's penalty with a
+    window of the whole context give the same greedy text; the penalty does change the text here."""
+    tb = torch_stack.backend
+    backend = _backend(exported, native_greedy=native_greedy)
+    try:
+        penalised = GenerationSettings(max_new_tokens=24, repetition_penalty=1.5)
+        plain = GenerationSettings(max_new_tokens=24)
+        prompts = _prompts(torch_stack, "answer")
+        assert min(backend.count_tokens(p) for p in prompts) > 64  # longer than llama.cpp's default penalty window
+        changed = 0
+        for adapter in (None, "answer"):
+            for prompt in prompts:
+                [expect] = tb.generate([prompt], adapter, penalised)
+                [without] = tb.generate([prompt], adapter, plain)
+                changed += expect.text != without.text
+                [got] = backend.generate([prompt], adapter, penalised, label="answer")
+                assert _outcome([got]) == _outcome([expect]), f"adapter {adapter}: {prompt[-60:]!r}"
+        assert changed >= 2
+    finally:
+        backend.close()
+
+
+def test_streaming_per_row_while_rows_decode_together(llama_stack):
+    backend = llama_stack.backend
+    prompts = _prompts(llama_stack, "answer")[:3]
+    deltas: dict[int, list[str]] = {0: [], 1: [], 2: []}
+    order: list[int] = []
+
+    def on_text(row: int, delta: str) -> None:
+        deltas[row].append(delta)
+        order.append(row)
+
+    got = backend.generate(prompts, "answer", GenerationSettings(max_new_tokens=12), label="answer", on_text=on_text)
+    for row, completion in enumerate(got):
+        assert len(deltas[row]) > 1
+        assert "".join(deltas[row]).strip() == completion.text
+    assert order != sorted(order)  # the rows' text arrives interleaved, step by step
+
+
+def test_sampling_runs_in_llama_cpp_and_is_seeded(exported):
+    settings = GenerationSettings(max_new_tokens=12, temperature=0.9, top_p=0.9, repetition_penalty=1.2)
+    texts = []
+    for _ in range(2):
+        backend = _backend(exported, seed=7)
+        try:
+            prompt = backend.format_prompt("You are helpful.", "Name a colour.")
+            texts.append(_outcome(backend.generate([prompt, prompt], "answer", settings)))
+        finally:
+            backend.close()
+    assert texts[0] == texts[1]  # same seed, same draws
+    assert all(n > 0 for _, _, n in texts[0])

@@ -1,13 +1,20 @@
-"""llama.cpp backend: the GGUF files of `fslm export` on llama-cpp-python, one context, adapters hot-swapped.
+"""llama.cpp backend: the GGUF files of `fslm export` on llama-cpp-python's low-level API, one context for all stages.
 
 Prompts are rendered AND tokenised by the base model's Hugging Face tokenizer (`fslm.backends.Backend`), and output
 ids are decoded by it too: llama.cpp only ever sees token ids, so a stage sees exactly the tokens the PyTorch
 backend and training see, whatever llama.cpp's own tokenizer would do.
 
-One context with every stage's adapter loaded; switching stage swaps the active adapter and clears the KV cache
-(cached keys/values were computed under the previous adapter). The alternative, one context per stage over the
-same memory-mapped base, costs a KV cache and compute buffers per stage for no speed gain at batch 1 (figures
-in docs/export.md).
+Where the time goes is measured in docs/export.md; what keeps it on the matrix work:
+- One context holds every stage's adapter; a stage activates its own (`llama_set_adapters_lora`). The alternative,
+  one context per stage over the same memory-mapped base, costs a KV cache and compute buffers per stage.
+- Rows decode together: each row of a `generate` call is a sequence in one unified KV cache, and one
+  `llama_decode` per step evaluates the next token of every live row (rows still reading their prompt join the
+  same batches), so a stage batch shares each forward pass. Rows wait for room when the cache is full.
+- Sampling is native: greedy / temperature / top-p and the repetition penalty are llama.cpp's sampler chain, one
+  per row, with the penalty over the whole context (transformers' semantics, so greedy text matches PyTorch's).
+- Each stage's shared prompt prefix (chat header, role, template text before the first variable) stays in the
+  KV cache, per adapter, as its own sequence; a new row copies it (`llama_memory_seq_cp`, which in a unified
+  cache only shares the cells) and evaluates just its own tokens.
 """
 
 from __future__ import annotations
@@ -15,10 +22,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import itertools
 import json
 import os
 import threading
 import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +36,9 @@ import numpy as np
 
 from fslm import models
 from fslm.backends import Backend, Completion, TextCallback, cut_at_stop, fit_to_context
-from fslm.config import BaseModelSettings, GenerationSettings
+from fslm.config import BaseModelSettings, GenerationSettings, StackConfig
 from fslm.errors import FslmError
+from fslm.stackdir import ADAPTERS as ADAPTERS_DIR
 from fslm.stackdir import GGUF as GGUF_DIR
 
 
@@ -78,6 +89,40 @@ def avoid_amx() -> None:
     lc.llama_model_default_params = defaults
 
 
+def export_problem(directory: str | Path, config: StackConfig) -> str | None:
+    """Why the stack's GGUF export cannot run it as the stack is now, or None when it can.
+
+    The checks loading it makes (`from_settings`, `add_adapter`): a readable manifest for this base model, the base
+    file, and for every stage with a PEFT adapter its exported file, made from the adapter's current weights."""
+    from fslm.files import sha256_file
+
+    out = Path(directory) / GGUF_DIR
+    manifest = out / "manifest.json"
+    if not manifest.is_file():
+        return "no GGUF export"
+    try:
+        info = json.loads(manifest.read_text())
+        base, adapters = out / info["base"]["file"], info.get("adapters", {})
+        exported_for = info["base"].get("model")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{manifest}: unreadable ({e})"
+    if not base.is_file():
+        return f"{base} is missing"
+    if exported_for is not None and exported_for != config.base.model:
+        return f"exported for base {exported_for!r}, stack.yaml says {config.base.model!r}"
+    for stage in config.stages:
+        source = Path(directory) / ADAPTERS_DIR / stage.name
+        if not (source / "adapter_config.json").is_file():
+            continue
+        entry = adapters.get(stage.name) if isinstance(adapters, dict) else None
+        if not isinstance(entry, dict) or not (out / str(entry.get("file", ""))).is_file():
+            return f"stage {stage.name!r} has an adapter but no GGUF export of it"
+        weights = source / "adapter_model.safetensors"
+        if entry.get("source_sha256") and weights.is_file() and sha256_file(weights) != entry["source_sha256"]:
+            return f"{weights} changed since the export"
+    return None
+
+
 class LlamaCppBackend(Backend):
     name = "llamacpp"
 
@@ -88,38 +133,79 @@ class LlamaCppBackend(Backend):
         prompt_format: str = "auto",
         n_ctx: int | None = None,
         n_threads: int | None = None,
-        logits_all: bool = False,
         seed: int = 0,
-        **llama_kwargs: Any,
+        max_sequences: int = 32,
+        prefix_cache: bool = True,
+        native_greedy: bool = False,
+        **llama_params: Any,
     ) -> None:
+        """Load `gguf_path` into one llama.cpp context.
+
+        n_ctx: KV cells shared by all sequences (default: the model's training context, ~190 MiB for SmolLM2); one
+        sequence may use up to the training context. max_sequences: rows decoded together (more wait for a free slot).
+        prefix_cache: keep each stage's shared prompt prefix in the KV cache across calls.
+        native_greedy: greedy rows also use llama.cpp's sampler chain (same tokens; by default greedy is an argmax
+        over llama.cpp's logits in numpy, which measured several times cheaper per token, docs/export.md).
+        llama_params: fields of llama.cpp's llama_context_params or llama_model_params, e.g. type_k=0, type_v=0
+        for an f32 KV cache (exactness checks) or flash_attn_type=1.
+        """
         try:
-            import llama_cpp
+            import llama_cpp.llama_cpp as lc
         except ImportError:
             raise FslmError("the llamacpp backend needs llama-cpp-python: pip install llama-cpp-python") from None
-        self._lc = llama_cpp
-        avoid_amx()
+        self._lc = lc
+        self._model: Any = None
+        self._ctx: Any = None
+        self._handles: dict[str, Any] = {}
         path = Path(gguf_path)
         if not path.is_file():
             raise FslmError(f"{path}: GGUF file not found (run `fslm export DIR --format gguf` first)")
+        avoid_amx()
+        _init_llama_backend(lc)
         self.tokenizer = tokenizer
         self.prompt_format = prompt_format
+        self.max_sequences = max(1, max_sequences)
+        self.prefix_slots = PREFIX_SLOTS if prefix_cache else 0
+        self.native_greedy = native_greedy
+        model_params = lc.llama_model_default_params()  # after avoid_amx: without AMX buffers where they fault
+        context_params = lc.llama_context_default_params()
+        context_params.n_batch = context_params.n_ubatch = N_BATCH
+        context_params.n_threads = context_params.n_threads_batch = n_threads or default_threads()
+        context_params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as llama_cpp.Llama's default
+        context_params.n_seq_max = self.max_sequences + self.prefix_slots
+        context_params.kv_unified = True  # one cell pool: a shared prefix is shared cells, any sequence may be long
+        context_params.no_perf = True
+        for key, value in llama_params.items():
+            target = _field_owner(key, context_params, model_params)
+            if target is None:
+                raise FslmError(
+                    f"unknown llama.cpp parameter {key!r} (not in llama_context_params or llama_model_params)"
+                )
+            setattr(target, key, value)
         with _quiet_stderr():
-            self.llm = llama_cpp.Llama(
-                model_path=str(path),
-                n_ctx=n_ctx or 0,  # 0: the model's training context
-                n_batch=512,
-                n_threads=n_threads or default_threads(),
-                logits_all=logits_all,
-                seed=seed,
-                verbose=False,
-                **llama_kwargs,  # e.g. type_k/type_v=0 for an f32 KV cache (exactness checks)
-            )
+            self._model = lc.llama_model_load_from_file(str(path).encode(), model_params)
+        if not self._model:
+            raise FslmError(f"{path}: llama.cpp cannot load this GGUF file")
+        context_params.n_ctx = n_ctx or lc.llama_model_n_ctx_train(self._model)
+        with _quiet_stderr():
+            self._ctx = lc.llama_init_from_model(self._model, context_params)
+        if not self._ctx:
+            lc.llama_model_free(self._model)
+            self._model = None
+            raise FslmError(f"{path}: llama.cpp cannot create a context (n_ctx={context_params.n_ctx})")
+        self._mem = lc.llama_get_memory(self._ctx)
+        self.n_ctx_train = int(lc.llama_model_n_ctx_train(self._model))
+        self.n_vocab = int(lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self._model)))
+        self.n_batch = int(lc.llama_n_batch(self._ctx))  # llama.cpp caps it at n_ctx
+        self._batch = _Batch(lc, self.n_batch)
         self.adapters: dict[str, Path] = {}
-        self._handles: dict[str, Any] = {}
         self._active: str | None = None
+        self._prefixes: dict[tuple[str | None, str], _Prefix] = {}  # (adapter, stage label) -> cached prefix
+        self._seeds = itertools.count(seed)
         self._lock = threading.Lock()  # one context: callers from several threads (serve) take turns
-        self.eos_ids = _eos_ids(tokenizer, self.llm)
-        # Free adapters and context before interpreter teardown (llama-cpp-python's __del__ fails late in exit).
+        self.eos_ids = _eos_ids(tokenizer, lc.llama_vocab_eos(lc.llama_model_get_vocab(self._model)))
+        self.stats = {"prompt_tokens": 0, "prompt_tokens_evaluated": 0, "reused_tokens": 0, "decode_calls": 0}
+        # Free adapters and context before interpreter teardown (late in exit the ctypes library may be gone).
         ref = weakref.ref(self)
         atexit.register(lambda: (b := ref()) is not None and b.close())
 
@@ -149,6 +235,12 @@ class LlamaCppBackend(Backend):
             base = out / info["base"]["file"]
         except (ValueError, KeyError, TypeError) as e:
             raise FslmError(f"{manifest}: unreadable export manifest ({e}); re-run fslm export") from None
+        exported_for = info["base"].get("model") if isinstance(info.get("base"), dict) else None
+        if exported_for is not None and exported_for != settings.model:
+            raise FslmError(
+                f"{manifest}: exported for base {exported_for!r}, but stack.yaml says {settings.model!r}; "
+                "re-run fslm export"
+            )
         tokenizer = models.load_tokenizer(models.resolve(settings.model, stack_dir), settings)
         backend = cls(base, tokenizer, settings.prompt_format, **llama_kwargs)
         backend.export_dir = out
@@ -159,7 +251,13 @@ class LlamaCppBackend(Backend):
 
     @property
     def context_length(self) -> int:
-        return int(self.llm.n_ctx())
+        """The longest prompt + output of one sequence: the model's training context, or less when n_ctx (the KV
+        cells all sequences share) is smaller."""
+        return min(int(self._lc.llama_n_ctx(self._ctx)), self.n_ctx_train)
+
+    @property
+    def kv_cells(self) -> int:
+        return int(self._lc.llama_n_ctx(self._ctx))
 
     def add_adapter(self, name: str, path: Path) -> None:
         """Load a GGUF LoRA adapter; a PEFT adapter directory of a stack maps to its exported `<name>.lora.gguf`."""
@@ -179,14 +277,17 @@ class LlamaCppBackend(Backend):
                 if sha256_file(weights) != manifest["source_sha256"]:
                     raise FslmError(f"{weights}: changed since the GGUF export; re-run fslm export")
             path = gguf_file
-        with _quiet_stderr():
-            handle = self._lc.llama_adapter_lora_init(self.llm.model, str(path).encode())
-        if not handle:
-            raise FslmError(f"{path}: llama.cpp cannot load this LoRA adapter (wrong base model or not a GGUF LoRA)")
-        if name in self._handles:
-            self._free(name)
-        self._handles[name] = handle
-        self.adapters[name] = path
+        with self._lock:
+            with _quiet_stderr():
+                handle = self._lc.llama_adapter_lora_init(self._model, str(path).encode())
+            if not handle:
+                raise FslmError(
+                    f"{path}: llama.cpp cannot load this LoRA adapter (wrong base model or not a GGUF LoRA)"
+                )
+            if name in self._handles:
+                self._free(name)
+            self._handles[name] = handle
+            self.adapters[name] = path
 
     def generate(
         self,
@@ -196,7 +297,7 @@ class LlamaCppBackend(Backend):
         label: str = "",
         on_text: TextCallback | None = None,
     ) -> list[Completion]:
-        """Rows run one after the other (llama.cpp decodes one sequence per context at a time)."""
+        """All rows decode together: one `llama_decode` per step for every live row (see the module docstring)."""
         with self._lock:
             return self._generate(prompts, adapter, settings, label, on_text)
 
@@ -208,114 +309,442 @@ class LlamaCppBackend(Backend):
         label: str,
         on_text: TextCallback | None,
     ) -> list[Completion]:
+        if not prompts:
+            return []
         encoded = [self.tokenizer(p, add_special_tokens=not self.chat)["input_ids"] for p in prompts]
+        if not all(encoded):
+            raise FslmError(f"stage {label!r}: a prompt has no tokens (nothing to continue from)")
         max_new = fit_to_context([len(e) for e in encoded], settings.max_new_tokens, self.context_length, label)
         self.use_adapter(adapter)
+        rows = [_Row(i, ids) for i, ids in enumerate(encoded)]
+        try:
+            prefix = self._shared_prefix(adapter, label, encoded)
+            self._decode_rows(rows, prefix, max_new, settings, on_text)
+        finally:
+            for row in rows:
+                if row.sampler is not None:
+                    self._lc.llama_sampler_free(row.sampler)
+                if row.seq >= 0:
+                    self._lc.llama_memory_seq_rm(self._mem, row.seq, -1, -1)
         results = []
-        for row, ids in enumerate(encoded):
-            new: list[int] = []
-            sent = ""
-            for token in self.llm.generate(
-                ids,
-                temp=settings.temperature,
-                top_p=settings.top_p,
-                top_k=0,
-                min_p=0.0,
-                repeat_penalty=1.0,
-                logits_processor=_repetition_penalty(settings.repetition_penalty),
-            ):
-                if token in self.eos_ids:
-                    new.append(token)
-                    break
-                new.append(token)
-                text = self.tokenizer.decode(new, skip_special_tokens=True)
-                if on_text is not None:
-                    shown = text.rstrip("\ufffd")
-                    if len(shown) > len(sent) and shown.startswith(sent):
-                        on_text(row, shown[len(sent) :])
-                        sent = shown
-                if settings.stop and any(s in text for s in settings.stop):
-                    break
-                if len(new) >= max_new:
-                    break
-            text = self.tokenizer.decode(new, skip_special_tokens=True)
-            if on_text is not None and len(text) > len(sent) and text.startswith(sent):
-                on_text(row, text[len(sent) :])
-            results.append(Completion(cut_at_stop(text, settings.stop).strip(), len(ids), len(new)))
+        for row in rows:
+            text = self.tokenizer.decode(row.new, skip_special_tokens=True)
+            if on_text is not None and len(text) > len(row.sent) and text.startswith(row.sent):
+                on_text(row.index, text[len(row.sent) :])
+            results.append(Completion(cut_at_stop(text, settings.stop).strip(), len(row.ids), len(row.new)))
         return results
+
+    # --- batched decoding -------------------------------------------------------------------------
+
+    def _decode_rows(
+        self,
+        rows: list[_Row],
+        prefix: _Prefix | None,
+        max_new: int,
+        settings: GenerationSettings,
+        on_text: TextCallback | None,
+    ) -> None:
+        """Admit rows while their prompt + output fit in the free KV cells, step all live rows together."""
+        lc = self._lc
+        reuse = len(prefix.tokens) if prefix is not None else 0
+        pending = list(reversed(rows))
+        free_seqs = list(reversed(range(self.max_sequences)))
+        active: list[_Row] = []
+        reserved = 0
+        while pending or active:
+            while pending and free_seqs:
+                row = pending[-1]
+                need = len(row.ids) - reuse + max_new
+                if self._held() + reserved + need > self.kv_cells:
+                    if active:
+                        break  # wait until a live row finishes and frees its cells
+                    if not self._evict(keep=prefix):
+                        raise FslmError(f"a prompt of {len(row.ids)} tokens does not fit the KV cache")
+                    continue
+                pending.pop()
+                row.seq, row.need = free_seqs.pop(), need
+                if reuse:
+                    lc.llama_memory_seq_cp(self._mem, prefix.seq, row.seq, 0, reuse)  # type: ignore[union-attr]
+                row.n_past, row.todo = reuse, row.ids[reuse:]
+                if settings.temperature > 0 or self.native_greedy:
+                    row.sampler = self._sampler(settings, row.ids)
+                else:
+                    row.greedy = _Greedy(settings.repetition_penalty, row.ids, self.n_vocab)
+                self._count_prompt(len(row.ids), len(row.ids) - reuse)
+                reserved += need
+                active.append(row)
+            self._step(active, lambda row, token: self._take(row, token, max_new, settings, on_text))
+            for row in [r for r in active if r.done]:
+                lc.llama_memory_seq_rm(self._mem, row.seq, -1, -1)
+                free_seqs.append(row.seq)
+                row.seq = -1
+                reserved -= row.need
+                active.remove(row)
+
+    def _step(self, active: list[_Row], take: Callable[[_Row, int], None]) -> None:
+        """Evaluate every live row's pending tokens (one sampled token, or the rest of its prompt) in batches of at
+        most n_batch tokens, and sample each row right after the batch holding its last token.
+
+        Rows with one token go first, so decoding rows are sampled after the first batch even when new rows'
+        prompts follow."""
+        batch = self._batch
+        outputs: list[tuple[int, _Row]] = []
+        for row in sorted(active, key=lambda r: len(r.todo)):
+            todo, first = row.todo, row.n_past
+            row.todo = []
+            row.n_past += len(todo)
+            done = 0
+            while done < len(todo):
+                n = min(len(todo) - done, batch.capacity - batch.size)
+                last = done + n == len(todo)
+                batch.add(todo[done : done + n], first + done, row.seq, last)
+                done += n
+                if last:
+                    outputs.append((batch.size - 1, row))
+                if batch.size == batch.capacity:
+                    self._flush(outputs, take)
+        self._flush(outputs, take)
+
+    def _flush(self, outputs: list[tuple[int, _Row]], take: Callable[[_Row, int], None]) -> None:
+        if self._batch.size == 0:
+            return
+        self._decode(self._batch)
+        lc = self._lc
+        for index, row in outputs:
+            if row.greedy is not None:
+                logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx, index), shape=(self.n_vocab,))
+                take(row, row.greedy.pick(logits))
+            else:
+                take(row, lc.llama_sampler_sample(row.sampler, self._ctx, index))
+        outputs.clear()
+
+    def _decode(self, batch: _Batch) -> None:
+        rc = self._lc.llama_decode(self._ctx, batch.struct)
+        self.stats["decode_calls"] += 1
+        batch.clear()
+        if rc != 0:
+            what = "no free KV cache cells" if rc == 1 else "aborted" if rc == 2 else "error"
+            raise FslmError(f"llama.cpp could not decode a batch ({what}, code {rc})")
+
+    def _take(
+        self, row: _Row, token: int, max_new: int, settings: GenerationSettings, on_text: TextCallback | None
+    ) -> None:
+        """A row's newly sampled token: stop at EOS, a stop string or max_new; stream its text; else feed it back."""
+        row.new.append(token)
+        if token in self.eos_ids:
+            row.done = True
+            return
+        if on_text is not None or settings.stop:
+            text = self.tokenizer.decode(row.new, skip_special_tokens=True)
+            if on_text is not None:
+                shown = text.rstrip("\ufffd")  # hold back half a multi-byte character
+                if len(shown) > len(row.sent) and shown.startswith(row.sent):
+                    on_text(row.index, shown[len(row.sent) :])
+                    row.sent = shown
+            if settings.stop and any(s in text for s in settings.stop):
+                row.done = True
+                return
+        if len(row.new) >= max_new:
+            row.done = True
+            return
+        row.todo = [token]
+
+    def _sampler(self, settings: GenerationSettings, prompt: list[int]) -> Any:
+        """llama.cpp's sampler chain for one row: penalty, then greedy or temperature -> top-p -> random draw.
+
+        The order is transformers' (repetition penalty, temperature, top-p). The penalty sampler counts the tokens
+        it is shown in a window of n_ctx, i.e. the whole context: the prompt's distinct tokens are fed to it here and
+        each sampled token is fed by llama_sampler_sample. It divides a positive logit by the penalty and multiplies
+        a negative one, once per distinct token, which is transformers' RepetitionPenaltyLogitsProcessor."""
+        lc = self._lc
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        penalty = settings.repetition_penalty
+        if penalty != 1.0:
+            window = self.context_length
+            # n_vocab first: this llama.cpp's signature (n_vocab, last_n, repeat, freq, present)
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_penalties(self.n_vocab, window, penalty, 0.0, 0.0))
+        if settings.temperature > 0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(settings.temperature))
+            if settings.top_p < 1.0:
+                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(settings.top_p, 1))
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(next(self._seeds) % 0xFFFFFFFF))
+        else:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+        if penalty != 1.0:
+            for token in dict.fromkeys(prompt):  # presence is all the penalty uses: each distinct token once
+                lc.llama_sampler_accept(chain, token)
+        return chain
+
+    # --- prefix reuse -------------------------------------------------------------------------------
+
+    def _shared_prefix(self, adapter: str | None, label: str, encoded: list[list[int]]) -> _Prefix | None:
+        """The cached prefix these prompts start with, trimmed to what they share, or a new one evaluated now.
+
+        Keyed by (adapter, stage label): the stage's prompts share its chat header, role and template text, and the
+        keys/values depend on the adapter. The shared part is the longest common prefix of token ids (the prompts
+        seen so far and these), so it is always exactly how the whole prompt tokenises. Each prompt keeps at least
+        its last token to evaluate (its logits give the first output token)."""
+        if not self.prefix_slots:
+            return None
+        key = (adapter, label)
+        entry = self._prefixes.pop(key, None)  # re-inserted last: most recently used
+        limit = min(len(ids) for ids in encoded) - 1
+        shared = (entry.tokens if entry is not None else encoded[0])[:limit]
+        for ids in encoded:
+            shared = shared[: _common_length(shared, ids)]
+        if entry is not None:
+            if not shared:
+                self._drop(entry)
+                return None
+            if len(shared) < len(entry.tokens):
+                self._lc.llama_memory_seq_rm(self._mem, entry.seq, len(shared), -1)
+                entry.tokens = shared
+            self._prefixes[key] = entry
+            return entry
+        if not shared:
+            return None
+        while len(self._prefixes) >= self.prefix_slots or self._held() + len(shared) > self.kv_cells // 2:
+            if not self._evict(keep=None):
+                return None
+        used = {e.seq for e in self._prefixes.values()}
+        seq = next(s for s in range(self.max_sequences, self.max_sequences + self.prefix_slots) if s not in used)
+        entry = _Prefix(seq, shared)
+        try:
+            for start in range(0, len(shared), self.n_batch):
+                part = shared[start : start + self.n_batch]
+                self._batch.add(part, start, seq, False)
+                self._decode(self._batch)
+            self._count_prompt(0, len(shared))
+        except FslmError:
+            self._drop(entry)
+            raise
+        self._prefixes[key] = entry
+        return entry
+
+    def _count_prompt(self, tokens: int, evaluated: int) -> None:
+        """stats: prompt tokens of the rows, how many were evaluated, how many came from a cached prefix."""
+        self.stats["prompt_tokens"] += tokens
+        self.stats["prompt_tokens_evaluated"] += evaluated
+        self.stats["reused_tokens"] = self.stats["prompt_tokens"] - self.stats["prompt_tokens_evaluated"]
+
+    def _held(self) -> int:
+        """KV cells held by cached prefixes (a row that copies a prefix shares its cells)."""
+        return sum(len(e.tokens) for e in self._prefixes.values())
+
+    def _evict(self, keep: _Prefix | None) -> bool:
+        """Drop the least recently used cached prefix other than `keep`; False when there is none."""
+        for key, entry in self._prefixes.items():
+            if entry is not keep:
+                del self._prefixes[key]
+                self._drop(entry)
+                return True
+        return False
+
+    def _drop(self, entry: _Prefix) -> None:
+        self._lc.llama_memory_seq_rm(self._mem, entry.seq, -1, -1)
+
+    def clear_prefixes(self, adapter: str | None | object = ...) -> None:
+        """Forget cached prefixes (all, or those computed under `adapter`)."""
+        for key in [k for k in self._prefixes if adapter is ... or k[0] == adapter]:
+            self._drop(self._prefixes.pop(key))
 
     # --- helpers ------------------------------------------------------------------------------------
 
     def use_adapter(self, adapter: str | None) -> None:
-        """Make `adapter` (None: the bare base) the active one; a switch invalidates the KV cache."""
+        """Make `adapter` (None: the bare base) the active one. Cached prefixes are keyed by adapter, and rows'
+        sequences never outlive a call, so nothing in the KV cache needs clearing."""
         if adapter is not None and adapter not in self._handles:
             raise FslmError(f"adapter {adapter!r} is not loaded (loaded: {', '.join(self._handles) or 'none'})")
         if adapter == self._active:
             return
         lc = self._lc
         if adapter is None:
-            rc = lc.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
+            rc = lc.llama_set_adapters_lora(self._ctx, None, 0, None)
         else:
             handles = (lc.llama_adapter_lora_p_ctypes * 1)(self._handles[adapter])
             scales = (ctypes.c_float * 1)(1.0)
-            rc = lc.llama_set_adapters_lora(self.llm.ctx, handles, 1, scales)
+            rc = lc.llama_set_adapters_lora(self._ctx, handles, 1, scales)
         if rc != 0:
             raise FslmError(f"llama.cpp refused to activate adapter {adapter!r} (code {rc})")
         self._active = adapter
-        self.llm.reset()
-        self.llm._ctx.kv_cache_clear()
 
     def logits(self, token_ids: list[int], adapter: str | None) -> np.ndarray:
-        """Logits at every position of `token_ids` (needs logits_all=True): for agreement checks against torch."""
-        if not self.llm._logits_all:
-            raise FslmError("logits() needs a backend made with logits_all=True")
+        """Logits at every position of `token_ids`: for agreement checks against torch."""
+        lc = self._lc
+        out = np.empty((len(token_ids), self.n_vocab), dtype=np.float32)
         with self._lock:
             self.use_adapter(adapter)
-            self.llm.reset()
-            self.llm._ctx.kv_cache_clear()
-            self.llm.eval(token_ids)
-            return np.array(self.llm.scores[: len(token_ids)], dtype=np.float32)
+            try:
+                for start in range(0, len(token_ids), self.n_batch):
+                    part = token_ids[start : start + self.n_batch]
+                    self._batch.add(part, start, 0, True, every=True)
+                    self._decode(self._batch)
+                    for i in range(len(part)):
+                        row = np.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx, i), shape=(self.n_vocab,))
+                        out[start + i] = row
+            finally:
+                lc.llama_memory_seq_rm(self._mem, 0, -1, -1)
+        return out
 
     def _free(self, name: str) -> None:
         handle = self._handles.pop(name, None)
+        self.adapters.pop(name, None)
         if handle is not None:
             if self._active == name:
                 self.use_adapter(None)
+            self.clear_prefixes(name)
             self._lc.llama_adapter_lora_free(handle)
 
     def close(self) -> None:
-        """Free the adapters and the model now (idempotent)."""
+        """Free the adapters, the context and the model now (idempotent)."""
         for name in list(self._handles):
             self._free(name)
-        if getattr(self, "llm", None) is not None:
-            self.llm.close()
-            self.llm = None
+        if self._ctx is not None:
+            self._lc.llama_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            self._lc.llama_model_free(self._model)
+            self._model = None
 
 
-def _repetition_penalty(penalty: float) -> list[Any] | None:
-    """transformers' repetition penalty (over prompt AND output, once per distinct token), so greedy text matches
-    the PyTorch backend; llama.cpp's own penalty only looks at a window of the last 64 sampled tokens."""
-    if penalty == 1.0:
-        return None
-
-    def apply(input_ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
-        seen = np.unique(np.asarray(input_ids, dtype=np.int64))
-        seen = seen[(seen >= 0) & (seen < logits.shape[0])]
-        values = logits[seen]
-        logits[seen] = np.where(values < 0, values * penalty, values / penalty)
-        return logits
-
-    return [apply]
+PREFIX_SLOTS = 8  # cached prefixes (stages x adapters in use); each is its own sequence id
+N_BATCH = 512  # tokens per llama_decode call
 
 
-def _eos_ids(tokenizer: Any, llm: Any) -> set[int]:
-    """Every token that ends a turn: the HF tokenizer's EOS, the GGUF's EOS/EOT, and chat end markers."""
+@dataclass
+class _Prefix:
+    """A prompt prefix held in the KV cache as sequence `seq`, computed under the adapter it is keyed by."""
+
+    seq: int
+    tokens: list[int]
+
+
+@dataclass
+class _Row:
+    """One prompt of a generate call while it decodes."""
+
+    index: int
+    ids: list[int]
+    seq: int = -1  # its sequence id while live
+    need: int = 0  # KV cells reserved for it
+    n_past: int = 0  # its tokens in the KV cache
+    todo: list[int] = field(default_factory=list)  # tokens to evaluate next
+    new: list[int] = field(default_factory=list)  # output ids (an ending EOS included, as the torch backend counts)
+    sent: str = ""  # text streamed so far
+    sampler: Any = None  # llama.cpp's sampler chain, or
+    greedy: _Greedy | None = None  # greedy in numpy
+    done: bool = False
+
+
+class _Greedy:
+    """Greedy decoding with transformers' repetition penalty, on a view of llama.cpp's logits (no copy without one).
+
+    The penalty divides a positive logit by `penalty` and multiplies a negative one, once per distinct token of the
+    prompt and output so far: transformers' RepetitionPenaltyLogitsProcessor, and llama.cpp's penalties sampler with
+    a window of the whole context. Ties go to the lowest token id, as with torch's argmax and llama.cpp's greedy."""
+
+    def __init__(self, penalty: float, prompt: list[int], n_vocab: int) -> None:
+        self.penalty = penalty
+        self.seen = np.zeros(n_vocab, dtype=bool)
+        ids = np.asarray(prompt, dtype=np.int64)
+        self.seen[ids[(ids >= 0) & (ids < n_vocab)]] = True
+        self.ids = np.flatnonzero(self.seen)
+
+    def pick(self, logits: np.ndarray) -> int:
+        if self.penalty == 1.0:
+            return int(logits.argmax())
+        scores = logits.copy()
+        values = scores[self.ids]
+        scores[self.ids] = np.where(values < 0, values * self.penalty, values / self.penalty)
+        token = int(scores.argmax())
+        if not self.seen[token]:
+            self.seen[token] = True
+            self.ids = np.append(self.ids, token)
+        return token
+
+
+class _Batch:
+    """A `llama_batch` over numpy arrays owned here (one sequence id per token), filled a slice at a time."""
+
+    def __init__(self, lc: Any, capacity: int) -> None:
+        self.capacity = capacity
+        self.size = 0
+        self.token = np.zeros(capacity, dtype=np.int32)
+        self.pos = np.zeros(capacity, dtype=np.int32)
+        self.n_seq_id = np.ones(capacity, dtype=np.int32)
+        self.seq = np.zeros(capacity, dtype=np.int32)
+        self.logits = np.zeros(capacity, dtype=np.int8)
+        seq_p = ctypes.POINTER(lc.llama_seq_id)
+        base = self.seq.ctypes.data
+        self._seq_ptrs = (seq_p * capacity)(*(ctypes.cast(base + 4 * i, seq_p) for i in range(capacity)))
+        self.struct = lc.llama_batch(
+            n_tokens=0,
+            token=self.token.ctypes.data_as(ctypes.POINTER(lc.llama_token)),
+            embd=None,
+            pos=self.pos.ctypes.data_as(ctypes.POINTER(lc.llama_pos)),
+            n_seq_id=self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            seq_id=ctypes.cast(self._seq_ptrs, ctypes.POINTER(seq_p)),
+            logits=self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
+        )
+
+    def add(self, tokens: list[int], first_pos: int, seq: int, last_logits: bool, every: bool = False) -> None:
+        """Append tokens of one sequence at positions first_pos...; logits for the last one (or every one)."""
+        a, b = self.size, self.size + len(tokens)
+        self.token[a:b] = tokens
+        self.pos[a:b] = np.arange(first_pos, first_pos + len(tokens), dtype=np.int32)
+        self.seq[a:b] = seq
+        self.logits[a:b] = 1 if every else 0
+        if last_logits and b > a:
+            self.logits[b - 1] = 1
+        self.size = b
+        self.struct.n_tokens = b
+
+    def clear(self) -> None:
+        self.size = 0
+        self.struct.n_tokens = 0
+
+
+def _common_length(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _field_owner(name: str, *structs: Any) -> Any:
+    for struct in structs:
+        if any(f[0] == name for f in type(struct)._fields_):
+            return struct
+    return None
+
+
+_BACKEND_READY = False
+
+
+def _init_llama_backend(lc: Any) -> None:
+    """llama_backend_init once per process, and llama.cpp's log (routed to the "llama-cpp-python" logger, which
+    prints everything down to debug while its level is unset) limited to errors, as llama_cpp.Llama(verbose=False)
+    does."""
+    global _BACKEND_READY
+    if not _BACKEND_READY:
+        import logging
+
+        llama_log = logging.getLogger("llama-cpp-python")
+        if llama_log.level == logging.NOTSET:
+            llama_log.setLevel(logging.ERROR)
+        with _quiet_stderr():
+            lc.llama_backend_init()
+        _BACKEND_READY = True
+
+
+def _eos_ids(tokenizer: Any, gguf_eos: int) -> set[int]:
+    """Every token that ends a turn: the HF tokenizer's EOS, the GGUF's EOS, and chat end markers."""
     ids: set[int] = set()
     if isinstance(tokenizer.eos_token_id, int):
         ids.add(tokenizer.eos_token_id)
-    for tid in (llm.token_eos(),):
-        if isinstance(tid, int) and tid >= 0:
-            ids.add(tid)
+    if gguf_eos >= 0:
+        ids.add(int(gguf_eos))
     for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
         tid = tokenizer.convert_tokens_to_ids(marker)
         if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
