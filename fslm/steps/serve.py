@@ -12,6 +12,10 @@ Limits: bounded queue (503 + Retry-After), body size (413), API key (401), valid
 (504), Host header (421, against DNS rebinding), Content-Type (415). Errors are OpenAI-style
 `{"error": {"message", "type", "param", "code"}}`; a 500 says nothing more than "internal error" (details go to the
 server log).
+
+Reading order: the options and the HTTP-level checks (Host, errors); `create_app`, which wires one `Server` (what
+every request shares, the steps a request takes, one method per route) into FastAPI; the reply helpers; request
+validation (`parse_chat`, `parse_run`); `serve`.
 """
 
 from __future__ import annotations
