@@ -374,7 +374,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="--profile: passes over the prompts.")
     ap.add_argument("--no-torch", action="store_true", help="Skip PyTorch (prompts from a llama.cpp run).")
     ap.add_argument(
-        "--torch-bf16", action="store_true", help="Add a PyTorch row in bf16 autocast (native on AMX/AVX-512-BF16 only)."
+        "--torch-bf16",
+        action="store_true",
+        help="Add a PyTorch row in bf16 autocast (native on AMX/AVX-512-BF16 only).",
     )
     ap.add_argument("--threads", type=int, help="llama.cpp threads (default: fslm's, all cores up to 4).")
     ap.add_argument("--demo-dir", type=Path, help="Build the demo stack here once and reuse it (default: a temp dir).")
