@@ -373,6 +373,11 @@ def main() -> None:
     ap.add_argument("--profile", metavar="STAGE", help="Only profile this stage on llama.cpp (see above).")
     ap.add_argument("--repeats", type=int, default=3, help="--profile: passes over the prompts.")
     ap.add_argument("--no-torch", action="store_true", help="Skip PyTorch (prompts from a llama.cpp run).")
+    ap.add_argument(
+        "--torch-bf16",
+        action="store_true",
+        help="Add a PyTorch row in bf16 autocast (native on AMX/AVX-512-BF16 only).",
+    )
     ap.add_argument("--threads", type=int, help="llama.cpp threads (default: fslm's, all cores up to 4).")
     ap.add_argument("--demo-dir", type=Path, help="Build the demo stack here once and reuse it (default: a temp dir).")
     ap.add_argument(
@@ -407,6 +412,11 @@ def main() -> None:
         torch_stack = Stack(config, Stack.load(directory, backend="torch").backend, directory)
         prompts = [[r.prompt for r in torch_stack.run(text).stages] for text in instructions]
         results["torch"] = summarise(timed_stage_runs(torch_stack.backend, prompts, config.stages, True), names)
+        if args.torch_bf16:
+            results["bf16_native"] = torch_stack.backend.set_precision("auto") == "bf16"
+            torch_stack.backend.set_precision("bf16", "decode_speed --torch-bf16")
+            rows = timed_stage_runs(torch_stack.backend, prompts, config.stages, True)
+            results["torch_bf16"] = summarise(rows, names)
     lora_rows = timed_stage_runs(llama, prompts, config.stages, True)
     results["llamacpp"] = summarise(lora_rows, names)
     base_rows = timed_stage_runs(llama, prompts, config.stages, False)
@@ -419,6 +429,7 @@ def main() -> None:
 
     labels = {
         "torch": "PyTorch + LoRA",
+        "torch_bf16": "PyTorch + LoRA, bf16 autocast",
         "llamacpp": "fslm llama.cpp + LoRA",
         "plain_llamacpp": "plain llama-cpp-python + LoRA",
         "llamacpp_batched": f"fslm llama.cpp + LoRA, {len(prompts)} queries batched",
@@ -434,7 +445,7 @@ def main() -> None:
         q = r["query"]["tok_s"]
         cells = [f"{r['stages'][n]['tok_s']:.1f}" for n in names]
         torch_ratio = f"{q / results['torch']['query']['tok_s']:.2f}x" if "torch" in results else "-"
-        table.add_row(label, *cells, f"{q:.1f}", torch_ratio, f"{q / plain:.2f}x" if key != "torch" else "-")
+        table.add_row(label, *cells, f"{q:.1f}", torch_ratio, f"{q / plain:.2f}x" if "torch" not in key else "-")
     console.print(table)
 
     report: dict[str, Any] = {"results": results, "queries": instructions, "max_new_tokens": args.max_new_tokens}

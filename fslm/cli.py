@@ -670,6 +670,7 @@ def eval_cmd(
     generative: bool = flag(EvalOptions, "generative"),
     gen_tokens: int | None = flag(EvalOptions, "gen_tokens", min=1),
     bootstrap: int = flag(EvalOptions, "bootstrap", min=100),
+    precision: str = flag(EvalOptions, "precision"),
 ) -> None:
     """Score base model vs single adapter vs stack on offline benchmarks (lm-evaluation-harness)."""
     from fslm.steps.evaluate import evaluate

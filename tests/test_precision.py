@@ -73,3 +73,46 @@ def test_bf16_scoring_stays_close_to_float32(small_stack):
     for (a, _), (b, _) in zip(fp32, bf16, strict=True):
         assert abs(a - b) < 0.1 * max(1.0, abs(a))  # bf16 has ~3 significant digits
     assert [a for a, _ in bf16] != [a for a, _ in fp32]  # the scores really came from bf16 matmuls
+
+
+def test_eval_records_its_precision_and_never_reuses_rows_across_precisions(tmp_path, tiny_llama, monkeypatch):
+    """`fslm eval --precision bf16` scores in bf16 (recorded per row and in the report), a finished float32 row is not
+    reused for it, and `fslm eval compare` pairs the two runs item by item: the score difference between precisions."""
+    from conftest import make_benchmark_dir
+    from typer.testing import CliRunner
+
+    from fslm.backends.pytorch import TorchBackend
+    from fslm.cli import app
+
+    scored_in: list[str] = []  # the backend's precision at each scoring call
+    score = TorchBackend.score
+    monkeypatch.setattr(
+        TorchBackend, "score", lambda self, *a, **k: scored_in.append(self.precision) or score(self, *a, **k)
+    )
+    directory = tmp_path / "stack"
+    init(directory, InitOptions(base=str(tiny_llama)))
+    data = make_benchmark_dir(tmp_path / "data")
+    common = ["eval", str(directory), "--tasks", "arc_easy", "--data-dir", str(data), "--limit", "6"]
+    common += ["--systems", "base"]
+    runs = {}
+    for choice in ("fp32", "bf16"):
+        out = tmp_path / choice
+        scored_in.clear()
+        r = CliRunner().invoke(app, [*common, "--out", str(out), "--precision", choice])
+        assert r.exit_code == 0, r.output
+        assert scored_in and set(scored_in) == {choice}
+        runs[choice] = out
+        results = json.loads((out / "results.json").read_text())
+        assert results["precision"] == results["systems"]["base"]["precision"] == choice
+        compute = "bfloat16 autocast" if choice == "bf16" else "float32"
+        assert results["pinned"]["compute"] == compute and compute in (out / "report.md").read_text()
+    # the same report directory with the other precision: the row is computed again, not reused
+    scored_in.clear()
+    r = CliRunner().invoke(app, [*common, "--out", str(runs["fp32"]), "--precision", "bf16"])
+    assert r.exit_code == 0 and set(scored_in) == {"bf16"}
+    assert json.loads((runs["fp32"] / "results.json").read_text())["systems"]["base"]["precision"] == "bf16"
+
+    r = CliRunner().invoke(app, ["eval", "compare", str(runs["bf16"]), str(tmp_path / "fp32"), "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)["rows"]
+    assert rows and all(row["n"] == 6 for row in rows)

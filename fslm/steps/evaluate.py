@@ -30,6 +30,7 @@ from fslm.errors import FslmError
 from fslm.events import EventHandler, Progress, emit
 from fslm.files import atomic_write_bytes, atomic_write_text, sha256_file
 from fslm.options import Options, comma_list
+from fslm.precision import resolve as resolve_precision
 from fslm.provenance import versions
 from fslm.stack import SYSTEMS
 from fslm.stackdir import BASELINES, StackDir
@@ -112,6 +113,11 @@ class EvalOptions(Options):
     )
     gen_tokens: int | None = Field(None, ge=1, description="New tokens of a generative answer (default: 32).")
     bootstrap: int = Field(10_000, ge=100, description="Paired bootstrap resamples for the difference intervals.")
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        "fp32",
+        description="PyTorch compute precision of scoring (and of stages generating on torch): fp32 (default: "
+        "system=base matches lm-eval's hf model), bf16 (autocast), auto (bf16 where the hardware computes it natively).",
+    )
     backend: str | None = None
 
     _lists = field_validator("tasks", "systems", mode="before")(comma_list)
@@ -398,6 +404,7 @@ def evaluate(
     for w in warnings:
         log.warning(w)
     setup = {
+        "precision": resolve_precision(options.precision, "eval scoring"),
         "tasks": options.tasks,
         "limit": options.limit,
         "seed": options.seed,
@@ -449,6 +456,7 @@ def evaluate(
                 continue
         if loaded is None:
             loaded = Stack.load(directory, backend=options.backend or "torch")
+            loaded.backend.set_precision(setup["precision"], "eval scoring")
         if system == "stack" and runner is None:
             runner = eval_stages.load_stage_stack(stack_dir, stage_backend, loaded)
         if system == "stack" and tuning_needed(options) and not tuning:
@@ -503,6 +511,7 @@ def evaluate(
             "peak_rss_mb": _peak_rss_mb(),
             "parameters_per_query": lm.parameters_per_query(),
             "earlier_stage_runs": lm.stage_calls,
+            "precision": setup["precision"],
         }
         if system == "stack":
             row["stage_backend"] = lm.stage_backend
@@ -524,7 +533,12 @@ def evaluate(
         **setup,
         "data_dir": str(options.data_dir.resolve()),
         "prompt_format": "see docs/eval.md (lm-eval prompts; stack/single wrap the context in the final stage prompt)",
-        "pinned": {"batch_size": options.batch_size, "padding_side": "right (scoring)", "logprob_dtype": "float32"},
+        "pinned": {
+            "batch_size": options.batch_size,
+            "padding_side": "right (scoring)",
+            "logprob_dtype": "float32",
+            "compute": "bfloat16 autocast" if setup["precision"] == "bf16" else "float32",
+        },
         "tuning": tuning,
         "paired": [r.to_dict() for r in system_pairs(systems, options.tasks, options.bootstrap, options.seed)],
         "paired_settings": {
@@ -580,7 +594,8 @@ def report_markdown(results: dict[str, Any]) -> str:
     lines = [
         f"# fslm eval: {results['stack']}",
         "",
-        f"Zero-shot accuracy ± stderr on a seeded subset (limit {results['limit']}, seed {results['seed']}).",
+        f"Zero-shot accuracy ± stderr on a seeded subset (limit {results['limit']}, seed {results['seed']}), "
+        f"scored in {results.get('pinned', {}).get('compute', 'float32')}.",
         "",
         head,
         "|" + "---|" * (len(tasks) + 5),
