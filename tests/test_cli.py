@@ -70,7 +70,7 @@ def test_run_prompts_shows_each_stage_prompt(tmp_path, tiny_llama):
 
     d = tmp_path / "s"
     assert invoke("init", d, "--base", tiny_llama).exit_code == 0
-    question = "Explain why the sky is blue."
+    question = "Explain why the sky is [bold]blue[/bold] [/x]."  # shown as written, not read as rich markup
     expect = [s.prompt for s in Stack.load(d).run(question, max_new_tokens=2).stages]
     assert len(set(expect)) == 4 and all(question in p for p in expect)
 
