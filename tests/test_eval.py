@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -267,3 +268,56 @@ def test_fslm_eval_keeps_lm_eval_chatter_off_the_screen(eval_stack, data_dir, tm
     shown = captured.out + captured.err
     assert "Custom kwargs" not in shown and "it/s]" not in shown and "fatal:" not in shown
     assert logging.getLogger("lm_eval").level == level  # restored afterwards
+
+
+def test_every_offline_task_is_scored(stack, eval_stack, tmp_path, monkeypatch):
+    """The eight offline tasks beyond ARC and MMLU, each read from its own file format and scored by lm-eval.
+
+    Each multiple-choice question is written once per gold position (conftest `_more_tasks`), so its accuracy is
+    exactly 1/choices for any model, and anything else means the gold was misread. GSM8K's answers are replaced
+    after the real generation ran: one right, one wrong, read the way its flexible-extract filter reads them."""
+    from fslm.steps.evaluate import EvalOptions, evaluate
+    from fslm.steps.lm_eval_model import FslmLM
+
+    data = make_benchmark_dir(tmp_path / "data", every_task=True)
+    generate_until = FslmLM.generate_until
+
+    def planted(self, requests, disable_tqdm=False):
+        real = generate_until(self, requests, disable_tqdm)
+        assert len(real) == len(requests) and all(isinstance(t, str) for t in real)
+        return [f"Counting: {3 + 1}." if "4 apples" in r.args[0] else "It must be 5" for r in requests]
+
+    monkeypatch.setattr(FslmLM, "generate_until", planted)
+    expect = {  # task: (items, accuracy)
+        "hellaswag": (4, 0.25),
+        "winogrande": (2, 0.5),
+        "piqa": (2, 0.5),
+        "boolq": (2, 0.5),
+        "openbookqa": (4, 0.25),
+        "truthfulqa_mc1": (4, 0.25),
+        "truthfulqa_mc2": (4, 0.5),
+        "gsm8k": (2, 0.5),
+    }
+    options = EvalOptions(data_dir=data, tasks=list(expect), systems=["base"], bootstrap=100)
+    row = evaluate(eval_stack, tmp_path / "report", options).results["systems"]["base"]
+    tasks = row["tasks"]
+    for task, (n, accuracy) in expect.items():
+        assert tasks[task]["n"] == n and tasks[task]["accuracy"] == pytest.approx(accuracy), (task, tasks[task])
+    for task in ("hellaswag", "piqa", "openbookqa"):
+        assert tasks[task]["acc_norm"] == pytest.approx(expect[task][1]), task
+    assert tasks["gsm8k"]["metric"] == "exact_match (flexible-extract)"
+    # TruthfulQA mc2 per item: the probability mass on the true answers (its pairs' complementary labels give 0.5
+    # on average whichever way the labels are read, so check each item against the base model's own scores).
+    from fslm.tasks.utils import truthfulqa, truthfulqa_text
+
+    docs = truthfulqa(data_dir=str(data))["test"]
+    expect_mc2 = []
+    for doc in docs:
+        lls = [ll for ll, _ in FslmLM(stack, system="base").loglikelihood(
+            [_instance(truthfulqa_text(doc), " " + c) for c in doc["mc2_choices"]])]  # fmt: skip
+        p = [math.exp(ll - max(lls)) for ll in lls]
+        true = sum(q for q, label in zip(p, doc["mc2_labels"], strict=True) if label)
+        expect_mc2.append(true / sum(p))
+    got = row["items"]["truthfulqa_mc2"]
+    assert got["ids"] == [d["id"] for d in docs]
+    assert got["acc"] == pytest.approx(expect_mc2, abs=1e-3) and len(set(got["acc"])) > 1
