@@ -321,3 +321,55 @@ def test_every_offline_task_is_scored(stack, eval_stack, tmp_path, monkeypatch):
     got = row["items"]["truthfulqa_mc2"]
     assert got["ids"] == [d["id"] for d in docs]
     assert got["acc"] == pytest.approx(expect_mc2, abs=1e-3) and len(set(got["acc"])) > 1
+
+
+def test_eval_ablate_rows_and_resume_after_sigkill(eval_stack, data_dir, tmp_path):
+    """`fslm eval --ablate` is SIGKILLed once its first row is saved; the same command then reuses the saved rows
+    (their files untouched) and computes only the rest, one `stack-ablate-<stage>` row per stage among them."""
+    import signal
+    import time
+
+    from typer.testing import CliRunner
+
+    from fslm.cli import app
+
+    report = tmp_path / "report"
+    args = ["eval", str(eval_stack), "--tasks", "arc_easy", "--data-dir", str(data_dir), "--limit", "4"]
+    args += ["--systems", "base,stack", "--ablate", "--stage-tokens", "2", "--stage-backend", "torch"]
+    args += ["--out", str(report)]
+    rows = ["base", "stack", *(f"stack-ablate-{s}" for s in STAGES)]
+    env = {
+        **os.environ,
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(Path(__file__).parents[1]),
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "fslm", *args], env=env, cwd=tmp_path, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not (report / "systems" / "base.json").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no row finished in 300 s"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    proc.stderr.close()
+    saved = {p.stem: (p.stat().st_mtime_ns, p.read_bytes()) for p in (report / "systems").glob("*.json")}
+    assert "base" in saved and set(saved) < set(rows) and not (report / "results.json").exists()
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((report / "results.json").read_text())
+    assert list(data["systems"]) == rows
+    for name, (mtime, text) in saved.items():  # reused as they were, not evaluated again
+        path = report / "systems" / f"{name}.json"
+        assert (path.stat().st_mtime_ns, path.read_bytes()) == (mtime, text), name
+        assert data["systems"][name] == json.loads(text)["result"]
+    full = data["systems"]["stack"]
+    assert full["ablated_stage"] is None and full["adapters"] == {s: s for s in STAGES}
+    for stage in STAGES:
+        row = data["systems"][f"stack-ablate-{stage}"]
+        assert row["ablated_stage"] == stage and row["tasks"]["arc_easy"]["n"] == 4
+        assert row["adapters"] == {s: None if s == stage else s for s in STAGES}
+        # the ablated stage's LoRA weights are not used, so not counted
+        assert row["parameters_per_query"] < full["parameters_per_query"]
+    assert data["systems"]["stack-ablate-answer"]["earlier_stage_runs"] == full["earlier_stage_runs"] == 4
