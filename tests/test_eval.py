@@ -344,15 +344,16 @@ def test_eval_ablate_rows_and_resume_after_sigkill(eval_stack, data_dir, tmp_pat
         "HF_HUB_OFFLINE": "1",
         "PYTHONPATH": str(Path(__file__).parents[1]),
     }
-    proc = subprocess.Popen([sys.executable, "-m", "fslm", *args], env=env, cwd=tmp_path, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while not (report / "systems" / "base.json").exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "no row finished in 300 s"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(30)
-    proc.stderr.close()
+    log = tmp_path / "stderr.log"  # a file, not a pipe: a full pipe would stall the process before its first row
+    with log.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "fslm", *args], env=env, cwd=tmp_path, stderr=stderr)
+        deadline = time.monotonic() + 300
+        while not (report / "systems" / "base.json").exists():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no row finished in 300 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
     saved = {p.stem: (p.stat().st_mtime_ns, p.read_bytes()) for p in (report / "systems").glob("*.json")}
     assert "base" in saved and set(saved) < set(rows) and not (report / "results.json").exists()
 
