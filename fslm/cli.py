@@ -26,6 +26,7 @@ from rich.logging import RichHandler
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 from typer.core import TyperGroup
 
 from fslm.config import ServerSettings
@@ -220,16 +221,17 @@ def info(directory: StackDir) -> None:
 
 
 def print_stage(r: StageResult, prompts: bool = False) -> None:
-    """One finished stage as a panel (what `fslm run` shows)."""
+    """One finished stage as a panel (what `fslm run` shows). Prompts and outputs are plain Text, not rich markup:
+    a user's "[/x]" or a model's "[bold]" is shown as written instead of failing or styling the panel."""
     used = f"adapter {r.adapter}" if r.adapter else "base model"
     title = f"[bold]{r.name}[/] · {used} · {r.output_tokens} tokens · {r.seconds:.1f}s"
     if prompts:
-        out.print(Panel(r.prompt, title=f"{r.name} prompt", border_style="dim"))
-    out.print(Panel(r.output or "[dim](empty)[/]", title=title, title_align="left"))
+        out.print(Panel(Text(r.prompt), title=f"{r.name} prompt", border_style="dim"))
+    out.print(Panel(Text(r.output) if r.output else "[dim](empty)[/]", title=title, title_align="left"))
 
 
 def print_answer(trace: Trace) -> None:
-    out.print(Panel(trace.answer, title="[bold green]answer[/]", title_align="left", border_style="green"))
+    out.print(Panel(Text(trace.answer), title="[bold green]answer[/]", title_align="left", border_style="green"))
 
 
 @app.command()

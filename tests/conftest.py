@@ -112,8 +112,9 @@ def make_model_dir(root: Path, arch: str, chat: bool, context: int = 512, random
     return path
 
 
-def make_benchmark_dir(root: Path) -> Path:
-    """A tiny synthetic benchmark directory in the shared layout (ARC JSONL, MMLU headerless CSV)."""
+def make_benchmark_dir(root: Path, every_task: bool = False) -> Path:
+    """A tiny synthetic benchmark directory in the shared layout (ARC JSONL, MMLU headerless CSV); `every_task`
+    adds the other offline tasks (see `_more_tasks`)."""
     (root / "arc").mkdir(parents=True)
     for split, key in (("Easy", "B"), ("Challenge", "C")):
         rows = []
@@ -125,7 +126,54 @@ def make_benchmark_dir(root: Path) -> Path:
     (root / "mmlu" / "test").mkdir(parents=True)
     lines = [f'"Which is {i}?",one,two,three,four,{"ABCD"[i % 4]}\n' for i in range(12)]
     (root / "mmlu" / "test" / "tiny_subject_test.csv").write_text("".join(lines))
+    if every_task:
+        _more_tasks(root)
     return root
+
+
+def _more_tasks(root: Path) -> None:
+    """HellaSwag, WinoGrande, PIQA, BoolQ, OpenBookQA, TruthfulQA and GSM8K in their files' own formats. Every
+    multiple-choice question is written once per answer position with the gold moved along (a "rotation"): a model
+    gives the same scores to every copy, so exactly one copy of each question is right and the task's accuracy is
+    exactly 1/choices, whatever the model, if and only if the loader reads the gold where it is."""
+
+    def write(rel: str, text: str) -> None:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+
+    def jsonl(rows: list[dict]) -> str:
+        return "".join(json.dumps(r) + "\n" for r in rows)
+
+    endings = ["puts the pot on the stove.", "reads a book [title] aloud.", "runs away.", "sings to the cat."]
+    hella = [
+        {"ind": i, "activity_label": "Cooking", "ctx_a": "A man stands in a kitchen.", "ctx_b": "then he",
+         "endings": endings, "label": str(i)}
+        for i in range(4)
+    ]  # fmt: skip
+    write("hellaswag/hellaswag_val_sample1000.jsonl", jsonl(hella))
+    options = ["The trophy did not fit in the suitcase because the trophy", "... because the suitcase"]
+    write("winogrande/winogrande.jsonl", jsonl([{"context_options": options, "continuation": "was too big.",
+                                                 "gold": g} for g in (0, 1)]))  # fmt: skip
+    write("piqa/valid.jsonl", jsonl([{"id": f"p{i}", "goal": "Open a jar.", "sol1": "Twist the lid.",
+                                      "sol2": "Shout at it."} for i in range(2)]))  # fmt: skip
+    write("piqa/valid-labels.lst", "0\n1\n")
+    write("boolq/val.jsonl", jsonl([{"idx": i, "passage": "Paris is the capital of France.",
+                                     "question": "is paris the capital of france", "label": i == 0} for i in range(2)]))  # fmt: skip
+    lines = ["ID\tQuestion Stem\tChoices\tAnswer Key\n"]
+    lines += [f"obqa{i}\tThe sun is\t(A) hot (B) cold (C) blue (D) small\t{'ABCD'[i]}\n" for i in range(4)]
+    write("openbookqa/test.tsv", "".join(lines))
+    texts = ["Nothing happens.", "You grow a tree.", "You get sick.", "It is digested."]
+    mc2 = [(1, 1, 0, 0), (0, 0, 1, 1), (1, 0, 1, 0), (0, 1, 0, 1)]  # complementary pairs: P(true) sums to 1
+    truthful = [
+        {"question": "What happens if you eat watermelon seeds?",
+         "mc1_targets": {t: int(k == i) for k, t in enumerate(texts)},
+         "mc2_targets": dict(zip(texts, mc2[i], strict=True))}
+        for i in range(4)
+    ]  # fmt: skip
+    write("truthfulqa/v0/mc_task.json", json.dumps(truthful))
+    gsm = [{"question": f"Tom has {n} apples and eats none. How many are left?", "answer": f"He has {n}.\n#### {n}"}
+           for n in (4, 7)]  # fmt: skip
+    write("gsm8k/test.jsonl", jsonl(gsm))
 
 
 def make_adapter(model_dir: Path, arch: str, out: Path, seed: int, r: int = 4) -> Path:

@@ -64,6 +64,37 @@ def test_init_info_run_json(tmp_path, tiny_model):
     assert all(1 <= int(t[2]) <= 3 for t in titles[:4])
 
 
+def test_run_prompts_shows_each_stage_prompt(tmp_path, tiny_llama):
+    """`fslm run --prompts`: each stage's full prompt, as a panel before its output, and in `--json`."""
+    from fslm import Stack
+
+    d = tmp_path / "s"
+    assert invoke("init", d, "--base", tiny_llama).exit_code == 0
+    question = "Explain why the sky is [bold]blue[/bold] [/x]."  # shown as written, not read as rich markup
+    expect = [s.prompt for s in Stack.load(d).run(question, max_new_tokens=2).stages]
+    assert len(set(expect)) == 4 and all(question in p for p in expect)
+
+    r = invoke("run", d, question, "--json", "--max-new-tokens", "2", "--prompts")
+    assert r.exit_code == 0, r.output
+    assert [s["prompt"] for s in json.loads(r.stdout)["stages"]] == expect
+    r = invoke("run", d, question, "--json", "--max-new-tokens", "2")
+    assert all("prompt" not in s for s in json.loads(r.stdout)["stages"])
+
+    r = invoke("run", d, question, "--max-new-tokens", "2", "--prompts")
+    assert r.exit_code == 0, r.output
+    titles = re.findall(r"╭─+ (\w+)( prompt)? ", r.stdout)
+    names = ["intent", "plan", "reasoning", "answer"]
+    assert titles == [(n, p) for n in names for p in (" prompt", "")] + [("answer", "")]
+    shown = []  # the text of each prompt panel (each line is shorter than the terminal: no wrapping)
+    for panel in r.stdout.split("╭")[1:]:
+        header, *body = panel.split("╰")[0].splitlines()
+        if " prompt " in header:
+            shown.append("\n".join(line[2:-1].rstrip() for line in body).strip())
+    assert shown == [p.strip() for p in expect]
+    plain = invoke("run", d, question, "--max-new-tokens", "2")
+    assert " prompt " not in plain.stdout and question not in plain.stdout
+
+
 def _bad(tmp_path, tiny_llama):
     """Each case: (args builder, expected text in the error line)."""
     good = tmp_path / "good"

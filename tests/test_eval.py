@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -267,3 +268,109 @@ def test_fslm_eval_keeps_lm_eval_chatter_off_the_screen(eval_stack, data_dir, tm
     shown = captured.out + captured.err
     assert "Custom kwargs" not in shown and "it/s]" not in shown and "fatal:" not in shown
     assert logging.getLogger("lm_eval").level == level  # restored afterwards
+
+
+def test_every_offline_task_is_scored(stack, eval_stack, tmp_path, monkeypatch):
+    """The eight offline tasks beyond ARC and MMLU, each read from its own file format and scored by lm-eval.
+
+    Each multiple-choice question is written once per gold position (conftest `_more_tasks`), so its accuracy is
+    exactly 1/choices for any model, and anything else means the gold was misread. GSM8K's answers are replaced
+    after the real generation ran: one right, one wrong, read the way its flexible-extract filter reads them."""
+    from fslm.steps.evaluate import EvalOptions, evaluate
+    from fslm.steps.lm_eval_model import FslmLM
+
+    data = make_benchmark_dir(tmp_path / "data", every_task=True)
+    generate_until = FslmLM.generate_until
+
+    def planted(self, requests, disable_tqdm=False):
+        real = generate_until(self, requests, disable_tqdm)
+        assert len(real) == len(requests) and all(isinstance(t, str) for t in real)
+        return [f"Counting: {3 + 1}." if "4 apples" in r.args[0] else "It must be 5" for r in requests]
+
+    monkeypatch.setattr(FslmLM, "generate_until", planted)
+    expect = {  # task: (items, accuracy)
+        "hellaswag": (4, 0.25),
+        "winogrande": (2, 0.5),
+        "piqa": (2, 0.5),
+        "boolq": (2, 0.5),
+        "openbookqa": (4, 0.25),
+        "truthfulqa_mc1": (4, 0.25),
+        "truthfulqa_mc2": (4, 0.5),
+        "gsm8k": (2, 0.5),
+    }
+    options = EvalOptions(data_dir=data, tasks=list(expect), systems=["base"], bootstrap=100)
+    row = evaluate(eval_stack, tmp_path / "report", options).results["systems"]["base"]
+    tasks = row["tasks"]
+    for task, (n, accuracy) in expect.items():
+        assert tasks[task]["n"] == n and tasks[task]["accuracy"] == pytest.approx(accuracy), (task, tasks[task])
+    for task in ("hellaswag", "piqa", "openbookqa"):
+        assert tasks[task]["acc_norm"] == pytest.approx(expect[task][1]), task
+    assert tasks["gsm8k"]["metric"] == "exact_match (flexible-extract)"
+    # TruthfulQA mc2 per item: the probability mass on the true answers (its pairs' complementary labels give 0.5
+    # on average whichever way the labels are read, so check each item against the base model's own scores).
+    from fslm.tasks.utils import truthfulqa, truthfulqa_text
+
+    docs = truthfulqa(data_dir=str(data))["test"]
+    expect_mc2 = []
+    for doc in docs:
+        lls = [ll for ll, _ in FslmLM(stack, system="base").loglikelihood(
+            [_instance(truthfulqa_text(doc), " " + c) for c in doc["mc2_choices"]])]  # fmt: skip
+        p = [math.exp(ll - max(lls)) for ll in lls]
+        true = sum(q for q, label in zip(p, doc["mc2_labels"], strict=True) if label)
+        expect_mc2.append(true / sum(p))
+    got = row["items"]["truthfulqa_mc2"]
+    assert got["ids"] == [d["id"] for d in docs]
+    assert got["acc"] == pytest.approx(expect_mc2, abs=1e-3) and len(set(got["acc"])) > 1
+
+
+def test_eval_ablate_rows_and_resume_after_sigkill(eval_stack, data_dir, tmp_path):
+    """`fslm eval --ablate` is SIGKILLed once its first row is saved; the same command then reuses the saved rows
+    (their files untouched) and computes only the rest, one `stack-ablate-<stage>` row per stage among them."""
+    import signal
+    import time
+
+    from typer.testing import CliRunner
+
+    from fslm.cli import app
+
+    report = tmp_path / "report"
+    args = ["eval", str(eval_stack), "--tasks", "arc_easy", "--data-dir", str(data_dir), "--limit", "4"]
+    args += ["--systems", "base,stack", "--ablate", "--stage-tokens", "2", "--stage-backend", "torch"]
+    args += ["--out", str(report)]
+    rows = ["base", "stack", *(f"stack-ablate-{s}" for s in STAGES)]
+    env = {
+        **os.environ,
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(Path(__file__).parents[1]),
+    }
+    log = tmp_path / "stderr.log"  # a file, not a pipe: a full pipe would stall the process before its first row
+    with log.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "fslm", *args], env=env, cwd=tmp_path, stderr=stderr)
+        deadline = time.monotonic() + 300
+        while not (report / "systems" / "base.json").exists():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no row finished in 300 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    saved = {p.stem: (p.stat().st_mtime_ns, p.read_bytes()) for p in (report / "systems").glob("*.json")}
+    assert "base" in saved and set(saved) < set(rows) and not (report / "results.json").exists()
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((report / "results.json").read_text())
+    assert list(data["systems"]) == rows
+    for name, (mtime, text) in saved.items():  # reused as they were, not evaluated again
+        path = report / "systems" / f"{name}.json"
+        assert (path.stat().st_mtime_ns, path.read_bytes()) == (mtime, text), name
+        assert data["systems"][name] == json.loads(text)["result"]
+    full = data["systems"]["stack"]
+    assert full["ablated_stage"] is None and full["adapters"] == {s: s for s in STAGES}
+    for stage in STAGES:
+        row = data["systems"][f"stack-ablate-{stage}"]
+        assert row["ablated_stage"] == stage and row["tasks"]["arc_easy"]["n"] == 4
+        assert row["adapters"] == {s: None if s == stage else s for s in STAGES}
+        # the ablated stage's LoRA weights are not used, so not counted
+        assert row["parameters_per_query"] < full["parameters_per_query"]
+    assert data["systems"]["stack-ablate-answer"]["earlier_stage_runs"] == full["earlier_stage_runs"] == 4

@@ -184,6 +184,52 @@ def test_trust_checks_urls_by_host_not_by_text():
     assert not trust.allows_server("http://gpu.example/v1") and not trust.allows_server("https://gpu.example.evil/v1")
 
 
+class _Payload:
+    """Pickled into a .bin: unpickling it writes the marker file (what a hostile checkpoint could do instead)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "unpickled"))
+
+
+def _pickle_weights(safetensors_file: Path, bin_file: Path, marker: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    torch.save({**load_file(safetensors_file), "payload": _Payload(marker)}, bin_file)
+
+
+def test_weights_are_read_only_from_safetensors(tmp_path, models_root):
+    """A pickled pytorch_model.bin / adapter_model.bin is never unpickled: refused alone, ignored beside safetensors."""
+    from fslm.steps.init import InitOptions, init
+
+    marker = tmp_path / "unpickled"
+    tiny = make_model_dir(models_root, "llama", chat=True)
+    both = tmp_path / "both"  # safetensors and a pickle: the pickle is ignored
+    shutil.copytree(tiny, both)
+    _pickle_weights(both / "model.safetensors", both / "pytorch_model.bin", marker)
+    pickled = tmp_path / "pickled"  # only the pickle: refused
+    shutil.copytree(both, pickled)
+    (pickled / "model.safetensors").unlink()
+    init(tmp_path / "a", InitOptions(base=str(pickled)))
+    init(tmp_path / "b", InitOptions(base=str(both)))
+    adapter = make_adapter(tiny, "llama", tmp_path / "b" / "adapters" / "intent", seed=1)
+    r = CliRunner().invoke(app, ["run", str(tmp_path / "a"), "hi", "--max-new-tokens", "1"])
+    assert r.exit_code == 2 and "no file named model.safetensors" in " ".join(r.output.split()), r.output
+    assert Stack.load(tmp_path / "b").backend.has_adapter("intent") and not marker.exists()
+
+    _pickle_weights(adapter / "adapter_model.safetensors", adapter / "adapter_model.bin", marker)
+    assert Stack.load(tmp_path / "b").backend.has_adapter("intent")  # beside safetensors: ignored
+    (adapter / "adapter_model.safetensors").unlink()
+    r = CliRunner().invoke(app, ["run", str(tmp_path / "b"), "hi", "--max-new-tokens", "1"])
+    out = " ".join(r.output.split()).replace(" ", "")
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert f"{adapter}/adapter_model.safetensors:missing;adapterweightsarereadonlyfromsafetensors" in out
+    assert not marker.exists()
+
+
 # --- 2. the server --------------------------------------------------------------------------------------------
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}

@@ -169,6 +169,54 @@ def test_stage_events_stream_tokens(stack, url):
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
 
 
+def _sse(text: str) -> list[tuple[str, dict]]:
+    """(event, data) pairs of a /v1/stack/stream body."""
+    events, kind = [], None
+    for line in text.splitlines():
+        if line.startswith("event: "):
+            kind = line[7:]
+        elif line.startswith("data: "):
+            events.append((kind, json.loads(line[6:])))
+    return events
+
+
+def test_stage_events_stream_over_get_too(url):
+    """`GET /v1/stack/stream?instruction=...&max_tokens=...` (an EventSource cannot POST) = the POST stream."""
+    query = {"instruction": "Explain why the sky is blue.", "input": "Be short.", "max_tokens": 3}
+    r = httpx.get(f"{url}/v1/stack/stream", params=query, timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    got = _sse(r.text)
+    assert [k for k, _ in got].count("stage_start") == 4 and got[-1][0] == "done"
+    trace = got[-1][1]
+    assert (trace["instruction"], trace["input"]) == ("Explain why the sky is blue.", "Be short.")
+    assert all(s["output_tokens"] <= 3 for s in trace["stages"])  # the query's max_tokens, a string, was applied
+    posted = _sse(httpx.post(f"{url}/v1/stack/stream", json=query, timeout=30).text)
+    for events in (got, posted):
+        for kind, data in events:
+            if kind in ("stage_end", "done"):
+                for s in data.get("stages", [data]):
+                    s.pop("seconds", None)
+    assert got == posted
+
+
+def test_max_completion_tokens_caps_every_stage(stack, url):
+    """OpenAI's newer `max_completion_tokens` works like `max_tokens` and wins when both are given."""
+    ask = {"messages": [{"role": "user", "content": "Give three tips for staying healthy."}]}
+    free = httpx.post(f"{url}/v1/chat/completions", json=ask, timeout=60).json()
+    assert free["fslm_trace"]["stages"][-1]["output_tokens"] > 2  # else a cap of 2 would prove nothing
+    for extra in ({"max_completion_tokens": 2}, {"max_completion_tokens": 2, "max_tokens": 5}):
+        r = httpx.post(f"{url}/v1/chat/completions", json={**ask, **extra}, timeout=60).json()
+        stages = r["fslm_trace"]["stages"]
+        assert all(s["output_tokens"] <= 2 for s in stages), (extra, stages)
+        assert stages[-1]["output_tokens"] == 2 and r["choices"][0]["finish_reason"] == "length"
+        assert r["usage"]["completion_tokens"] == sum(s["output_tokens"] for s in stages)
+        assert (
+            r["choices"][0]["message"]["content"] == stack.run(ask["messages"][0]["content"], max_new_tokens=2).answer
+        )
+    bad = httpx.post(f"{url}/v1/chat/completions", json={**ask, "max_completion_tokens": 0})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_completion_tokens"
+
+
 def test_bad_requests_are_400_with_an_openai_error(url):
     cases = [
         {"messages": []},

@@ -130,6 +130,28 @@ def test_prompt_longer_than_context_is_refused(tmp_path, models_root):
         stack.run("word " * 200)
 
 
+def test_max_new_tokens_is_lowered_to_fit_the_context(tmp_path, models_root, caplog):
+    """A prompt that fits but leaves less room than max_new_tokens: that stage writes only up to the context's end,
+    with a warning naming the stage (README, "Long prompts")."""
+    import logging
+
+    model_dir = make_model_dir(models_root, "llama", chat=True, context=64)
+    init(tmp_path / "s", InitOptions(base=str(model_dir)))
+    stack = Stack.load(tmp_path / "s")
+    settings = stack.config.stages[0].generation.model_copy(update={"max_new_tokens": 40, "stop": []})
+    prompt = "Give three tips for staying healthy. Eat well, sleep enough and move every day."
+    with caplog.at_level(logging.WARNING, logger="fslm"):
+        (done,) = stack.backend.generate([prompt], None, settings, label="intent")
+    assert 24 < done.prompt_tokens < 62  # fits, but not with 40 new tokens
+    room = 64 - done.prompt_tokens
+    assert f"stage 'intent': max_new_tokens lowered from 40 to {room} to fit the context" in caplog.text
+    assert done.output_tokens == room  # this random model does not stop early: it wrote up to the context's end
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fslm"):
+        (short,) = stack.backend.generate([prompt], None, settings.model_copy(update={"max_new_tokens": 3}))
+    assert short.output_tokens == 3 and "lowered" not in caplog.text
+
+
 def test_empty_instruction_is_refused(tiny_stack):
     _, directory = tiny_stack
     stack = Stack.load(directory)

@@ -16,6 +16,7 @@ from fslm.backends import GENERATE, SCORE, TRAIN, Backend, Completion, TextCallb
 from fslm.config import BaseModelSettings, GenerationSettings
 from fslm.errors import FslmError
 from fslm.precision import autocast
+from fslm.stackdir import ADAPTER_WEIGHTS
 
 # peft (0.21) calls a transformers method deprecated in v5; the warning is noise for our users, not theirs to fix.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -56,6 +57,12 @@ class TorchBackend(Backend):
     def add_adapter(self, name: str, path: Path) -> None:
         from peft import PeftModel
 
+        # PEFT would fall back to a pickled adapter_model.bin (torch.load); fslm reads weights only from safetensors.
+        if not (Path(path) / ADAPTER_WEIGHTS).is_file():
+            raise FslmError(
+                f"{Path(path) / ADAPTER_WEIGHTS}: missing; adapter weights are read only from safetensors "
+                "(a pickled adapter_model.bin is never loaded)"
+            )
         try:
             if hasattr(self.model, "peft_config"):
                 self.model.load_adapter(str(path), adapter_name=name)
