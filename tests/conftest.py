@@ -194,6 +194,21 @@ def make_adapter(model_dir: Path, arch: str, out: Path, seed: int, r: int = 4) -
     return out
 
 
+def make_eval_stack(
+    root: Path, adapters: tuple[str, ...] = ("intent", "plan", "reasoning", "answer", "single")
+) -> Path:
+    """A paper4 stack over a tiny chat Llama (context 2048: stage prompts are long in a 400-token vocabulary), with a
+    random adapter for each name in `adapters` (seeds 1, 2, ... in that order)."""
+    from fslm.steps.init import InitOptions, init
+
+    model_dir = make_model_dir(root, "llama", chat=True, context=2048)
+    directory = root / "stack"
+    init(directory, InitOptions(base=str(model_dir)))
+    for seed, name in enumerate(adapters, start=1):
+        make_adapter(model_dir, "llama", directory / "adapters" / name, seed=seed)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def models_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")

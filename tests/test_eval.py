@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_adapter, make_benchmark_dir, make_model_dir
+from conftest import make_benchmark_dir, make_eval_stack
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,17 +31,8 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def eval_stack(tmp_path_factory) -> Path:
-    """A paper4 stack over a tiny chat Llama (context 2048: stage prompts are long in a 400-token vocabulary),
-    with a random adapter for every stage and a single-adapter baseline."""
-    from fslm.steps.init import InitOptions, init
-
-    root = tmp_path_factory.mktemp("evalstack")
-    model_dir = make_model_dir(root, "llama", chat=True, context=2048)
-    directory = root / "stack"
-    init(directory, InitOptions(base=str(model_dir)))
-    for seed, name in enumerate([*STAGES, "single"]):
-        make_adapter(model_dir, "llama", directory / "adapters" / name, seed=seed + 1)
-    return directory
+    """A random adapter for every stage and a single-adapter baseline."""
+    return make_eval_stack(tmp_path_factory.mktemp("evalstack"))
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import make_adapter, make_benchmark_dir, make_model_dir
+from conftest import make_adapter, make_benchmark_dir, make_eval_stack
 
 from fslm.errors import FslmError
 from fslm.steps import eval_scoring
@@ -91,15 +91,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def eval_stack(tmp_path_factory) -> Path:
-    from fslm.steps.init import InitOptions, init
-
-    root = tmp_path_factory.mktemp("modes")
-    model_dir = make_model_dir(root, "llama", chat=True, context=2048)
-    directory = root / "stack"
-    init(directory, InitOptions(base=str(model_dir)))
-    for seed, name in enumerate([*STAGES, "single"]):
-        make_adapter(model_dir, "llama", directory / "adapters" / name, seed=seed + 1)
-    return directory
+    return make_eval_stack(tmp_path_factory.mktemp("modes"))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import make_adapter, make_benchmark_dir, make_model_dir
+from conftest import make_adapter, make_benchmark_dir, make_eval_stack, make_model_dir
 from fake_backend import fake_stack, running
 from typer.testing import CliRunner
 
@@ -459,14 +459,7 @@ def test_bom_is_accepted_in_jsonl_and_json_lists(tmp_path):
 
 @pytest.fixture(scope="module")
 def eval_stack(tmp_path_factory) -> Path:
-    from fslm.steps.init import InitOptions, init
-
-    root = tmp_path_factory.mktemp("lmeval")
-    model_dir = make_model_dir(root, "llama", chat=True, context=2048)
-    directory = root / "stack"
-    init(directory, InitOptions(base=str(model_dir)))
-    make_adapter(model_dir, "llama", directory / "adapters" / "answer", seed=1)
-    return directory
+    return make_eval_stack(tmp_path_factory.mktemp("lmeval"), adapters=("answer",))
 
 
 def test_batch_size_in_model_args_wins_over_lm_evals_default(eval_stack):
