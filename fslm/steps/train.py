@@ -217,7 +217,7 @@ def _make_trainer(
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    from fslm.steps.train_data import EpochLengthGroupedSampler, PadCollator
+    from fslm.steps.train_data import EpochLengthGroupedSampler, PadCollator, target_token_loss
 
     class StackTrainer(Trainer):
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
@@ -228,6 +228,21 @@ def _make_trainer(
             size = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
             lengths = [len(e["input_ids"]) for e in self.train_dataset]
             return EpochLengthGroupedSampler(size, lengths, options.seed)
+
+        def compute_loss(
+            self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+        ) -> Any:
+            # The stock loss, but with logits only at the positions that predict a target token (train_data's
+            # target_token_loss): full-vocabulary logits at every prompt position dominated training's memory.
+            head = self.accelerator.unwrap_model(model).get_output_embeddings()
+            loss, outputs = target_token_loss(model, head, inputs, num_items_in_batch)
+            # As Trainer.compute_loss: the loss is divided by the target count of all processes, so scale it back
+            # up by their number (DDP averages the gradients).
+            accepts = self.model_accepts_loss_kwargs
+            if self.args.average_tokens_across_devices and accepts and num_items_in_batch is not None:
+                scale = self.accelerator.num_processes // self.get_tp_size()
+                loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
+            return (loss, outputs) if return_outputs else loss
 
     has_val = bool(examples.val)
     args = TrainingArguments(
