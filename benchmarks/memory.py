@@ -75,7 +75,7 @@ def _fslm_child(*args: str, timeline: list[tuple[float, float, str]] | None = No
     def sample() -> None:  # VmRSS of the running child; the window's maximum is reset at each stderr line
         status = Path(f"/proc/{proc.pid}/status")
         while proc.returncode is None:
-            with contextlib.suppress(OSError, ValueError, IndexError):
+            with contextlib.suppress(OSError, ValueError, IndexError, StopIteration):
                 rss = next(ln for ln in status.read_text().splitlines() if ln.startswith("VmRSS"))
                 window[0] = max(window[0], int(rss.split()[1]) / 1024)
             time.sleep(0.1)

@@ -1,15 +1,22 @@
-"""`fslm train`'s loss computes logits only where a target token is predicted: it must equal the model's own
-full-logits loss, and give the same gradients, on every architecture and on padded, unevenly masked batches."""
+"""`fslm train`'s memory savers change nothing but memory: the loss computes logits only where a target token is
+predicted (the same loss and gradients as the model's own full-logits loss, on every architecture and on padded,
+unevenly masked batches), and gradient checkpointing trains the same adapter."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
+import transformers.modeling_utils
 from conftest import LORA_TARGETS, build_model, build_tokenizer
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+from test_train import write_distilled
 from transformers import Trainer
 
-from fslm.steps.train import TrainOptions, _make_trainer
+from fslm import Stack
+from fslm.steps.train import TrainOptions, _make_trainer, train
 from fslm.steps.train_data import IGNORE_INDEX, Examples, PadCollator, target_token_loss
 
 
@@ -82,3 +89,31 @@ def test_trainer_loss_equals_the_stock_trainer_loss(arch, tmp_path):
     torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-6)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(tiny_stack, tmp_path, monkeypatch):
+    """Recomputing the activations (with LoRA dropout on: the RNG state is restored) gives the adapter that keeping
+    them gives; afterwards the base is back to plain inference (no checkpointing, no input-grad hook)."""
+    _, directory = tiny_stack
+    data = write_distilled(tmp_path / "d.jsonl", n=12)
+    calls = []
+    real = transformers.modeling_utils.checkpoint
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("use_reentrant"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counted)
+    weights = {}
+    for checkpointing in (False, True):
+        shutil.rmtree(directory / "adapters" / "intent", ignore_errors=True)
+        stack = Stack.load(directory)
+        options = TrainOptions(stages=["intent"], max_steps=3, lr=3e-3, gradient_checkpointing=checkpointing)
+        train(directory, data, options, loaded=stack)
+        weights[checkpointing] = load_file(str(directory / "adapters" / "intent" / "adapter_model.safetensors"))
+        base = stack.backend.base_model
+        assert not base.is_activation_checkpointing and not getattr(base, "_require_grads_hooks", None)
+        assert bool(calls) == checkpointing and set(calls) <= {False}  # layers were recomputed, non-reentrant
+    assert weights[False].keys() == weights[True].keys()
+    for k in weights[False]:
+        torch.testing.assert_close(weights[True][k], weights[False][k], rtol=1e-4, atol=1e-6, msg=k)

@@ -74,6 +74,11 @@ class TrainOptions(Options):
         description="auto: bfloat16 autocast where the hardware computes it natively (AMX, AVX-512-BF16, CUDA), "
         "else float32; LoRA weights, optimizer state and saved adapters stay float32.",
     )
+    gradient_checkpointing: bool = Field(
+        True,
+        description="Keep only each layer's input for the backward pass and recompute the rest: about a third "
+        "more compute for a fraction of the activation memory (same loss and gradients).",
+    )
     strict: bool = Field(False, description="Stop on the first bad record instead of skipping.")
     resume: bool = Field(False, description="Continue an interrupted run from its checkpoints.")
     fresh: bool = Field(False, description="Discard an interrupted run's checkpoints and start over.")
@@ -88,6 +93,7 @@ class TrainOptions(Options):
     def fingerprint(self) -> dict[str, Any]:
         """The settings that change the result: a resumed run must match them."""
         skip = {"resume", "fresh", "keep_checkpoints", "strict", "save_steps", "eval_each_epoch"}
+        skip.add("gradient_checkpointing")  # recomputes the same activations: the result does not depend on it
         return self.model_dump(mode="json", exclude=skip)
 
 
@@ -272,6 +278,10 @@ def _make_trainer(
         bf16=precision == "bf16",  # autocast: bf16 matmuls, float32 master weights and optimizer state
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
+        activation_checkpointing=options.gradient_checkpointing,
+        # Non-reentrant: works with frozen embeddings (no inputs that require grad) and restores the RNG state, so
+        # the recomputed dropout masks are the ones of the first pass.
+        activation_checkpointing_kwargs={"use_reentrant": False},
     )
     collator = PadCollator(pad_id, fixed_length=options.pad_to)
     trainer = StackTrainer(
@@ -451,6 +461,9 @@ def _train(
             result.adapters[name] = TrainedAdapter(name=name, path=target, training=training, log_history=history)
             del trainer
             base = model.unload()
+            if options.gradient_checkpointing:  # the Trainer turned it on; inference on the base must not see it
+                base.activation_checkpointing_disable()
+                base.disable_input_require_grads()
     finally:
         backend.take_model(base)
     stack_obj.attach_adapters()
