@@ -3,18 +3,28 @@
 Each measurement runs in its own fresh process (load + one short greedy run of every stage), so peak RSS
 (`ru_maxrss`) covers loading and generation. Both figures include the Python/torch runtime.
 
+`--train DATA` measures `fslm train` instead: a fresh stack over the base, DATA copied into it, then
+`fslm train DIR --data DATA --max-steps N --batch-size B` in a child process; reports the child's peak RSS
+(its own `ru_maxrss`, from `os.wait4`) and wall time.
+
     python benchmarks/memory.py [--base smollm2-135m-instruct] [--out benchmarks/results/memory.json]
+    OMP_NUM_THREADS=1 python benchmarks/memory.py --train /work/runs/qs/out/distilled.jsonl [--max-steps 4]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 
@@ -51,10 +61,86 @@ def _run(*args: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def _fslm_child(*args: str, timeline: list[tuple[float, float, str]] | None = None) -> tuple[float, float]:
+    """Run `python -m fslm ARGS` in a fresh process; (its own peak RSS in MiB, wall seconds).
+
+    `timeline`: filled with (seconds, peak RSS in MiB since the previous line, the child's stderr line), RSS sampled
+    from /proc every 0.1 s, to see which phase holds the memory."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "fslm", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    err: list[str] = []
+    window = [0.0]
+
+    def sample() -> None:  # VmRSS of the running child; the window's maximum is reset at each stderr line
+        status = Path(f"/proc/{proc.pid}/status")
+        while proc.returncode is None:
+            with contextlib.suppress(OSError, ValueError, IndexError, StopIteration):
+                rss = next(ln for ln in status.read_text().splitlines() if ln.startswith("VmRSS"))
+                window[0] = max(window[0], int(rss.split()[1]) / 1024)
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    if timeline is not None:
+        sampler.start()
+    for raw in proc.stderr:  # the child exits only after its stderr is drained
+        line = raw.decode(errors="replace").rstrip()
+        err.append(line)
+        if timeline is not None and line.strip():
+            timeline.append((time.perf_counter() - start, window[0], line.strip()[:110]))
+            window[0] = 0.0
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must not wait on the reaped pid again
+    if timeline is not None:
+        timeline.append((seconds, window[0], "(exit)"))
+    if proc.returncode != 0:
+        sys.exit(f"fslm {' '.join(args)}: exit code {proc.returncode}\n" + "\n".join(err[-40:]))
+    return usage.ru_maxrss / 1024, seconds
+
+
+def train_memory(args: argparse.Namespace) -> None:
+    """Peak RSS and wall time of `fslm train` on a fresh stack (one child process does the whole training)."""
+    from fslm import __version__
+
+    with tempfile.TemporaryDirectory() as tmp:
+        stack, data = Path(tmp) / "stack", Path(tmp) / "distilled.jsonl"
+        _fslm_child("init", str(stack), "--base", args.base)
+        shutil.copyfile(args.train, data)
+        command = ["train", str(stack), "--data", str(data), "--max-steps", str(args.max_steps)]
+        command += ["--batch-size", str(args.batch_size)]
+        timeline: list[tuple[float, float, str]] | None = [] if args.timeline else None
+        peak, seconds = _fslm_child(*command, timeline=timeline)
+    records = sum(1 for line in Path(args.train).read_text().splitlines() if line.strip())
+    print(f"fslm train ({records} records, --max-steps {args.max_steps} --batch-size {args.batch_size}, {args.base})")
+    print(f"peak RSS {peak:,.0f} MiB   wall {seconds:.1f} s")
+    for at, mib, line in timeline or []:
+        print(f"{at:7.1f} s {mib:8,.0f} MiB  {line}")
+    result = {
+        "base": args.base,
+        "train": {"records": records, "max_steps": args.max_steps, "batch_size": args.batch_size},
+        "peak_rss_mib_train": peak,
+        "wall_seconds_train": round(seconds, 1),
+        "threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "FSLM_LLAMACPP_THREADS")},
+        "versions": {"fslm": __version__, "python": platform.python_version(), **_versions()},
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "timeline": timeline,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="smollm2-135m-instruct")
     parser.add_argument("--out", default="benchmarks/results/memory.json")
+    parser.add_argument("--train", metavar="DATA", help="Measure `fslm train` on this distilled JSONL instead.")
+    parser.add_argument("--max-steps", type=int, default=4, help="--train: optimizer steps per stage.")
+    parser.add_argument("--batch-size", type=int, default=4, help="--train: examples per batch.")
+    parser.add_argument(
+        "--timeline", action="store_true", help="--train: peak RSS between the child's log lines (which phase)."
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--make-adapters", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -63,6 +149,10 @@ def main() -> None:
     if args.make_adapters:
         _make_adapters(args.make_adapters)
         return print("{}")
+    if args.train:
+        if args.out == parser.get_default("out"):
+            args.out = "benchmarks/results/memory_train.json"
+        return train_memory(args)
 
     from fslm import __version__
     from fslm.steps.init import InitOptions, init

@@ -310,6 +310,7 @@ def train(
     fresh: bool = flag(TrainOptions, "fresh", "--fresh"),
     strict: bool = flag(TrainOptions, "strict", "--strict"),
     precision: str = flag(TrainOptions, "precision"),
+    gradient_checkpointing: bool = flag(TrainOptions, "gradient_checkpointing"),
     keep_checkpoints: bool = flag(TrainOptions, "keep_checkpoints"),
     processes: Annotated[
         int, typer.Option(min=1, help="Data-parallel processes on this machine (via accelerate launch).")

@@ -171,3 +171,44 @@ class EpochLengthGroupedSampler(LengthGroupedSampler):
     def __iter__(self):  # type: ignore[no-untyped-def]
         self.generator = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
         return super().__iter__()
+
+
+def target_token_loss(
+    model: Any, head: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+) -> tuple[torch.Tensor, Any]:
+    """The causal-LM cross-entropy over the target tokens, with logits computed only where a target is predicted.
+
+    Why: the model's own loss computes float32 logits at every position of every row (batch x length x a 49k
+    vocabulary, then log-softmax and its gradient, each as large), although only the few positions followed by a
+    target token (labels != -100, shifted by one) carry a loss; prompts are hundreds of tokens, targets tens. A
+    forward pre-hook on the output head (`head`, the model's `get_output_embeddings()`) hands it only the hidden
+    states of those positions, so the head's matmul, the logits and their gradient shrink to (target tokens x
+    vocabulary). Whatever the model does to the logits after its head (a float cast, soft-capping) still applies.
+
+    The value equals transformers' `ForCausalLMLoss`: the sum over target tokens divided by `num_items_in_batch`
+    when the Trainer passes it (the target count of the whole accumulated batch), else the mean over this batch's
+    target tokens. Returns (loss, the model's outputs, whose logits are (target tokens x vocabulary)).
+    """
+    labels = inputs["labels"]
+    targets = labels[:, 1:]
+    keep = targets.ne(IGNORE_INDEX)  # position t predicts token t + 1
+
+    def only_target_positions(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        hidden = args[0]
+        if hidden.dim() != 3 or hidden.shape[:2] != labels.shape:
+            raise RuntimeError(f"the output head got hidden states of shape {tuple(hidden.shape)}, not batch x length")
+        return (hidden[:, :-1][keep], *args[1:])
+
+    handle = head.register_forward_pre_hook(only_target_positions)
+    try:
+        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+    finally:
+        handle.remove()
+    logits = outputs["logits"].float()  # as ForCausalLMLoss: the loss in float32 even under bf16 autocast
+    chosen = targets[keep].to(logits.device)
+    if num_items_in_batch is None:
+        return torch.nn.functional.cross_entropy(logits, chosen), outputs
+    loss = torch.nn.functional.cross_entropy(logits, chosen, reduction="sum")
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch, outputs
