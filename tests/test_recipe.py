@@ -42,9 +42,10 @@ class ScriptedTeacher:
     id = "scripted"
     batch_size = 8
 
-    def __init__(self, config, knows: set[str], leak_when_noted: bool = False):
+    def __init__(self, config, knows: set[str], leak_when_noted: bool = False, hopeless: frozenset[str] = frozenset()):
         self.final_role = config.final_stage.role
         self.knows = knows
+        self.hopeless = hopeless  # questions it gets wrong even with the hint
         self.leak_when_noted = leak_when_noted
         self.asked: list[tuple[str, str]] = []
 
@@ -61,7 +62,7 @@ class ScriptedTeacher:
             stem, texts, key = next(q for q in QUESTIONS if q[0] in user)
             gold = texts["ABCD".index(key)]
             if system == self.final_role:  # the teacher's own answer
-                right = stem in self.knows or "hinted" in user
+                right = stem in self.knows or ("hinted" in user and stem not in self.hopeless)
                 text = gold if right else texts[("ABCD".index(key) + 1) % 4]
             elif "Hint for you alone" in user:
                 text = f"hinted notes: {gold} fits the question" + (
@@ -226,3 +227,15 @@ def test_multitask_and_on_policy_answer_stage_train_and_run(tmp_path, tiny_llama
     assert r.exit_code == 0, r.output
     trace = json.loads(r.stdout)
     assert [s["adapter"] for s in trace["stages"]] == ["multitask"]
+
+
+def test_a_retry_that_stays_wrong_is_counted_and_dropped(tmp_path, stack_config):
+    """A hinted retry that still answers wrong: counted as retried (not rescued), the record dropped as wrong."""
+    dataset = read_dataset(write_arc(tmp_path / "ARC-Easy-Train.jsonl"))
+    teacher = ScriptedTeacher(stack_config, knows={QUESTIONS[0][0]}, hopeless=frozenset({QUESTIONS[1][0]}))
+    opts = DistillOptions(filters=(), reference="hint-on-retry")
+    result = distill_records(stack_config, dataset, teacher, tmp_path / "d.jsonl", options=opts)
+    assert result.checks["retried_with_hint"] == 3 and result.checks["correct_after_hint"] == 2
+    assert result.filtered["wrong"] == 1
+    rejected = [json.loads(x) for x in (tmp_path / "d.jsonl.rejected.jsonl").read_text().splitlines()]
+    assert [r["checks"]["retried"] and not r["checks"]["hinted"] for r in rejected] == [True]

@@ -460,7 +460,8 @@ class Chain:
     targets: dict[str, str] = field(default_factory=dict)
     cut: set[str] = field(default_factory=set)  # stages whose teacher output stopped at the token limit
     noted: bool = False  # the intermediate stages were written with the reference (shown) or a hint visible
-    hinted: bool = False  # written again with the gold answer as a hint after a wrong answer
+    retried: bool = False  # the blind answer was wrong, so the chain was written again with a hint (hint-on-retry)
+    hinted: bool = False  # ... and that hinted chain answered right, so it is the one kept
     teacher_answer: str | None = None  # the teacher's own final-stage answer, when it was asked for one
     correct: bool | None = None  # that answer checked against the gold one (None: not checkable)
     blind_correct: bool | None = None  # the first, blind chain's answer checked
@@ -587,7 +588,8 @@ def _distill_chunk(
         retried = write_chains(wrong, hint_note)
         answer(wrong, retried)
         for r in wrong:
-            retried[r.id].hinted, retried[r.id].blind_correct = True, False
+            chains[r.id].retried = True  # a failed retry keeps the blind chain, but the retry is still counted
+            retried[r.id].retried, retried[r.id].hinted, retried[r.id].blind_correct = True, True, False
             if retried[r.id].correct:
                 chains[r.id] = retried[r.id]
     for r in chunk:
@@ -635,6 +637,7 @@ def _filter_chunk(
                 "teacher_answer": chain.teacher_answer,
                 "correct": chain.correct,
                 "blind_correct": chain.blind_correct,
+                "retried": chain.retried,
                 "hinted": chain.hinted,
                 "noted": chain.noted,
                 "leaks": [s.name for s in config.stages[:-1] if leaks(chain.targets[s.name], rec)],
@@ -668,8 +671,8 @@ def summarise_checks(config: StackConfig, rows: list[dict[str, Any]], rejected: 
     first = [r for r in rows + rejected if r.get("sample", 0) == 0 and "checks" in r]
     checked = [r for r in first if r["checks"].get("blind_correct") is not None]
     blind = sum(bool(r["checks"]["blind_correct"]) for r in checked)
-    hinted = [r for r in checked if r["checks"].get("hinted")]
-    rescued = sum(bool(r["checks"].get("correct")) for r in hinted)
+    retried = [r for r in checked if r["checks"].get("retried", r["checks"].get("hinted"))]
+    rescued = sum(bool(r["checks"].get("hinted") and r["checks"].get("correct")) for r in retried)
     leak_rate = {}
     for stage in config.stages[:-1]:
         n = sum(stage.name in r["checks"].get("leaks", []) for r in first)
@@ -679,7 +682,7 @@ def summarise_checks(config: StackConfig, rows: list[dict[str, Any]], rejected: 
         "checked_records": len(checked),
         "teacher_blind_correct": blind,
         "teacher_blind_accuracy": round(blind / len(checked), 4) if checked else None,
-        "retried_with_hint": len(hinted),
+        "retried_with_hint": len(retried),
         "correct_after_hint": rescued,
         "kept_records": len({_group(r) for r in rows}),
         "leaks": leak_rate,
