@@ -8,7 +8,7 @@ Each measurement runs in its own fresh process (load + one short greedy run of e
 (its own `ru_maxrss`, from `os.wait4`) and wall time.
 
     python benchmarks/memory.py [--base smollm2-135m-instruct] [--out benchmarks/results/memory.json]
-    OMP_NUM_THREADS=1 python benchmarks/memory.py --train /work/runs/qs/out/distilled.jsonl [--max-steps 4]
+    OMP_NUM_THREADS=1 python benchmarks/memory.py --train runs/qs/distilled.jsonl [--max-steps 4]
 """
 
 from __future__ import annotations
