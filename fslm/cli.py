@@ -547,9 +547,9 @@ def serve(
             "each host name clients use to reach it (Host header check, against DNS rebinding)"
         )
     if backend is None and config.base.backend == "torch":  # the fast path whenever the export is current
-        from fslm.backends.llamacpp import export_problem
+        from fslm.stackdir import StackDir as Layout
 
-        problem = export_problem(directory, config)
+        problem = Layout(directory).export_problem(config)
         if problem is None:
             backend = "llamacpp"
         elif problem != "no GGUF export":

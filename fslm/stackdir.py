@@ -148,6 +148,35 @@ class StackDir:
     def gguf_adapter(self, name: str) -> Path:
         return self.gguf / f"{name}.lora.gguf"
 
+    def export_problem(self, config: StackConfig | None = None) -> str | None:
+        """Why the GGUF export cannot run the stack as it is now, or None when it can: a readable manifest made for
+        this base model, the base file, and for every trained stage its exported file, made from today's weights."""
+        import json
+
+        from fslm.files import sha256_file
+
+        config = config or self.load()
+        if not self.gguf_manifest.is_file():
+            return "no GGUF export"
+        try:
+            info = json.loads(self.gguf_manifest.read_text(encoding="utf-8"))
+            base, adapters = self.gguf / info["base"]["file"], info.get("adapters", {})
+            exported_for = info["base"].get("model")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            return f"{self.gguf_manifest}: unreadable ({e})"
+        if not base.is_file():
+            return f"{base} is missing"
+        if exported_for is not None and exported_for != config.base.model:
+            return f"exported for base {exported_for!r}, stack.yaml says {config.base.model!r}"
+        for name in self.trained_stages(config):
+            entry = adapters.get(name) if isinstance(adapters, dict) else None
+            if not isinstance(entry, dict) or not (self.gguf / str(entry.get("file", ""))).is_file():
+                return f"stage {name!r} has an adapter but no GGUF export of it"
+            weights = self.weights(name)
+            if entry.get("source_sha256") and weights.is_file() and sha256_file(weights) != entry["source_sha256"]:
+                return f"{weights} changed since the export"
+        return None
+
     @property
     def train_state(self) -> Path:
         return self.root / TRAIN_STATE

@@ -36,9 +36,8 @@ import numpy as np
 
 from fslm import models
 from fslm.backends import Backend, Completion, TextCallback, cut_at_stop, fit_to_context
-from fslm.config import BaseModelSettings, GenerationSettings, StackConfig
+from fslm.config import BaseModelSettings, GenerationSettings
 from fslm.errors import FslmError
-from fslm.stackdir import ADAPTERS as ADAPTERS_DIR
 from fslm.stackdir import GGUF as GGUF_DIR
 
 
@@ -87,40 +86,6 @@ def avoid_amx() -> None:
     defaults.fslm_avoids_amx = True  # type: ignore[attr-defined]
     defaults.fslm_original = original  # type: ignore[attr-defined]
     lc.llama_model_default_params = defaults
-
-
-def export_problem(directory: str | Path, config: StackConfig) -> str | None:
-    """Why the stack's GGUF export cannot run it as the stack is now, or None when it can.
-
-    The checks loading it makes (`from_settings`, `add_adapter`): a readable manifest for this base model, the base
-    file, and for every stage with a PEFT adapter its exported file, made from the adapter's current weights."""
-    from fslm.files import sha256_file
-
-    out = Path(directory) / GGUF_DIR
-    manifest = out / "manifest.json"
-    if not manifest.is_file():
-        return "no GGUF export"
-    try:
-        info = json.loads(manifest.read_text())
-        base, adapters = out / info["base"]["file"], info.get("adapters", {})
-        exported_for = info["base"].get("model")
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        return f"{manifest}: unreadable ({e})"
-    if not base.is_file():
-        return f"{base} is missing"
-    if exported_for is not None and exported_for != config.base.model:
-        return f"exported for base {exported_for!r}, stack.yaml says {config.base.model!r}"
-    for stage in config.stages:
-        source = Path(directory) / ADAPTERS_DIR / stage.name
-        if not (source / "adapter_config.json").is_file():
-            continue
-        entry = adapters.get(stage.name) if isinstance(adapters, dict) else None
-        if not isinstance(entry, dict) or not (out / str(entry.get("file", ""))).is_file():
-            return f"stage {stage.name!r} has an adapter but no GGUF export of it"
-        weights = source / "adapter_model.safetensors"
-        if entry.get("source_sha256") and weights.is_file() and sha256_file(weights) != entry["source_sha256"]:
-            return f"{weights} changed since the export"
-    return None
 
 
 class LlamaCppBackend(Backend):

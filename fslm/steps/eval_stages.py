@@ -14,7 +14,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fslm.errors import FslmError
-from fslm.files import sha256_file
 from fslm.stackdir import StackDir
 
 log = logging.getLogger("fslm")
@@ -40,17 +39,11 @@ def resolve(stack_dir: StackDir, requested: str) -> str:
 
 def export_is_current(stack_dir: StackDir) -> bool:
     """A GGUF export exists and holds exactly the stack's trained stage adapters, each from today's weights."""
-    try:
-        manifest = json.loads(stack_dir.gguf_manifest.read_text(encoding="utf-8"))
-        if not (stack_dir.gguf / manifest["base"]["file"]).exists():
-            return False
-        exported = manifest["adapters"]
-    except (OSError, ValueError, KeyError, TypeError):
+    config = stack_dir.load()
+    if stack_dir.export_problem(config) is not None:
         return False
-    trained = stack_dir.trained_stages(stack_dir.load())
-    if set(exported) != set(trained):
-        return False
-    return all(exported[s].get("source_sha256") == sha256_file(stack_dir.weights(s)) for s in trained)
+    exported = json.loads(stack_dir.gguf_manifest.read_text(encoding="utf-8")).get("adapters", {})
+    return set(exported) == set(stack_dir.trained_stages(config))
 
 
 def load_stage_stack(stack_dir: StackDir, backend: str, scoring: Any = None) -> Any:
