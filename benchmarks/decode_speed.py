@@ -128,6 +128,7 @@ def plain_llama_runs(
             n_ctx=0,
             n_threads=threads,
             n_threads_batch=threads,
+            flash_attn=True,  # as fslm's backend (llama.cpp's auto turns it on for the CPU)
             verbose=False,
         )
         g = stage.generation

@@ -112,7 +112,7 @@ class LlamaCppBackend(Backend):
         native_greedy: greedy rows also use llama.cpp's sampler chain (same tokens; by default greedy is an argmax
         over llama.cpp's logits in numpy, which measured several times cheaper per token, docs/export.md).
         llama_params: fields of llama.cpp's llama_context_params or llama_model_params, e.g. type_k=0, type_v=0
-        for an f32 KV cache (exactness checks) or flash_attn_type=1.
+        for an f32 KV cache (exactness checks) or flash_attn_type=0 (off; default: llama.cpp's auto).
         """
         try:
             import llama_cpp.llama_cpp as lc
@@ -136,7 +136,10 @@ class LlamaCppBackend(Backend):
         context_params = lc.llama_context_default_params()
         context_params.n_batch = context_params.n_ubatch = N_BATCH
         context_params.n_threads = context_params.n_threads_batch = n_threads or default_threads()
-        context_params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as llama_cpp.Llama's default
+        # llama.cpp's own default (on where the device supports it). Measured here (2 cores, SmolLM2-135M): batched
+        # prompt evaluation 1.2-1.3x faster, and a batch of 32 rows in one unified KV cache 1.4x faster, because
+        # flash attention skips the cells a row's mask hides instead of multiplying through every live row's cells.
+        context_params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_AUTO
         context_params.n_seq_max = self.max_sequences + self.prefix_slots
         context_params.kv_unified = True  # one cell pool: a shared prefix is shared cells, any sequence may be long
         context_params.no_perf = True

@@ -120,15 +120,84 @@ class TorchBackend(Backend):
     ) -> list[tuple[float, bool]]:
         """Summed log-probability of each continuation after its context, and whether greedy decoding yields it.
 
-        Pinned so a score never depends on how a caller batches: fixed `batch_size`, requests sorted longest first,
-        right padding (real tokens keep their positions), float32 log-softmax. Contexts too long for the model are
-        left-truncated as lm-eval's `hf` model does. Logits are computed only for the positions that predict a
-        continuation token (`logits_to_keep`), and log-softmax only over those rows: a batch of 8 long prompts would
-        otherwise hold 8 x length x vocabulary float32 logits (hundreds of MB for a 49k vocabulary).
+        Requests that share a context (the answer choices of one question) share one pass over it: the context is
+        evaluated once and its KV cache copied to one row per continuation, so a question's 4 choices after a
+        400-token stack prompt cost about one prompt, not four (measured in docs/eval.md). A request's score
+        depends only on its own group (a question's choices), never on how a caller batches questions.
+        Requests that must be truncated (context + continuation longer than the model's context) or have no
+        context go through `score_each` (lm-eval `hf`'s left truncation). Float32 log-softmax throughout.
         """
         limit = self.context_length
-        pad = self.tokenizer.pad_token_id
-        pad = pad if pad is not None else self.tokenizer.eos_token_id
+        groups: dict[tuple[int, ...], list[int]] = {}
+        each: list[int] = []
+        for i, (ctx, cont) in enumerate(requests):
+            if ctx and cont and len(ctx) + len(cont) <= limit + 1:
+                groups.setdefault(tuple(ctx), []).append(i)
+            else:
+                each.append(i)
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        for ctx, members in groups.items():
+            scores = self._score_group(list(ctx), [list(requests[i][1]) for i in members], adapter)
+            if scores is None:  # a model whose cache cannot be copied per row
+                each.extend(members)
+                continue
+            for i, score in zip(members, scores, strict=True):
+                results[i] = score
+        if each:
+            each.sort()
+            for i, score in zip(each, self.score_each([requests[i] for i in each], adapter, batch_size), strict=True):
+                results[i] = score
+        return results
+
+    def _score_group(
+        self, ctx: list[int], conts: list[list[int]], adapter: str | None
+    ) -> list[tuple[float, bool]] | None:
+        """One context, several continuations: the context once (keeping only its last position's logits), then
+        every continuation but its last token as one right-padded batch over copies of the context's KV cache."""
+        device = self.base_model.device
+        keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(self.base_model) else {}
+        with torch.inference_mode(), self.use_adapter(adapter), autocast(self.precision, device):
+            out = self.model(input_ids=torch.tensor([ctx], device=device), use_cache=True, **keep)
+            first = torch.log_softmax(out.logits[0, -1].float(), dim=-1).cpu()
+            rest = None
+            width = max(len(c) for c in conts) - 1
+            if width > 0:
+                cache_arg = _cache_argument(self.base_model)
+                cache = getattr(out, cache_arg, None)
+                if not hasattr(cache, "batch_repeat_interleave"):
+                    return None
+                cache.batch_repeat_interleave(len(conts))
+                ids = torch.full((len(conts), width), self._pad_id(), dtype=torch.long)
+                mask = torch.zeros((len(conts), len(ctx) + width), dtype=torch.long)
+                mask[:, : len(ctx)] = 1
+                for j, c in enumerate(conts):
+                    ids[j, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
+                    mask[j, len(ctx) : len(ctx) + len(c) - 1] = 1
+                rest = self.model(
+                    input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True, **{cache_arg: cache}
+                ).logits
+            del out
+        scores = []
+        for j, c in enumerate(conts):
+            target = torch.tensor(c)
+            lp = first[None, :]
+            if len(c) > 1 and rest is not None:
+                lp = torch.cat([lp, torch.log_softmax(rest[j, : len(c) - 1].float(), dim=-1).cpu()])
+            greedy = bool((lp.argmax(dim=-1) == target).all())
+            scores.append((float(lp.gather(1, target[:, None]).sum()), greedy))
+        return scores
+
+    def score_each(
+        self, requests: Sequence[tuple[list[int], list[int]]], adapter: str | None, batch_size: int = 8
+    ) -> list[tuple[float, bool]]:
+        """Every request in full, as lm-eval's `hf` model scores: fixed `batch_size`, requests sorted longest first,
+        right padding (real tokens keep their positions), float32 log-softmax, contexts too long for the model
+        left-truncated. Logits are computed only for the positions that predict a continuation token
+        (`logits_to_keep`), and log-softmax only over those rows: a batch of 8 long prompts would otherwise hold
+        8 x length x vocabulary float32 logits (hundreds of MB for a 49k vocabulary).
+        """
+        limit = self.context_length
+        pad = self._pad_id()
         order = sorted(range(len(requests)), key=lambda i: (-len(requests[i][0]) - len(requests[i][1]), i))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         device = self.base_model.device
@@ -165,6 +234,10 @@ class TorchBackend(Backend):
                 results[i] = (float(lp.gather(1, target[:, None]).sum()), greedy)
             del logits
         return results
+
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.tokenizer.eos_token_id)
 
     # --- training hand-over ---------------------------------------------------------------------------
 
@@ -264,6 +337,14 @@ def _accepts_logits_to_keep(model: Any) -> bool:
     import inspect
 
     return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def _cache_argument(model: Any) -> str:
+    """What the model calls its KV cache, in forward's arguments and in its output: `cache` (transformers >= 5.2x)
+    or `past_key_values` (earlier; deprecated since)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:

@@ -12,8 +12,10 @@ hands its arguments to lm-eval's own CLI. Systems:
   `scoring` chooses how paths combine (chain, ensemble, gate: fslm/steps/eval_scoring.py).
   `ablate=<stage>` runs that stage on the bare base model.
 
-Scores are pinned: fixed batch size (model_args `batch_size`, default 8), right padding, float32 log-softmax, and
-requests sorted by length, so a score does not depend on how lm-eval batches requests.
+Scores are pinned: the choices of one question share one pass over their context (TorchBackend.score), float32
+log-softmax, and a question is never split between backend calls, so a score does not depend on how lm-eval batches
+requests. Requests too long for the model are scored one by one as lm-eval's `hf` model does (fixed batch size,
+model_args `batch_size`, default 8; right padding; left truncation).
 """
 
 from __future__ import annotations
@@ -319,21 +321,31 @@ class FslmLM(TemplateLM):
     ) -> list[tuple[float, bool]]:
         """Sum of log-probs of the continuation tokens + whether greedy decoding would produce them.
 
-        The backend scores (pinned batches, longest first); we hand it the requests in that same order, a few
-        batches at a time, only to report progress between calls: the batches it forms are the same either way.
+        The backend scores the requests that share a context together (one pass over a question's prompt for all
+        its choices); we hand it whole questions, longest first, a few hundred requests at a time, only to report
+        progress between calls: a question is never split across calls, so its scores do not depend on the chunking.
         """
         pairs = [(list(ctx), list(cont)) for _, ctx, cont in requests]
-        order = sorted(range(len(pairs)), key=lambda i: (-len(pairs[i][0]) - len(pairs[i][1]), i))
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (ctx, _) in enumerate(pairs):
+            groups.setdefault(tuple(ctx), []).append(i)
+        ordered = sorted(groups.values(), key=lambda g: (-len(pairs[g[0]][0]), g[0]))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
         step = self.fixed_batch * 16
         start = time.perf_counter()
-        for b in range(0, len(order), step):
-            chunk = order[b : b + step]
+        done = 0
+        chunk: list[int] = []
+        for n, members in enumerate(ordered):
+            chunk += members
+            if len(chunk) < step and n + 1 < len(ordered):
+                continue
             scores = self.stack.backend.score([pairs[i] for i in chunk], self.final_adapter, self.fixed_batch)
             for i, score in zip(chunk, scores, strict=True):
                 results[i] = score
                 self.scored_tokens += len(pairs[i][1])
-            self._report("scoring", min(b + step, len(order)), len(order))
+            done += len(chunk)
+            chunk = []
+            self._report("scoring", done, len(pairs))
         self.seconds += time.perf_counter() - start
         return results
 
