@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -174,6 +175,16 @@ def _more_tasks(root: Path) -> None:
     gsm = [{"question": f"Tom has {n} apples and eats none. How many are left?", "answer": f"He has {n}.\n#### {n}"}
            for n in (4, 7)]  # fmt: skip
     write("gsm8k/test.jsonl", jsonl(gsm))
+
+
+def load_benchmark(name: str) -> Any:
+    """benchmarks/<name>.py as a module (the benchmark scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent.parent / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_adapter(model_dir: Path, arch: str, out: Path, seed: int, r: int = 4) -> Path:

@@ -4,24 +4,17 @@ is evaluated, and a rerun finds every step done."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-from pathlib import Path
 
-from conftest import make_benchmark_dir, make_model_dir
+from conftest import load_benchmark, make_benchmark_dir, make_model_dir
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SCRIPT = Path(__file__).parent.parent / "benchmarks" / "experiment2.py"
-
 
 def _script():
-    spec = importlib.util.spec_from_file_location("experiment2", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("experiment2")
 
 
 def test_experiment2_runs_every_step_and_resumes(tmp_path):

@@ -3,24 +3,17 @@ rerun reuses what is done instead of redoing it."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-from pathlib import Path
 
-from conftest import make_benchmark_dir, make_model_dir
+from conftest import load_benchmark, make_benchmark_dir, make_model_dir
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SCRIPT = Path(__file__).parent.parent / "benchmarks" / "paper_repro.py"
-
 
 def _script():
-    spec = importlib.util.spec_from_file_location("paper_repro", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("paper_repro")
 
 
 def test_paper_repro_runs_every_step_and_resumes(tmp_path, capsys):

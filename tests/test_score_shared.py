@@ -52,15 +52,19 @@ def test_shared_context_scores_equal_full_scores(backend, adapter):
 
 
 def test_a_question_scores_the_same_alone_or_among_others(backend):
+    """Questions of different lengths batched together (left padding, explicit positions) score as each alone."""
     requests = _questions(backend.tokenizer, n=4)
+    assert len({len(c) for c, _ in requests}) > 1  # the batch really pads
     together = backend.score(requests, "answer")
     alone = [s for i in range(0, len(requests), 4) for s in backend.score(requests[i : i + 4], "answer")]
-    assert together == alone  # bit for bit: a question's pass never sees another question
+    for (a, ga), (b, gb) in zip(together, alone, strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-4) and ga == gb
 
 
 def test_the_context_is_evaluated_once_per_question(backend, monkeypatch):
     """Count the tokens the model is fed: one pass over each context, then only the continuations."""
     requests = _questions(backend.tokenizer, n=3)
+    monkeypatch.setattr("fslm.backends.pytorch.SHARED_TOKENS", 1)  # one question per batch: no padding to count
     fed: list[int] = []
     forward = type(backend.model).forward
 
@@ -74,6 +78,19 @@ def test_the_context_is_evaluated_once_per_question(backend, monkeypatch):
     widths = sum(max(len(c) for ctx, c in requests if tuple(ctx) == k) - 1 for k in contexts)
     assert sum(fed) == sum(len(k) for k in contexts) + 4 * widths
     assert sum(fed) < sum(len(c) + len(x) for c, x in requests) / 2  # less than half of scoring each in full
+
+
+def test_questions_are_batched_within_the_token_budget(backend, monkeypatch):
+    requests = _questions(backend.tokenizer, n=6)
+    calls: list[int] = []
+    groups = TorchBackend._score_groups
+    monkeypatch.setattr(TorchBackend, "_score_groups", lambda self, g, a: calls.append(len(g)) or groups(self, g, a))
+    backend.score(requests, None)
+    assert sum(calls) == 6 and max(calls) > 1  # several questions share a pass (default budget)
+    calls.clear()
+    monkeypatch.setattr("fslm.backends.pytorch.SHARED_TOKENS", 1)
+    backend.score(requests, None)
+    assert calls == [1] * 6
 
 
 def test_too_long_requests_are_truncated_as_lm_eval_does(backend):

@@ -22,6 +22,12 @@ from fslm.stackdir import ADAPTER_WEIGHTS
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
+# Tokens of KV cache the batched choice scoring may hold at once (one padded context per choice): ~190 MB for a
+# SmolLM2-135M (30 layers x 3 KV heads x 64 x 2 x float32 = 46 KB a token). A 400-token stack prompt with 4 choices
+# fills it with 2 questions, a 30-token lm-eval context with 8 or more.
+SHARED_TOKENS = 4096
+
+
 class TorchBackend(Backend):
     name = "torch"
     capabilities = frozenset({GENERATE, SCORE, TRAIN})
@@ -122,10 +128,11 @@ class TorchBackend(Backend):
 
         Requests that share a context (the answer choices of one question) share one pass over it: the context is
         evaluated once and its KV cache copied to one row per continuation, so a question's 4 choices after a
-        400-token stack prompt cost about one prompt, not four (measured in docs/eval.md). A request's score
-        depends only on its own group (a question's choices), never on how a caller batches questions.
-        Requests that must be truncated (context + continuation longer than the model's context) or have no
-        context go through `score_each` (lm-eval `hf`'s left truncation). Float32 log-softmax throughout.
+        400-token stack prompt cost about one prompt, not four (measured in docs/eval.md). Questions are batched,
+        longest context first, left-padded with explicit positions (each real token keeps its position), as many
+        as fit `SHARED_TOKENS` cached tokens (the copied cache is the memory cost); `batch_size` only applies to
+        `score_each`. Requests that must be truncated (context + continuation longer than the model's context) or
+        have no context go through `score_each` (lm-eval `hf`'s left truncation). Float32 log-softmax throughout.
         """
         limit = self.context_length
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -136,8 +143,20 @@ class TorchBackend(Backend):
             else:
                 each.append(i)
         results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-        for ctx, members in groups.items():
-            scores = self._score_group(list(ctx), [list(requests[i][1]) for i in members], adapter)
+        ordered = sorted(groups.items(), key=lambda g: (-len(g[0]), g[1][0]))
+        positions = _accepts(self.base_model, "position_ids")
+        batch: list[tuple[tuple[int, ...], list[int]]] = []
+        for n, group in enumerate(ordered):
+            batch.append(group)
+            if (
+                n + 1 < len(ordered)
+                and positions
+                and _shared_tokens([*batch, ordered[n + 1]], requests) <= SHARED_TOKENS
+            ):
+                continue
+            scores = self._score_groups([(list(ctx), [list(requests[i][1]) for i in m]) for ctx, m in batch], adapter)
+            members = [i for _, m in batch for i in m]
+            batch = []
             if scores is None:  # a model whose cache cannot be copied per row
                 each.extend(members)
                 continue
@@ -149,40 +168,57 @@ class TorchBackend(Backend):
                 results[i] = score
         return results
 
-    def _score_group(
-        self, ctx: list[int], conts: list[list[int]], adapter: str | None
+    def _score_groups(
+        self, groups: list[tuple[list[int], list[list[int]]]], adapter: str | None
     ) -> list[tuple[float, bool]] | None:
-        """One context, several continuations: the context once (keeping only its last position's logits), then
-        every continuation but its last token as one right-padded batch over copies of the context's KV cache."""
+        """Contexts (left-padded) once, keeping only their last position's logits; then every continuation but its
+        last token, one right-padded row each, over copies of its context's KV cache. Scores in the groups' order."""
         device = self.base_model.device
-        keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(self.base_model) else {}
+        pad = self._pad_id()
+        width = max(len(ctx) for ctx, _ in groups)
+        ids = torch.full((len(groups), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(groups), width), dtype=torch.long)
+        for b, (ctx, _) in enumerate(groups):
+            ids[b, width - len(ctx) :] = torch.tensor(ctx, dtype=torch.long)
+            mask[b, width - len(ctx) :] = 1
+        extra: dict[str, Any] = {"logits_to_keep": 1} if _accepts(self.base_model, "logits_to_keep") else {}
+        if len(groups) > 1:  # only ever batched where the model takes positions (see `score`)
+            extra["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
+        owner = [b for b, (_, conts) in enumerate(groups) for _ in conts]
+        conts = [c for _, cs in groups for c in cs]
+        rest_width = max(len(c) for c in conts) - 1
         with torch.inference_mode(), self.use_adapter(adapter), autocast(self.precision, device):
-            out = self.model(input_ids=torch.tensor([ctx], device=device), use_cache=True, **keep)
-            first = torch.log_softmax(out.logits[0, -1].float(), dim=-1).cpu()
+            out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True, **extra)
+            first = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()
             rest = None
-            width = max(len(c) for c in conts) - 1
-            if width > 0:
+            if rest_width > 0:
                 cache_arg = _cache_argument(self.base_model)
                 cache = getattr(out, cache_arg, None)
-                if not hasattr(cache, "batch_repeat_interleave"):
+                if not hasattr(cache, "batch_select_indices"):
                     return None
-                cache.batch_repeat_interleave(len(conts))
-                ids = torch.full((len(conts), width), self._pad_id(), dtype=torch.long)
-                mask = torch.zeros((len(conts), len(ctx) + width), dtype=torch.long)
-                mask[:, : len(ctx)] = 1
-                for j, c in enumerate(conts):
-                    ids[j, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
-                    mask[j, len(ctx) : len(ctx) + len(c) - 1] = 1
+                cache.batch_select_indices(torch.tensor(owner, device=device))
+                rows = torch.full((len(conts), rest_width), pad, dtype=torch.long)
+                row_mask = torch.zeros((len(conts), rest_width), dtype=torch.long)
+                for r, c in enumerate(conts):
+                    rows[r, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
+                    row_mask[r, : len(c) - 1] = 1
+                step: dict[str, Any] = {cache_arg: cache}
+                if "position_ids" in extra:
+                    lengths = mask.sum(-1)[owner]
+                    step["position_ids"] = (lengths[:, None] + torch.arange(rest_width)[None, :]).to(device)
                 rest = self.model(
-                    input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True, **{cache_arg: cache}
+                    input_ids=rows.to(device),
+                    attention_mask=torch.cat([mask[owner], row_mask], dim=1).to(device),
+                    use_cache=True,
+                    **step,
                 ).logits
             del out
         scores = []
-        for j, c in enumerate(conts):
+        for r, (b, c) in enumerate(zip(owner, conts, strict=True)):
             target = torch.tensor(c)
-            lp = first[None, :]
+            lp = first[b][None, :]
             if len(c) > 1 and rest is not None:
-                lp = torch.cat([lp, torch.log_softmax(rest[j, : len(c) - 1].float(), dim=-1).cpu()])
+                lp = torch.cat([lp, torch.log_softmax(rest[r, : len(c) - 1].float(), dim=-1).cpu()])
             greedy = bool((lp.argmax(dim=-1) == target).all())
             scores.append((float(lp.gather(1, target[:, None]).sum()), greedy))
         return scores
@@ -201,7 +237,7 @@ class TorchBackend(Backend):
         order = sorted(range(len(requests)), key=lambda i: (-len(requests[i][0]) - len(requests[i][1]), i))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         device = self.base_model.device
-        keep_arg = _accepts_logits_to_keep(self.base_model)
+        keep_arg = _accepts(self.base_model, "logits_to_keep")
         for b in range(0, len(order), batch_size):
             batch = order[b : b + batch_size]
             rows, spans = [], []
@@ -333,10 +369,17 @@ class _RowStreamer(BaseStreamer):
             self.on_text(row, text[len(sent) :])
 
 
-def _accepts_logits_to_keep(model: Any) -> bool:
+def _accepts(model: Any, argument: str) -> bool:
     import inspect
 
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    return argument in inspect.signature(model.forward).parameters
+
+
+def _shared_tokens(batch: Sequence[tuple[tuple[int, ...], list[int]]], requests: Sequence[Any]) -> int:
+    """Cached tokens a batch of questions holds while its choices are scored: one padded context per choice."""
+    width = max(len(ctx) for ctx, _ in batch)
+    rows = [len(requests[i][1]) for _, members in batch for i in members]
+    return len(rows) * (width + max(rows))
 
 
 def _cache_argument(model: Any) -> str:
