@@ -91,6 +91,11 @@ def test_questions_are_batched_within_the_token_budget(backend, monkeypatch):
     monkeypatch.setattr("fslm.backends.pytorch.SHARED_TOKENS", 1)
     backend.score(requests, None)
     assert calls == [1] * 6
+    calls.clear()
+    monkeypatch.setattr("fslm.backends.pytorch.SHARED_TOKENS", 10**6)
+    monkeypatch.setattr("fslm.backends.pytorch.CHOICE_POSITIONS", 1)  # the logits budget alone also splits
+    backend.score(requests, None)
+    assert calls == [1] * 6
 
 
 def test_too_long_requests_are_truncated_as_lm_eval_does(backend):

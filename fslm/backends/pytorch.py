@@ -26,6 +26,9 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 # SmolLM2-135M (30 layers x 3 KV heads x 64 x 2 x float32 = 46 KB a token). A 400-token stack prompt with 4 choices
 # fills it with 2 questions, a 30-token lm-eval context with 8 or more.
 SHARED_TOKENS = 4096
+# Padded choice positions whose logits one batch holds (x 49k vocabulary x float32 = ~200 MB for SmolLM2): without
+# it, 25 short lm-eval questions fit the cache budget at once (peak RSS scoring 60 of them: 1.64 GB, with it 1.50).
+CHOICE_POSITIONS = 1024
 
 
 class TorchBackend(Backend):
@@ -148,11 +151,7 @@ class TorchBackend(Backend):
         batch: list[tuple[tuple[int, ...], list[int]]] = []
         for n, group in enumerate(ordered):
             batch.append(group)
-            if (
-                n + 1 < len(ordered)
-                and positions
-                and _shared_tokens([*batch, ordered[n + 1]], requests) <= SHARED_TOKENS
-            ):
+            if n + 1 < len(ordered) and positions and _fits([*batch, ordered[n + 1]], requests):
                 continue
             scores = self._score_groups([(list(ctx), [list(requests[i][1]) for i in m]) for ctx, m in batch], adapter)
             members = [i for _, m in batch for i in m]
@@ -375,11 +374,13 @@ def _accepts(model: Any, argument: str) -> bool:
     return argument in inspect.signature(model.forward).parameters
 
 
-def _shared_tokens(batch: Sequence[tuple[tuple[int, ...], list[int]]], requests: Sequence[Any]) -> int:
-    """Cached tokens a batch of questions holds while its choices are scored: one padded context per choice."""
+def _fits(batch: Sequence[tuple[tuple[int, ...], list[int]]], requests: Sequence[Any]) -> bool:
+    """Whether a batch of questions stays within both budgets: the KV cache it holds while its choices are scored
+    (one padded context per choice, `SHARED_TOKENS`) and the choices' logits (`CHOICE_POSITIONS` padded positions
+    x vocabulary, float32: ~200 MB for a 49k vocabulary)."""
     width = max(len(ctx) for ctx, _ in batch)
     rows = [len(requests[i][1]) for _, members in batch for i in members]
-    return len(rows) * (width + max(rows))
+    return len(rows) * (width + max(rows)) <= SHARED_TOKENS and len(rows) * (max(rows) - 1) <= CHOICE_POSITIONS
 
 
 def _cache_argument(model: Any) -> str:
