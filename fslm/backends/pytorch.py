@@ -133,8 +133,9 @@ class TorchBackend(Backend):
         evaluated once and its KV cache copied to one row per continuation, so a question's 4 choices after a
         400-token stack prompt cost about one prompt, not four (measured in docs/eval.md). Questions are batched,
         longest context first, left-padded with explicit positions (each real token keeps its position), as many
-        as fit `SHARED_TOKENS` cached tokens (the copied cache is the memory cost); `batch_size` only applies to
-        `score_each`. Requests that must be truncated (context + continuation longer than the model's context) or
+        as fit two budgets (`_fits`: `SHARED_TOKENS` of copied KV cache, `CHOICE_POSITIONS` of choice logits);
+        `batch_size` only applies to `score_each`. A score can move by float32 rounding with the other questions
+        in its batch, never more. Requests that must be truncated (context + continuation longer than the model's context) or
         have no context go through `score_each` (lm-eval `hf`'s left truncation). Float32 log-softmax throughout.
         """
         limit = self.context_length
@@ -386,9 +387,7 @@ def _fits(batch: Sequence[tuple[tuple[int, ...], list[int]]], requests: Sequence
 def _cache_argument(model: Any) -> str:
     """What the model calls its KV cache, in forward's arguments and in its output: `cache` (transformers >= 5.2x)
     or `past_key_values` (earlier; deprecated since)."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if _accepts(model, "cache") else "past_key_values"
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:

@@ -71,7 +71,11 @@ class EvalOptions(Options):
     limit: int | None = Field(100, ge=1, description="Items per task (a seeded random subset).")
     seed: int = Field(1234, description="Seed of the subset and of lm-eval.")
     ablate: bool = Field(False, description="Add one stack row per stage, that stage on the bare base.")
-    batch_size: int = Field(8, ge=1, description="Pinned scoring batch size.")
+    batch_size: int = Field(
+        8,
+        ge=1,
+        description="Batch of requests scored in full (too long to share their context) and of stages on torch.",
+    )
     stage_tokens: int | None = Field(
         None, ge=1, description="Cap new tokens of stages 1..N-1 (default: the manifest's)."
     )

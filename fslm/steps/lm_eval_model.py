@@ -14,7 +14,7 @@ hands its arguments to lm-eval's own CLI. Systems:
 
 Scores are pinned: the choices of one question share one pass over their context (TorchBackend.score), float32
 log-softmax, and a question is never split between backend calls, so a score does not depend on how lm-eval batches
-requests. Requests too long for the model are scored one by one as lm-eval's `hf` model does (fixed batch size,
+requests (the questions batched with it move it by float32 rounding at most). Requests too long for the model are scored one by one as lm-eval's `hf` model does (fixed batch size,
 model_args `batch_size`, default 8; right padding; left truncation).
 """
 
@@ -323,7 +323,7 @@ class FslmLM(TemplateLM):
 
         The backend scores the requests that share a context together (one pass over a question's prompt for all
         its choices); we hand it whole questions, longest first, a few hundred requests at a time, only to report
-        progress between calls: a question is never split across calls, so its scores do not depend on the chunking.
+        progress between calls: a question is never split across calls, and the chunks are fixed by the requests.
         """
         pairs = [(list(ctx), list(cont)) for _, ctx, cont in requests]
         groups: dict[tuple[int, ...], list[int]] = {}
