@@ -207,6 +207,38 @@ def test_fslm_eval_writes_the_report(eval_stack, data_dir, tmp_path):
     assert (report / "accuracy_vs_cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_stack_options_keep_other_rows_and_stage_texts_resume(eval_stack, data_dir, tmp_path, monkeypatch):
+    """A stack-only option (--stage-tokens) recomputes only the stack row; a stack row lost before it was saved
+    (a kill) resumes from the stage texts its run had appended, generating none of them again."""
+    from fslm.steps import lm_eval_model
+    from fslm.steps.evaluate import EvalOptions, evaluate
+
+    report = tmp_path / "report"
+    options = dict(tasks=["arc_easy"], data_dir=data_dir, limit=4, systems=["base", "stack"], stage_backend="torch")
+    first = evaluate(eval_stack, report, EvalOptions(**options, stage_tokens=2)).results
+    saved = report / "systems"
+    base_file = (saved / "base.json").stat().st_mtime_ns
+    stages_log = saved / "stack.stages.jsonl"
+    lines = [json.loads(line) for line in stages_log.read_text().splitlines()]
+    assert len(lines) == 4 and {line["chain"] for line in lines} == {None}
+    assert set(lines[0]["outputs"]) == {"intent", "plan", "reasoning"}
+
+    calls = []
+    original = lm_eval_model.run_stages
+    monkeypatch.setattr(lm_eval_model, "run_stages", lambda s, c, *a: calls.append(len(c)) or original(s, c, *a))
+    second = evaluate(eval_stack, report, EvalOptions(**options, stage_tokens=3)).results
+    assert (saved / "base.json").stat().st_mtime_ns == base_file  # reused: base reads no stage option
+    assert second["systems"]["base"] == first["systems"]["base"] and sum(calls) == 4  # the stack row re-ran
+    assert len(stages_log.read_text().splitlines()) == 4  # the stage_tokens=2 texts were dropped, not mixed in
+
+    (saved / "stack.json").unlink()  # as if the run was killed after its stages, before the row was saved
+    third = evaluate(eval_stack, report, EvalOptions(**options, stage_tokens=3)).results
+    assert sum(calls) == 4  # every chain came back from the log
+    resumed = third["systems"]["stack"]
+    assert resumed["stage_chains_resumed"] == 4 and resumed["items"] == second["systems"]["stack"]["items"]
+    assert resumed["stage_seconds"] == pytest.approx(second["systems"]["stack"]["stage_seconds"], abs=0.01)
+
+
 def test_missing_single_adapter_is_a_clear_error(tmp_path, data_dir, eval_stack):
     import shutil
 

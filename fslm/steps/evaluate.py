@@ -6,7 +6,9 @@ available). The tasks are the offline YAMLs shipped in fslm/tasks/ (they read --
 seeded subset of items; lm-eval's per-sample log gives each system's per-item correctness, from which every pair of
 systems gets a paired difference with a bootstrap interval and McNemar's test (fslm/steps/eval_stats.py). The
 stack's ensemble and gate modes tune their weight on each task's dev split first (fslm/steps/eval_scoring.py).
-Each finished system is saved under REPORT/systems/, so a killed run resumes where it stopped.
+Each finished system is saved under REPORT/systems/ (keyed by the options it depends on: a stack-only option never
+recomputes the base row), and the stack's stage texts are appended there as they are generated, so a killed run
+resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -292,6 +294,18 @@ def row_name(system: str, ablated: str | None) -> str:
     return f"stack-ablate-{ablated}" if ablated else system
 
 
+# Options that only the stack rows read: changing one must not recompute the base and single rows.
+STACK_ONLY = ("stage_tokens", "stage_backend", "stage_batch", "stack_scoring")
+
+
+def row_key(setup: dict[str, Any], system: str, stages: list[str]) -> str:
+    """The part of the eval setup a row of `system` depends on, hashed: a saved row is reused only under its key."""
+    uses = stages if system == "stack" else [] if system == "base" else [system]
+    own = {k: v for k, v in setup.items() if system == "stack" or k not in STACK_ONLY}
+    own["adapters"] = {a: h for a, h in setup["adapters"].items() if a in uses}
+    return hashlib.sha256(json.dumps(own, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _adapter_hashes(directory: Path) -> dict[str, str]:
     """sha256 of every adapter's weights: a retrained adapter must not reuse a finished row."""
     adapters = StackDir(directory).adapters
@@ -431,7 +445,8 @@ def evaluate(
         "gen_tokens": options.gen_tokens,
         "adapters": _adapter_hashes(directory),
     }
-    key = hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:16]
+    stage_names = stack_dir.load().stage_names
+    key = row_key(setup, "stack", stage_names)
     saved = out / "systems"
     saved.mkdir(parents=True, exist_ok=True)
 
@@ -452,9 +467,10 @@ def evaluate(
     for system, ablated in rows:
         name = row_name(system, ablated)
         done = saved / f"{name}.json"
+        row_setup_key = row_key(setup, system, stage_names)
         if done.is_file():
             previous = json.loads(done.read_text(encoding="utf-8"))
-            if previous.get("key") == key:
+            if previous.get("key") == row_setup_key:
                 log.info("%s: already evaluated (%s), reusing", name, done)
                 systems[name] = previous["result"]
                 continue
@@ -487,11 +503,13 @@ def evaluate(
             threshold=options.gate_threshold if options.gate_threshold is not None else tuned or None,
             seed=options.seed,
             gen_tokens=options.gen_tokens,
+            stage_log=saved / f"{name}.stages.jsonl" if system == "stack" else None,
+            stage_log_key=row_setup_key,
         )
         start = time.perf_counter()
         task_names = [f"fslm_{t}" for t in options.tasks] + [f"fslm_{t}_gen" for t in gen_tasks]
         result = _lm_eval(lm, task_names, manager, options.seed)
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start + lm.resumed_seconds
         tasks, items = {}, {}
         queries = 0
         for t in options.tasks:
@@ -520,6 +538,8 @@ def evaluate(
         if system == "stack":
             row["stage_backend"] = lm.stage_backend
             row["stage_seconds"] = round(lm.stage_seconds, 2)
+            if lm.resumed_chains:
+                row["stage_chains_resumed"] = lm.resumed_chains  # from a killed run; their seconds are included
             row["stack_scoring"] = {
                 **setup["stack_scoring"],
                 **({"tuned": {t: v["value"] for t, v in tuning.items()}} if tuning else {}),
@@ -529,7 +549,8 @@ def evaluate(
                 row["stage_agreement"] = _stage_agreement(lm, loaded, options)
         row["items"] = items
         systems[name] = row
-        atomic_write_text(done, json.dumps({"key": key, "result": row}) + "\n")
+        atomic_write_text(done, json.dumps({"key": row_setup_key, "result": row}) + "\n")
+        lm.close()
 
     results = {
         "stack": str(directory.resolve()),
