@@ -337,8 +337,10 @@ class FslmLM(TemplateLM):
             if self.stage_log is not None:
                 each = round(elapsed / len(chunk), 4)
                 self.stage_log.append(
-                    [{"key": self.stage_log_key, "context": c, "chain": sample, "outputs": o, "seconds": each}
-                     for c, o in zip(chunk, outputs, strict=True)]  # fmt: skip
+                    [
+                        {"key": self.stage_log_key, "context": c, "chain": sample, "outputs": o, "seconds": each}
+                        for c, o in zip(chunk, outputs, strict=True)
+                    ]  # fmt: skip
                 )
             done += len(chunk)
             self._report(what, done, len(todo))
