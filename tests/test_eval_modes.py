@@ -295,7 +295,7 @@ def test_stages_on_llamacpp_with_agreement_check(eval_stack, data_dir, tmp_path)
     on torch; the agreement check compares greedy stage text with PyTorch's."""
     pytest.importorskip("llama_cpp")
     from fslm.stackdir import StackDir
-    from fslm.steps.eval_stages import export_is_current, resolve
+    from fslm.steps.eval_stages import export_is_current, quantised_base_warning, resolve
     from fslm.steps.evaluate import EvalOptions, evaluate
 
     directory = tmp_path / "stack"
@@ -314,6 +314,11 @@ def test_stages_on_llamacpp_with_agreement_check(eval_stack, data_dir, tmp_path)
     assert set(agreement["stage_text_equal"]) == {"intent", "plan", "reasoning"}
     assert all(0.0 <= v <= 1.0 for v in agreement["stage_text_equal"].values())
     assert row["earlier_stage_runs"] == 3
+    assert quantised_base_warning(stack_dir) is None  # f16, the default
+    manifest = json.loads(stack_dir.gguf_manifest.read_text())
+    manifest["base"]["quant"] = "q4_1"  # what exports made before f16 became the default say
+    stack_dir.gguf_manifest.write_text(json.dumps(manifest))
+    assert "q4_1" in quantised_base_warning(stack_dir) and f"fslm export {directory}" in quantised_base_warning(stack_dir)
     # a retrained adapter makes the export stale
     make_adapter(Path(stack_dir.load().base.model), "llama", stack_dir.adapter("plan"), seed=99)
     assert not export_is_current(stack_dir)

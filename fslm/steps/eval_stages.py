@@ -46,6 +46,20 @@ def export_is_current(stack_dir: StackDir) -> bool:
     return set(exported) == set(stack_dir.trained_stages(config))
 
 
+def quantised_base_warning(stack_dir: StackDir) -> str | None:
+    """A warning when the export's base is quantised (an export made before f16 became the default, or `--quant`):
+    its greedy stage text then rarely equals PyTorch's, so eval's stack row would measure another system."""
+    info = json.loads(stack_dir.gguf_manifest.read_text(encoding="utf-8")).get("base", {})
+    quant = info.get("quant", "unknown")
+    if quant in ("f16", "f32", "bf16"):
+        return None
+    return (
+        f"{stack_dir.gguf_manifest}: the exported base is {quant}, so stages on llama.cpp write different text than "
+        f"the stack does on PyTorch (a Q4_1 base: 0 % of greedy chains equal, docs/export.md); "
+        f"`fslm export {stack_dir.root}` rewrites it as f16"
+    )
+
+
 def load_stage_stack(stack_dir: StackDir, backend: str, scoring: Any = None) -> Any:
     """The Stack that generates stages 1..N-1 on `backend` (resolved). torch: `scoring` itself (one model in memory)."""
     from fslm.stack import Stack
@@ -59,6 +73,9 @@ def load_stage_stack(stack_dir: StackDir, backend: str, scoring: Any = None) -> 
         if not export_is_current(stack_dir):
             log.info("exporting %s to GGUF for the llama.cpp stage backend", stack_dir.root)
             export(stack_dir.root)
+        warning = quantised_base_warning(stack_dir)
+        if warning:
+            log.warning(warning)
         config = stack_dir.load()
         n_ctx = min(LLAMACPP_CONTEXT, _trained_context(stack_dir))
         llama = LlamaCppBackend.from_settings(config.base, stack_dir.root, n_ctx=n_ctx)
