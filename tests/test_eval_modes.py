@@ -318,7 +318,9 @@ def test_stages_on_llamacpp_with_agreement_check(eval_stack, data_dir, tmp_path)
     manifest = json.loads(stack_dir.gguf_manifest.read_text())
     manifest["base"]["quant"] = "q4_1"  # what exports made before f16 became the default say
     stack_dir.gguf_manifest.write_text(json.dumps(manifest))
-    assert "q4_1" in quantised_base_warning(stack_dir) and f"fslm export {directory}" in quantised_base_warning(stack_dir)
+    assert "q4_1" in quantised_base_warning(stack_dir) and f"fslm export {directory}" in quantised_base_warning(
+        stack_dir
+    )
     # a retrained adapter makes the export stale
     make_adapter(Path(stack_dir.load().base.model), "llama", stack_dir.adapter("plan"), seed=99)
     assert not export_is_current(stack_dir)
