@@ -5,10 +5,13 @@ Each measurement runs in its own fresh process (load + one short greedy run of e
 
 `--train DATA` measures `fslm train` instead: a fresh stack over the base, DATA copied into it, then
 `fslm train DIR --data DATA --max-steps N --batch-size B` in a child process; reports the child's peak RSS
-(its own `ru_maxrss`, from `os.wait4`) and wall time.
+(its own `ru_maxrss`, from `os.wait4`) and wall time. `--quickstart` measures `fslm quickstart` with its defaults,
+`--eval STACK --data-dir D` `fslm eval` of base, single and stack at scoring batch 8 (issue 14's memory bound).
 
     python benchmarks/memory.py [--base smollm2-135m-instruct] [--out benchmarks/results/memory.json]
     OMP_NUM_THREADS=1 python benchmarks/memory.py --train runs/qs/distilled.jsonl [--max-steps 4]
+    python benchmarks/memory.py --quickstart [--timeline]
+    python benchmarks/memory.py --eval runs/qs/stack --data-dir ../shared/data [--limit 60]
 """
 
 from __future__ import annotations
@@ -99,28 +102,38 @@ def _fslm_child(*args: str, timeline: list[tuple[float, float, str]] | None = No
     return usage.ru_maxrss / 1024, seconds
 
 
-def train_memory(args: argparse.Namespace) -> None:
-    """Peak RSS and wall time of `fslm train` on a fresh stack (one child process does the whole training)."""
+def command_memory(args: argparse.Namespace, what: str) -> None:
+    """Peak RSS and wall time of one fslm command (`train`, `quickstart` or `eval`), run whole in one child process."""
     from fslm import __version__
 
     with tempfile.TemporaryDirectory() as tmp:
-        stack, data = Path(tmp) / "stack", Path(tmp) / "distilled.jsonl"
-        _fslm_child("init", str(stack), "--base", args.base)
-        shutil.copyfile(args.train, data)
-        command = ["train", str(stack), "--data", str(data), "--max-steps", str(args.max_steps)]
-        command += ["--batch-size", str(args.batch_size)]
+        settings: dict[str, object] = {}
+        if what == "train":  # a fresh stack over the base, the data copied in
+            stack, data = Path(tmp) / "stack", Path(tmp) / "distilled.jsonl"
+            _fslm_child("init", str(stack), "--base", args.base)
+            shutil.copyfile(args.train, data)
+            command = ["train", str(stack), "--data", str(data), "--max-steps", str(args.max_steps)]
+            command += ["--batch-size", str(args.batch_size)]
+            records = sum(1 for line in Path(args.train).read_text().splitlines() if line.strip())
+            settings = {"records": records, "max_steps": args.max_steps, "batch_size": args.batch_size}
+        elif what == "quickstart":  # its defaults: the embedded model end to end
+            command = ["quickstart", "--out", str(Path(tmp) / "qs")]
+        else:  # base, single and stack at scoring batch 8, stages on the stack's own fast path
+            command = ["eval", str(args.eval), "--data-dir", str(args.data_dir), "--out", str(Path(tmp) / "eval")]
+            command += ["--tasks", "arc_easy", "--limit", str(args.limit), "--systems", "base,single,stack"]
+            command += ["--batch-size", "8", "--stage-tokens", "48"]
+            settings = {"stack": str(args.eval), "limit": args.limit, "tasks": "arc_easy", "batch_size": 8}
         timeline: list[tuple[float, float, str]] | None = [] if args.timeline else None
         peak, seconds = _fslm_child(*command, timeline=timeline)
-    records = sum(1 for line in Path(args.train).read_text().splitlines() if line.strip())
-    print(f"fslm train ({records} records, --max-steps {args.max_steps} --batch-size {args.batch_size}, {args.base})")
+    print(f"fslm {what} ({settings or 'defaults'}, {args.base if what == 'train' else 'embedded model'})")
     print(f"peak RSS {peak:,.0f} MiB   wall {seconds:.1f} s")
     for at, mib, line in timeline or []:
         print(f"{at:7.1f} s {mib:8,.0f} MiB  {line}")
     result = {
         "base": args.base,
-        "train": {"records": records, "max_steps": args.max_steps, "batch_size": args.batch_size},
-        "peak_rss_mib_train": peak,
-        "wall_seconds_train": round(seconds, 1),
+        what: settings,
+        f"peak_rss_mib_{what}": peak,
+        f"wall_seconds_{what}": round(seconds, 1),
         "threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "FSLM_LLAMACPP_THREADS")},
         "versions": {"fslm": __version__, "python": platform.python_version(), **_versions()},
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -138,8 +151,12 @@ def main() -> None:
     parser.add_argument("--train", metavar="DATA", help="Measure `fslm train` on this distilled JSONL instead.")
     parser.add_argument("--max-steps", type=int, default=4, help="--train: optimizer steps per stage.")
     parser.add_argument("--batch-size", type=int, default=4, help="--train: examples per batch.")
+    parser.add_argument("--quickstart", action="store_true", help="Measure `fslm quickstart` (its defaults) instead.")
+    parser.add_argument("--eval", metavar="STACK", type=Path, help="Measure `fslm eval` of base, single and stack.")
+    parser.add_argument("--data-dir", type=Path, help="--eval: the benchmark data directory.")
+    parser.add_argument("--limit", type=int, default=60, help="--eval: ARC-Easy test questions.")
     parser.add_argument(
-        "--timeline", action="store_true", help="--train: peak RSS between the child's log lines (which phase)."
+        "--timeline", action="store_true", help="Peak RSS between the child's log lines (which phase holds it)."
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--make-adapters", help=argparse.SUPPRESS)
@@ -149,10 +166,13 @@ def main() -> None:
     if args.make_adapters:
         _make_adapters(args.make_adapters)
         return print("{}")
-    if args.train:
+    what = "train" if args.train else "quickstart" if args.quickstart else "eval" if args.eval else None
+    if what:
+        if what == "eval" and not args.data_dir:
+            parser.error("--eval needs --data-dir")
         if args.out == parser.get_default("out"):
-            args.out = "benchmarks/results/memory_train.json"
-        return train_memory(args)
+            args.out = f"benchmarks/results/memory_{what}.json"
+        return command_memory(args, what)
 
     from fslm import __version__
     from fslm.steps.init import InitOptions, init
