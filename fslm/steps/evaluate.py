@@ -403,25 +403,10 @@ def _hash_files(data_dir: Path, pattern: str, task: str) -> str:
     return hashlib.sha256("".join(f"{p.name}:{sha256_file(p)}\n" for p in paths).encode()).hexdigest()
 
 
-def evaluate(
-    stack: str | Path, out: str | Path, options: EvalOptions, on_event: EventHandler | None = None
-) -> EvalResult:
-    """Run every system on every task; write results.json, report.md and accuracy_vs_cost.png under `out`."""
-    from fslm.stack import Stack
-    from fslm.steps import eval_stages
-    from fslm.steps.eval_stats import system_pairs
-    from fslm.steps.lm_eval_model import FslmLM
-
-    directory, out = Path(stack), Path(out)
-    stack_dir = StackDir(directory)
-    rows = check_options(directory, options)
-    has_stack = any(s == "stack" for s, _ in rows)
-    stage_backend = eval_stages.resolve(stack_dir, options.stage_backend) if has_stack else "none"
-    data_hashes = {t: _hash_task_files(options.data_dir, t) for t in options.tasks}
-    warnings = contamination_warnings(directory, options)
-    for w in warnings:
-        log.warning(w)
-    setup = {
+def _setup(directory: Path, options: EvalOptions, stage_backend: str, data_hashes: dict[str, Any]) -> dict[str, Any]:
+    """Everything a row's numbers depend on: saved in results.json and hashed into each row's resume key."""
+    ensemble = {"chains": options.chains, "temperature": options.chain_temperature, "weight": options.ensemble_weight}
+    return {
         "precision": resolve_precision(options.precision, "eval scoring"),
         "tasks": options.tasks,
         "limit": options.limit,
@@ -433,11 +418,7 @@ def evaluate(
         "stage_batch": options.stage_batch,
         "stack_scoring": {
             "mode": options.stack_scoring,
-            **(
-                {"chains": options.chains, "temperature": options.chain_temperature, "weight": options.ensemble_weight}
-                if options.stack_scoring == "ensemble"
-                else {}
-            ),
+            **(ensemble if options.stack_scoring == "ensemble" else {}),
             **({"threshold": options.gate_threshold} if options.stack_scoring == "gate" else {}),
             **({"tune_limit": options.tune_limit} if tuning_needed(options) else {}),
         },
@@ -445,6 +426,93 @@ def evaluate(
         "gen_tokens": options.gen_tokens,
         "adapters": _adapter_hashes(directory),
     }
+
+
+def _row(
+    lm: Any, result: dict[str, Any], tasks: list[str], gen_tasks: list[str], seconds: float, precision: str
+) -> dict[str, Any]:
+    """One system's row: metrics per task, cost, and the per-item records the paired statistics read."""
+    metrics, items, queries = {}, {}, 0
+    samples = result.get("samples", {})
+    for t in tasks:
+        r = result["results"][f"fslm_{t}"]
+        n = int(result.get("n-samples", {}).get(f"fslm_{t}", {}).get("effective", r.get("sample_len", 0)))
+        metrics[t] = {**_metrics(r), "n": n}
+        if t in gen_tasks:
+            g = result["results"][f"fslm_{t}_gen"]
+            metrics[t].update(gen=g["gen,none"], gen_stderr=g.get("gen_stderr,none"), answered=g.get("answered,none"))
+        items[t] = _item_records(samples.get(f"fslm_{t}", []), samples.get(f"fslm_{t}_gen"))
+        queries += n
+    return {
+        "system": lm.system,
+        "ablated_stage": lm.ablate,
+        "adapters": lm.adapters,
+        "tasks": metrics,
+        "seconds": round(seconds, 2),
+        "seconds_per_query": round(seconds / max(queries, 1), 4),
+        "peak_rss_mb": _peak_rss_mb(),
+        "parameters_per_query": lm.parameters_per_query(),
+        "earlier_stage_runs": lm.stage_calls,
+        "precision": precision,
+        "items": items,
+    }
+
+
+def _results(
+    directory: Path,
+    systems: dict[str, Any],
+    setup: dict[str, Any],
+    options: EvalOptions,
+    tuning: dict[str, Any],
+    warnings: list[str],
+) -> dict[str, Any]:
+    """results.json: the rows, the setup, every pair of systems compared on the same items, and versions."""
+    from fslm.steps.eval_stats import system_pairs
+
+    return {
+        "stack": str(directory.resolve()),
+        "systems": systems,
+        **setup,
+        "data_dir": str(options.data_dir.resolve()),
+        "prompt_format": "see docs/eval.md (lm-eval prompts; stack/single wrap the context in the final stage prompt)",
+        "pinned": {
+            "batch_size": options.batch_size,
+            "padding_side": "right (scoring)",
+            "logprob_dtype": "float32",
+            "compute": "bfloat16 autocast" if setup["precision"] == "bf16" else "float32",
+        },
+        "tuning": tuning,
+        "paired": [r.to_dict() for r in system_pairs(systems, options.tasks, options.bootstrap, options.seed)],
+        "paired_settings": {
+            "bootstrap_resamples": options.bootstrap,
+            "seed": options.seed,
+            "interval": "95 % percentile, paired bootstrap over items",
+            "test": "McNemar: exact binomial below 25 discordant items, else chi-square with continuity correction",
+        },
+        "contamination_warnings": warnings,
+        "versions": versions(VERSIONED),
+        "peak_rss_note": "peak RSS of the whole process so far (ru_maxrss), so it can only grow from row to row",
+    }
+
+
+def evaluate(
+    stack: str | Path, out: str | Path, options: EvalOptions, on_event: EventHandler | None = None
+) -> EvalResult:
+    """Run every system on every task; write results.json, report.md and accuracy_vs_cost.png under `out`."""
+    from fslm.stack import Stack
+    from fslm.steps import eval_stages
+    from fslm.steps.lm_eval_model import FslmLM
+
+    directory, out = Path(stack), Path(out)
+    stack_dir = StackDir(directory)
+    rows = check_options(directory, options)
+    has_stack = any(s == "stack" for s, _ in rows)
+    stage_backend = eval_stages.resolve(stack_dir, options.stage_backend) if has_stack else "none"
+    data_hashes = {t: _hash_task_files(options.data_dir, t) for t in options.tasks}
+    warnings = contamination_warnings(directory, options)
+    for w in warnings:
+        log.warning(w)
+    setup = _setup(directory, options, stage_backend, data_hashes)
     stage_names = stack_dir.load().stage_names
     key = row_key(setup, "stack", stage_names)
     saved = out / "systems"
@@ -510,31 +578,8 @@ def evaluate(
         task_names = [f"fslm_{t}" for t in options.tasks] + [f"fslm_{t}_gen" for t in gen_tasks]
         result = _lm_eval(lm, task_names, manager, options.seed)
         seconds = time.perf_counter() - start + lm.resumed_seconds
-        tasks, items = {}, {}
-        queries = 0
-        for t in options.tasks:
-            r = result["results"][f"fslm_{t}"]
-            n = int(result.get("n-samples", {}).get(f"fslm_{t}", {}).get("effective", r.get("sample_len", 0)))
-            tasks[t] = {**_metrics(r), "n": n}
-            if t in gen_tasks:
-                g = result["results"][f"fslm_{t}_gen"]
-                tasks[t].update(gen=g["gen,none"], gen_stderr=g.get("gen_stderr,none"), answered=g.get("answered,none"))
-            samples = result.get("samples", {})
-            items[t] = _item_records(samples.get(f"fslm_{t}", []), samples.get(f"fslm_{t}_gen"))
-            queries += n
+        row = _row(lm, result, options.tasks, gen_tasks, seconds, setup["precision"])
         del result  # the per-sample log holds every request; keep only the per-item records
-        row: dict[str, Any] = {
-            "system": system,
-            "ablated_stage": ablated,
-            "adapters": lm.adapters,
-            "tasks": tasks,
-            "seconds": round(seconds, 2),
-            "seconds_per_query": round(seconds / max(queries, 1), 4),
-            "peak_rss_mb": _peak_rss_mb(),
-            "parameters_per_query": lm.parameters_per_query(),
-            "earlier_stage_runs": lm.stage_calls,
-            "precision": setup["precision"],
-        }
         if system == "stack":
             row["stage_backend"] = lm.stage_backend
             row["stage_seconds"] = round(lm.stage_seconds, 2)
@@ -547,35 +592,12 @@ def evaluate(
             }
             if options.stage_check and runner is not loaded:
                 row["stage_agreement"] = _stage_agreement(lm, loaded, options)
-        row["items"] = items
+        row["items"] = row.pop("items")  # last: the per-item lists are long
         systems[name] = row
         atomic_write_text(done, json.dumps({"key": row_setup_key, "result": row}) + "\n")
         lm.close()
 
-    results = {
-        "stack": str(directory.resolve()),
-        "systems": systems,
-        **setup,
-        "data_dir": str(options.data_dir.resolve()),
-        "prompt_format": "see docs/eval.md (lm-eval prompts; stack/single wrap the context in the final stage prompt)",
-        "pinned": {
-            "batch_size": options.batch_size,
-            "padding_side": "right (scoring)",
-            "logprob_dtype": "float32",
-            "compute": "bfloat16 autocast" if setup["precision"] == "bf16" else "float32",
-        },
-        "tuning": tuning,
-        "paired": [r.to_dict() for r in system_pairs(systems, options.tasks, options.bootstrap, options.seed)],
-        "paired_settings": {
-            "bootstrap_resamples": options.bootstrap,
-            "seed": options.seed,
-            "interval": "95 % percentile, paired bootstrap over items",
-            "test": "McNemar: exact binomial below 25 discordant items, else chi-square with continuity correction",
-        },
-        "contamination_warnings": warnings,
-        "versions": versions(VERSIONED),
-        "peak_rss_note": "peak RSS of the whole process so far (ru_maxrss), so it can only grow from row to row",
-    }
+    results = _results(directory, systems, setup, options, tuning, warnings)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
     atomic_write_text(out / "report.md", report_markdown(results))
