@@ -16,6 +16,7 @@ import logging
 import time
 from typing import Any
 
+from fslm import heap
 from fslm.distilled import DistilledRecord
 from fslm.events import EventHandler, Progress, emit
 from fslm.files import JsonlLog, sha256_file
@@ -111,6 +112,7 @@ def student_outputs(
         cache.close()
         if stack is not None and stack is not loaded:
             stack.backend.close()
+        heap.release()  # generation's buffers, before the final stage trains
     summary = {
         "backend": backend,
         "records": len(records),

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from fslm import heap
 from fslm.config import StageTraining
 from fslm.distilled import Problem, read_distilled
 from fslm.errors import FslmError
@@ -430,7 +431,7 @@ def _train(
                 state.wait_for_everyone()
                 resume_from = run.last_checkpoint(name)
             label = f"{name} ({index}/{len(names)})"
-            callbacks = [_progress_events(label, on_event)] if on_event is not None and is_main else []
+            callbacks = [_release_heap()] + ([_progress_events(label, on_event)] if on_event and is_main else [])
             trainer = _make_trainer(model, ex, options, run.checkpoint_dir(name), callbacks, pad_id, precision)
             if is_main:
                 where = f" from {resume_from.name}" if resume_from else ""
@@ -461,6 +462,7 @@ def _train(
             result.adapters[name] = TrainedAdapter(name=name, path=target, training=training, log_history=history)
             del trainer
             base = model.unload()
+            heap.release()
             if options.gradient_checkpointing:  # the Trainer turned it on; inference on the base must not see it
                 base.activation_checkpointing_disable()
                 base.disable_input_require_grads()
@@ -625,6 +627,18 @@ def _fit(
 
 
 # --- progress -------------------------------------------------------------------------------------
+
+
+def _release_heap() -> Any:
+    """A trainer callback that hands the heap's free pages back after every optimizer step (fslm.heap): each step's
+    activations differ in size with the batch's length, and glibc kept the freed ones resident."""
+    from transformers import TrainerCallback
+
+    class ReleaseHeap(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            heap.release()
+
+    return ReleaseHeap()
 
 
 def _progress_events(label: str, on_event: EventHandler | None) -> Any:
