@@ -135,8 +135,8 @@ class TorchBackend(Backend):
         longest context first, left-padded with explicit positions (each real token keeps its position), as many
         as fit two budgets (`_fits`: `SHARED_TOKENS` of copied KV cache, `CHOICE_POSITIONS` of choice logits);
         `batch_size` only applies to `score_each`. A score can move by float32 rounding with the other questions
-        in its batch, never more. Requests that must be truncated (context + continuation longer than the model's context) or
-        have no context go through `score_each` (lm-eval `hf`'s left truncation). Float32 log-softmax throughout.
+        in its batch, never more. Requests that must be truncated (context + continuation longer than the model's
+        context) or have no context go through `score_each` (lm-eval `hf`'s left truncation). Float32 log-softmax throughout.
         """
         limit = self.context_length
         groups: dict[tuple[int, ...], list[int]] = {}

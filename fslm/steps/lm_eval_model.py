@@ -14,8 +14,9 @@ hands its arguments to lm-eval's own CLI. Systems:
 
 Scores are pinned: the choices of one question share one pass over their context (TorchBackend.score), float32
 log-softmax, and a question is never split between backend calls, so a score does not depend on how lm-eval batches
-requests (the questions batched with it move it by float32 rounding at most). Requests too long for the model are scored one by one as lm-eval's `hf` model does (fixed batch size,
-model_args `batch_size`, default 8; right padding; left truncation).
+requests (the questions batched with it move it by float32 rounding at most). Requests too long for the model
+are scored one by one as lm-eval's `hf` model does (fixed batch size, model_args `batch_size`, default 8; right
+padding; left truncation).
 """
 
 from __future__ import annotations
@@ -340,7 +341,7 @@ class FslmLM(TemplateLM):
                     [
                         {"key": self.stage_log_key, "context": c, "chain": sample, "outputs": o, "seconds": each}
                         for c, o in zip(chunk, outputs, strict=True)
-                    ]  # fmt: skip
+                    ]
                 )
             done += len(chunk)
             self._report(what, done, len(todo))

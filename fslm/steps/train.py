@@ -431,7 +431,9 @@ def _train(
                 state.wait_for_everyone()
                 resume_from = run.last_checkpoint(name)
             label = f"{name} ({index}/{len(names)})"
-            callbacks = [_release_heap()] + ([_progress_events(label, on_event)] if on_event and is_main else [])
+            callbacks = [_release_heap()] + (
+                [_progress_events(label, on_event)] if on_event is not None and is_main else []
+            )
             trainer = _make_trainer(model, ex, options, run.checkpoint_dir(name), callbacks, pad_id, precision)
             if is_main:
                 where = f" from {resume_from.name}" if resume_from else ""
