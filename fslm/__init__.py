@@ -19,6 +19,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from fslm import heap
+
+heap.prefer_huge_pages()  # before anything imports torch (fslm.heap says why)
+
 from fslm.config import StackConfig, StageConfig, load_config, save_config
 from fslm.errors import FslmError
 from fslm.events import Progress
