@@ -275,6 +275,7 @@ def _make_trainer(
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
         label_names=["labels"],
+        prediction_loss_only=True,  # validation needs the loss; gathering its logits would hold them all in memory
         use_cpu=not torch.cuda.is_available(),
         bf16=precision == "bf16",  # autocast: bf16 matmuls, float32 master weights and optimizer state
         dataloader_num_workers=0,
