@@ -36,10 +36,11 @@ def _rss_mib() -> float:
 
 def _child(args: argparse.Namespace) -> dict:
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     from fslm.distilled import read_distilled
     from fslm.stack import Stack
+    from fslm.steps.train import lora_config
     from fslm.steps.train_data import PadCollator, build_examples, target_token_loss
 
     torch.manual_seed(0)
@@ -49,19 +50,7 @@ def _child(args: argparse.Namespace) -> dict:
     longest = sorted(examples, key=lambda e: -len(e["input_ids"]))[: args.batch_size]
     tok = stack.backend.tokenizer
     batch = PadCollator(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)(longest)
-    lora = stack.config.lora
-    base = stack.backend.release_adapters()
-    model = get_peft_model(
-        base,
-        LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=list(lora.target_modules),
-            bias="none",
-            task_type="CAUSAL_LM",
-        ),
-    )
+    model = get_peft_model(stack.backend.release_adapters(), lora_config(stack.config.lora))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model.train()

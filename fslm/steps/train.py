@@ -211,6 +211,20 @@ class RunState:
 # --- training -------------------------------------------------------------------------------------
 
 
+def lora_config(lora: Any) -> Any:
+    """The PEFT config of a fresh stage adapter from the manifest's `lora` section."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
 def _make_trainer(
     model: Any,
     examples: Examples,
@@ -360,7 +374,7 @@ def _train(
     val_recs: list[Any],
 ) -> TrainResult:
     """Everything after the checks, under the stack's lock (the main process holds it)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import set_seed
 
     from fslm.backends import TRAIN
@@ -416,15 +430,7 @@ def _train(
                     stack_obj, directory, train_recs, val_recs, options, inputs_from, state, on_event
                 )
             set_seed(options.seed)  # the fresh LoRA's initial weights depend only on the seed
-            peft_config = LoraConfig(
-                r=lora.r,
-                lora_alpha=lora.alpha,
-                lora_dropout=lora.dropout,
-                target_modules=list(lora.target_modules),
-                bias="none",
-                task_type="CAUSAL_LM",
-            )
-            model = get_peft_model(base, peft_config)
+            model = get_peft_model(base, lora_config(lora))
             resume_from = None
             if options.resume:
                 if is_main:
