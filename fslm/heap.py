@@ -41,6 +41,7 @@ def release() -> bool:
 
 
 THP_ENV = "THP_MEM_ALLOC_ENABLE"
+THP_SYSFS = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
 def prefer_huge_pages() -> bool:
@@ -49,7 +50,7 @@ def prefer_huge_pages() -> bool:
     PyTorch reads the variable once, at its first allocation: it has to be set before torch is imported, which is
     why `import fslm` calls this first. A user's own `THP_MEM_ALLOC_ENABLE=0` wins.
     """
-    if not sys.platform.startswith("linux"):
-        return False
+    if not sys.platform.startswith("linux") or not os.path.exists(THP_SYSFS):
+        return False  # no transparent huge pages in this kernel: PyTorch's madvise would fail and warn
     os.environ.setdefault(THP_ENV, "1")
     return os.environ[THP_ENV] == "1" and "torch" not in sys.modules
