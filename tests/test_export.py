@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -99,6 +100,30 @@ def test_quantised_base_and_stale_adapter_removed(llama_stack: Path):
     manifest = export_gguf(llama_stack, "f16")
     assert set(manifest["adapters"]) == {"answer"}
     assert not (llama_stack / "gguf" / "intent.lora.gguf").exists()
+
+
+def test_a_second_export_reuses_the_base_it_wrote(llama_stack: Path, tiny_llama: Path):
+    """Training's student phase and eval export before every llama.cpp run: the same base is not written again,
+    but a different quant or a changed source file is."""
+    base = llama_stack / "gguf" / "base.gguf"
+
+    def export(quant: str) -> tuple[list[str], int]:
+        steps: list[str] = []
+        export_gguf(llama_stack, quant, on_step=steps.append)
+        return [s for s in steps if s.startswith("base:")], base.stat().st_mtime_ns
+
+    first, written = export("f16")
+    assert first[0].startswith("base: writing f16")
+    again, mtime = export("f16")
+    assert again[0].startswith("base: reusing base.gguf (f16") and mtime == written
+    other, _ = export("q8_0")
+    assert other[0].startswith("base: writing q8_0")
+    export("q8_0")
+    config = tiny_llama / "config.json"
+    stat = config.stat()
+    os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # the source changed
+    changed, _ = export("q8_0")
+    assert changed[0].startswith("base: writing q8_0")
 
 
 def test_refuses_unsupported_architecture_and_bad_quant(tmp_path, tiny_llama):

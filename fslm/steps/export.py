@@ -415,6 +415,26 @@ def _base_source(ref: models.BaseRef, settings: Any) -> Path:
     raise FslmError(f"{ref.location}: export needs a local base model (a directory or .gguf file), not a hub id")
 
 
+def _source_stamp(source: Path, ref: models.BaseRef) -> list[list[Any]]:
+    """What the base GGUF was written from: name, size and mtime of each source file (and of a GGUF base's own file,
+    which supplies the tokenizer), cheap to compare where hashing would read every weight again."""
+    files = sorted([*source.glob("*.safetensors"), *source.glob("*.json")])
+    if ref.kind == "gguf":
+        files.append(Path(ref.location))
+    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def _written_base(out: Path, base_path: Path, quant: str, source: str, stamp: list[list[Any]]) -> bool:
+    """True when DIR/gguf/base.gguf is what this export would write: the manifest of the last export says it was
+    written at this quant from these very source files, and the file is still there."""
+    try:
+        base = json.loads((out / "manifest.json").read_text())["base"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    same = base.get("quant") == quant and base.get("source") == source and base.get("source_stamp") == stamp
+    return same and base_path.is_file() and not base_path.is_symlink()
+
+
 def _gguf_heads(path: Path) -> dict[str, Any]:
     """Architecture, block and head counts of a GGUF base (what the adapters' names and row orders need)."""
     import gguf
@@ -475,11 +495,20 @@ def export_gguf(
         os.replace(tmp_link, base_path)
         quant = shipped_type or "unknown"
         base_source = ref.location
+        base_stamp = None
     else:
         source = _base_source(ref, config.base)
-        step(f"base: writing {quant} GGUF from {source}")
-        write_base_gguf(source, base_path, quant, tokenizer_from=Path(ref.location) if ref.kind == "gguf" else None)
+        stamp = _source_stamp(source, ref)
+        if _written_base(out, base_path, quant, str(source), stamp):
+            # training's student phase and eval export before every llama.cpp run: rewriting the base each time cost
+            # ~10 s and 0.8 GB (every weight read as float32) for the same bytes
+            step(f"base: reusing {BASE_FILE} ({quant}, written from {source})")
+        else:
+            step(f"base: writing {quant} GGUF from {source}")
+            tokenizer_from = Path(ref.location) if ref.kind == "gguf" else None
+            write_base_gguf(source, base_path, quant, tokenizer_from=tokenizer_from)
         base_source = str(source)
+        base_stamp = stamp
     base_cfg = _gguf_heads(base_path)
 
     adapter_dtype = "f32" if quant == "f32" else "f16"
@@ -500,7 +529,13 @@ def export_gguf(
     manifest = {
         "format": "gguf",
         "architecture": arch,
-        "base": {"file": BASE_FILE, "quant": quant, "source": base_source, "model": config.base.model},
+        "base": {
+            "file": BASE_FILE,
+            "quant": quant,
+            "source": base_source,
+            "model": config.base.model,
+            "source_stamp": base_stamp,
+        },
         "adapters": adapters,
         "adapter_dtype": adapter_dtype,
         "versions": versions(("gguf", "llama_cpp_python")),
