@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from fslm.cli import app
 from fslm.errors import FslmError
 from fslm.stackdir import StackDir
-from fslm.steps.export import export_gguf, qkv_regroup, rope_permute, write_base_gguf
+from fslm.steps.export import _hf_tensors, export_gguf, qkv_regroup, rope_permute, write_base_gguf
 from fslm.steps.init import InitOptions, init
 
 
@@ -124,6 +124,21 @@ def test_a_second_export_reuses_the_base_it_wrote(llama_stack: Path, tiny_llama:
     os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # the source changed
     changed, _ = export("q8_0")
     assert changed[0].startswith("base: writing q8_0")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_base_tensors_read_without_a_memory_map_equal_safetensors(tmp_path, dtype):
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"b.weight": torch.randn(3, 5, generator=g), "a.weight": torch.randn(7, generator=g)}
+    save_file({k: v.to(getattr(torch, dtype)) for k, v in tensors.items()}, str(tmp_path / "model.safetensors"))
+    got = dict(_hf_tensors(tmp_path))
+    assert list(got) == ["a.weight", "b.weight"]
+    for k, v in tensors.items():
+        np.testing.assert_array_equal(got[k], v.to(getattr(torch, dtype)).float().numpy())
+        assert got[k].dtype == np.float32
 
 
 def test_refuses_unsupported_architecture_and_bad_quant(tmp_path, tiny_llama):

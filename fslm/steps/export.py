@@ -139,19 +139,41 @@ def _hf_config(model_dir: Path) -> dict[str, Any]:
     return json.loads((model_dir / "config.json").read_text())
 
 
-def _hf_tensors(model_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """All tensors of a safetensors model as float32 numpy arrays (bf16 goes through torch)."""
-    from safetensors import safe_open
+SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 
+
+def _hf_tensors(model_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """All tensors of a safetensors model as float32 numpy arrays, one at a time.
+
+    Read with plain file reads rather than through safetensors' memory map: every page of a mapped file stays in the
+    process's resident set until it is unmapped, so exporting the embedded base from its 540 MB float32 copy held all
+    of it (training's student phase exports with the torch base loaded beside). The format is a length, a JSON
+    header of dtype / shape / byte offsets, then the raw little-endian data.
+    """
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise FslmError(f"{model_dir}: no *.safetensors weights to export")
     for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for key in st.keys():
+        with open(f, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            try:
+                header = json.loads(fh.read(size))
+            except ValueError as e:
+                raise FslmError(f"{f}: not a safetensors file ({e})") from None
+            start = 8 + size
+            for key in sorted(k for k in header if k != "__metadata__"):
                 if key.endswith(NOT_WEIGHTS):
                     continue
-                yield key, st.get_tensor(key).float().numpy()
+                info = header[key]
+                dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+                if dtype is None:
+                    raise FslmError(f"{f}: tensor {key!r} has dtype {info['dtype']}, not a float type to export")
+                begin, end = info["data_offsets"]
+                fh.seek(start + begin)
+                data = np.frombuffer(fh.read(end - begin), dtype=np.dtype(dtype).newbyteorder("<"))
+                if info["dtype"] == "BF16":  # bfloat16 is the top half of a float32
+                    data = (data.astype(np.uint32) << 16).view(np.float32)
+                yield key, data.astype(np.float32, copy=False).reshape(info["shape"])
 
 
 def _encode(data: np.ndarray, quant: str, name: str) -> tuple[np.ndarray, Any]:
@@ -288,27 +310,43 @@ def write_base_gguf(model_dir: Path, out: Path, quant: str, tokenizer_from: Path
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _tokenizer_fields(w, model_dir, cfg, tokenizer_from)
         name_of = tensor_namer(arch, int(cfg["num_hidden_layers"]))
-        written: set[str] = set()
-        embeddings: np.ndarray | None = None
-        for hf, data in _hf_tensors(model_dir):
-            name = name_of(hf)
-            if name is None:
-                raise FslmError(f"{model_dir}: tensor {hf!r} has no llama.cpp name; cannot export this model")
-            data = llamacpp_rows(arch, name, data, n_head, n_kv)
-            if name == "token_embd.weight":
-                embeddings = data
-            data, raw = _encode(data, quant, name)
-            w.add_tensor(name, data, raw_dtype=raw)
-            written.add(name)
-        if arch == "gpt_neox" and "output.weight" not in written and embeddings is not None:
-            # tied embeddings: llama.cpp's GPT-NeoX requires output.weight (Llama and Qwen2 fall back to token_embd)
-            data, raw = _encode(embeddings, quant, "output.weight")
-            w.add_tensor("output.weight", data, raw_dtype=raw)
+        # Two passes, so that no more than one tensor is in memory: the first learns each encoded tensor's shape and
+        # type for the header, the second encodes them again and writes them in the same order.
+        for name, data, raw in _gguf_tensors(model_dir, arch, quant, name_of, n_head, n_kv):
+            w.add_tensor_info(name, data.shape, data.dtype, data.nbytes, raw_dtype=raw)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for _, data, _ in _gguf_tensors(model_dir, arch, quant, name_of, n_head, n_kv):
+            w.write_tensor_data(data)
+        w.close()
+        os.replace(tmp, out)
     except BaseException:
         w.close()
         tmp.unlink(missing_ok=True)
         raise
-    _finish(w, tmp, out)
+
+
+def _gguf_tensors(
+    model_dir: Path, arch: str, quant: str, name_of: Callable[[str], str | None], n_head: int, n_kv: int
+) -> Iterator[tuple[str, np.ndarray, Any]]:
+    """(llama.cpp name, encoded data, raw type) of every tensor of the base, in file order."""
+    written: set[str] = set()
+    embeddings: np.ndarray | None = None
+    for hf, data in _hf_tensors(model_dir):
+        name = name_of(hf)
+        if name is None:
+            raise FslmError(f"{model_dir}: tensor {hf!r} has no llama.cpp name; cannot export this model")
+        data = llamacpp_rows(arch, name, data, n_head, n_kv)
+        if name == "token_embd.weight" and arch == "gpt_neox":
+            embeddings = data
+        encoded, raw = _encode(data, quant, name)
+        yield name, encoded, raw
+        written.add(name)
+    if arch == "gpt_neox" and "output.weight" not in written and embeddings is not None:
+        # tied embeddings: llama.cpp's GPT-NeoX requires output.weight (Llama and Qwen2 fall back to token_embd)
+        encoded, raw = _encode(embeddings, quant, "output.weight")
+        yield "output.weight", encoded, raw
 
 
 def _finish(writer: Any, tmp: Path, out: Path) -> None:
