@@ -102,6 +102,14 @@ def _fslm_child(*args: str, timeline: list[tuple[float, float, str]] | None = No
     return usage.ru_maxrss / 1024, seconds
 
 
+def _allocator(command: str) -> str:
+    """The malloc the fslm child ran under (training commands restart under tcmalloc when it is installed)."""
+    from fslm import heap
+
+    chosen = heap.allocator_library() if command in heap.PRELOAD_COMMANDS else None
+    return os.environ.get("LD_PRELOAD") or chosen or "glibc"
+
+
 def command_memory(args: argparse.Namespace, what: str) -> None:
     """Peak RSS and wall time of one fslm command (`train`, `quickstart` or `eval`), run whole in one child process."""
     from fslm import __version__
@@ -126,7 +134,7 @@ def command_memory(args: argparse.Namespace, what: str) -> None:
         timeline: list[tuple[float, float, str]] | None = [] if args.timeline else None
         peak, seconds = _fslm_child(*command, timeline=timeline)
     print(f"fslm {what} ({settings or 'defaults'}, {args.base if what == 'train' else 'embedded model'})")
-    print(f"peak RSS {peak:,.0f} MiB   wall {seconds:.1f} s")
+    print(f"peak RSS {peak:,.0f} MiB   wall {seconds:.1f} s   malloc {_allocator(what)}")
     for at, mib, line in timeline or []:
         print(f"{at:7.1f} s {mib:8,.0f} MiB  {line}")
     result = {
@@ -135,6 +143,7 @@ def command_memory(args: argparse.Namespace, what: str) -> None:
         f"peak_rss_mib_{what}": peak,
         f"wall_seconds_{what}": round(seconds, 1),
         "threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "FSLM_LLAMACPP_THREADS")},
+        "allocator": _allocator(what),
         "versions": {"fslm": __version__, "python": platform.python_version(), **_versions()},
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "timeline": timeline,

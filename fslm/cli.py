@@ -29,6 +29,7 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
+from fslm import heap
 from fslm.config import ServerSettings
 from fslm.errors import FslmError
 from fslm.events import Progress as ProgressEvent
@@ -789,6 +790,11 @@ def quickstart(
 
 
 def main() -> None:
+    try:
+        heap.preload_allocator(sys.argv[1:])  # training commands restart under tcmalloc when it is installed
+    except FslmError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise SystemExit(e.exit_code) from None
     app()
 
 

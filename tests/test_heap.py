@@ -1,5 +1,5 @@
 """fslm.heap: freed heap pages go back to the OS (glibc), `import fslm` turns on PyTorch's huge-page allocation
-unless the user chose, and nothing breaks elsewhere."""
+unless the user chose, training commands restart under tcmalloc when it is there, and nothing breaks elsewhere."""
 
 from __future__ import annotations
 
@@ -62,3 +62,66 @@ def test_import_fslm_turns_on_huge_page_allocation_unless_the_user_chose(user):
         assert setting == "1" and offset == "0"  # PyTorch honoured it: a large tensor starts on a page (else at 64 B)
     else:
         assert setting == "0"
+
+
+PRELOAD = r"""
+import os, sys
+from fslm import heap
+heap.preload_allocator(sys.argv[1:])
+print(os.environ.get("FSLM_ALLOCATOR_PRELOADED"), os.path.basename(sys.argv[-1]), sep="|", end="|")
+print(",".join(sorted({line.split("/")[-1].strip() for line in open("/proc/self/maps") if "malloc" in line
+                       or "global_deps" in line})))
+"""
+
+
+def _preload(command: str, allocator: str | None) -> list[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("FSLM_ALLOCATOR", "FSLM_ALLOCATOR_PRELOADED")}
+    if allocator is not None:
+        env["FSLM_ALLOCATOR"] = allocator
+    out = subprocess.run([sys.executable, "-c", PRELOAD, command], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().split("|")
+
+
+def _stand_in_library() -> str:
+    """A shared library every install has and `import fslm` never maps: stands in for an allocator."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("torch")
+    assert spec is not None and spec.origin is not None
+    return str(Path(spec.origin).parent / "lib" / "libtorch_global_deps.so")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux only")
+def test_a_training_command_restarts_once_under_the_chosen_allocator():
+    library = _stand_in_library()
+    marker, last_arg, mapped = _preload("train", library)
+    assert marker == library and last_arg == "train"  # restarted with the same arguments, and only once
+    assert "libtorch_global_deps.so" in mapped  # the loader really preloaded it
+    # other commands, and FSLM_ALLOCATOR=system, run on in the first process
+    for command, allocator in (("run", library), ("train", "system")):
+        marker, last_arg, mapped = _preload(command, allocator)
+        assert marker == "None" and last_arg == command and "libtorch_global_deps.so" not in mapped
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux only")
+def test_training_runs_under_tcmalloc_when_it_is_installed():
+    from fslm import heap
+
+    library = heap.allocator_library("auto")
+    if library is None:
+        if os.environ.get("CI"):
+            pytest.fail("tcmalloc is not installed (Debian: libtcmalloc-minimal4); .ci/run installs it")
+        pytest.skip("tcmalloc is not installed")
+    marker, _, mapped = _preload("train", None)
+    assert marker == library and "tcmalloc" in mapped
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux only")
+def test_a_missing_allocator_library_is_one_line_and_exit_2(tmp_path):
+    env = {**os.environ, "FSLM_ALLOCATOR": str(tmp_path / "libnope.so")}
+    env.pop("FSLM_ALLOCATOR_PRELOADED", None)
+    out = subprocess.run([sys.executable, "-m", "fslm", "train", "x"], capture_output=True, text=True, env=env)
+    assert out.returncode == 2 and "FSLM_ALLOCATOR" in out.stderr and "libnope.so" in out.stderr
+    assert "Traceback" not in out.stderr
