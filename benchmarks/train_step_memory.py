@@ -120,6 +120,7 @@ def _child(args: argparse.Namespace) -> dict:
         optimizer.zero_grad(set_to_none=True)
         seconds.append(time.perf_counter() - start)
     parts = {f"peak_{name[3:].lower()}_mib": round(mib, 1) for name, mib in peaks.items()}
+    peak_rss = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # before the profiled step
     live = round(_peak_live_tensors(model, head, batch, target_token_loss), 1) if args.live else None
     return {
         "batch_shape": list(batch["input_ids"].shape),
@@ -127,7 +128,7 @@ def _child(args: argparse.Namespace) -> dict:
         "peak_live_tensors_mib": live,
         "target_tokens": int(batch["labels"].ne(-100).sum()),
         "rss_loaded_mib": round(loaded, 1),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mib": peak_rss,
         "seconds_per_step": [round(s, 2) for s in seconds],
         "loss": round(float(loss), 4),
     }
