@@ -318,7 +318,10 @@ def train(
     ] = 1,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
-    """Train one LoRA adapter per stage (or --single: the one-adapter baseline) on distilled data."""
+    """Train one LoRA adapter per stage (or --single: the one-adapter baseline) on distilled data.
+
+    Runs under tcmalloc when it is installed (less memory; FSLM_ALLOCATOR=system keeps glibc's malloc).
+    """
     from fslm.steps.train import train as train_step
 
     _grant(trust_remote_code)

@@ -1,4 +1,4 @@
-"""Hand freed heap memory back to the OS between the phases of a long command (glibc only; a no-op elsewhere).
+"""Keep a long command's heap near what it uses: freed pages handed back, huge pages, tcmalloc (Linux).
 
 PyTorch on CPU allocates through the C library's malloc. glibc serves blocks below its mmap threshold (which grows
 to 32 MB after the first large free) from its heaps, and pages freed there stay in the process: a phase that
@@ -10,6 +10,9 @@ tensor and marks it for transparent huge pages (`madvise(MADV_HUGEPAGE)`; PyTorc
 far less of what a training step frees stays resident. Measured on three answer-stage training steps of the
 embedded model (4 x 395 tokens, gradient checkpointing; benchmarks/train_step_memory.py): 3,453 MiB peak RSS with
 glibc's defaults, 1,818 MiB with it, 21.1 vs 22.4 s a step (docs/train.md, "Memory").
+
+`preload_allocator()` goes further for the commands that train: it restarts them under tcmalloc, which reuses what
+a step frees instead of keeping it (below).
 """
 
 from __future__ import annotations
@@ -87,9 +90,10 @@ def preload_allocator(argv: Sequence[str]) -> None:
 
     Why: glibc's heap keeps most of what a training step frees, and no setting of it both bounds that and keeps
     the step's speed; tcmalloc reuses freed blocks. Measured on three answer-stage steps of the embedded model
-    (benchmarks/train_step_memory.py): peak RSS 1,864 MiB with glibc and huge pages, 1,363 MiB with tcmalloc, and
-    its steps are no slower (docs/train.md, "Memory"). A malloc can only be chosen before a process starts, so the
-    command re-executes itself once with `LD_PRELOAD`; `argv` is the command line after the program name.
+    (benchmarks/train_step_memory.py): peak RSS 1,818-2,145 MiB over runs with glibc and huge pages, 1,360-1,365 MiB
+    with tcmalloc (255 MiB of it live tensors), and its steps are no slower (docs/train.md, "Memory"). A malloc can
+    only be chosen before a process starts, so the command re-executes itself once with `LD_PRELOAD`; `argv` is the
+    command line after the program name.
     """
     command = next((arg for arg in argv if not arg.startswith("-")), None)
     if command not in PRELOAD_COMMANDS or os.environ.get(PRELOADED_ENV):

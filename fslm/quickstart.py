@@ -33,7 +33,7 @@ log = logging.getLogger("fslm")
 
 
 class QuickstartOptions(Options):
-    """Sizes that keep the quickstart to minutes on 2 CPU cores (21 min measured, README.md)."""
+    """Sizes that keep the quickstart to minutes on 2 CPU cores (19-21 min measured, README.md)."""
 
     records: int = Field(16, ge=1, description="Instructions distilled from the shipped Self-Instruct seed tasks.")
     teacher_tokens: int = Field(48, ge=1, description="New tokens per stage for the teacher.")
