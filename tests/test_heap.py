@@ -75,7 +75,8 @@ print(",".join(sorted({line.split("/")[-1].strip() for line in open("/proc/self/
 
 
 def _preload(command: str, allocator: str | None) -> list[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("FSLM_ALLOCATOR", "FSLM_ALLOCATOR_PRELOADED")}
+    unset = ("FSLM_ALLOCATOR", "FSLM_ALLOCATOR_PRELOADED", "LD_PRELOAD")  # the outer run's choices stay out
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     if allocator is not None:
         env["FSLM_ALLOCATOR"] = allocator
     out = subprocess.run([sys.executable, "-c", PRELOAD, command], capture_output=True, text=True, env=env)
@@ -122,6 +123,7 @@ def test_training_runs_under_tcmalloc_when_it_is_installed():
 def test_a_missing_allocator_library_is_one_line_and_exit_2(tmp_path):
     env = {**os.environ, "FSLM_ALLOCATOR": str(tmp_path / "libnope.so")}
     env.pop("FSLM_ALLOCATOR_PRELOADED", None)
+    env.pop("LD_PRELOAD", None)
     out = subprocess.run([sys.executable, "-m", "fslm", "train", "x"], capture_output=True, text=True, env=env)
     assert out.returncode == 2 and "FSLM_ALLOCATOR" in out.stderr and "libnope.so" in out.stderr
     assert "Traceback" not in out.stderr
