@@ -134,7 +134,8 @@ def command_memory(args: argparse.Namespace, what: str) -> None:
         timeline: list[tuple[float, float, str]] | None = [] if args.timeline else None
         peak, seconds = _fslm_child(*command, timeline=timeline)
     print(f"fslm {what} ({settings or 'defaults'}, {args.base if what == 'train' else 'embedded model'})")
-    print(f"peak RSS {peak:,.0f} MiB   wall {seconds:.1f} s   malloc {_allocator(what)}")
+    allocator = _allocator(what)
+    print(f"peak RSS {peak:,.0f} MiB   wall {seconds:.1f} s   malloc {allocator}")
     for at, mib, line in timeline or []:
         print(f"{at:7.1f} s {mib:8,.0f} MiB  {line}")
     result = {
@@ -143,7 +144,7 @@ def command_memory(args: argparse.Namespace, what: str) -> None:
         f"peak_rss_mib_{what}": peak,
         f"wall_seconds_{what}": round(seconds, 1),
         "threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "FSLM_LLAMACPP_THREADS")},
-        "allocator": _allocator(what),
+        "allocator": allocator,
         "versions": {"fslm": __version__, "python": platform.python_version(), **_versions()},
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "timeline": timeline,

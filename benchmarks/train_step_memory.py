@@ -107,7 +107,7 @@ def _child(args: argparse.Namespace) -> dict:
     model.enable_input_require_grads()
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    loaded = _rss_mib()
+    loaded, loaded_parts = _rss_mib(), _rss_parts()
     head = model.get_output_embeddings()
     peaks: dict[str, float] = {}
     threading.Thread(target=_watch_rss, args=(peaks,), daemon=True).start()
@@ -128,6 +128,7 @@ def _child(args: argparse.Namespace) -> dict:
         "peak_live_tensors_mib": live,
         "target_tokens": int(batch["labels"].ne(-100).sum()),
         "rss_loaded_mib": round(loaded, 1),
+        **{f"loaded_{name[3:].lower()}_mib": round(mib, 1) for name, mib in loaded_parts.items()},
         "peak_rss_mib": peak_rss,
         "seconds_per_step": [round(s, 2) for s in seconds],
         "loss": round(float(loss), 4),

@@ -55,6 +55,10 @@ err = Console(stderr=True)  # progress, warnings, errors (stderr)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _say_error(e: FslmError) -> None:
+    err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+
+
 def friendly(fn: F) -> F:
     """Turn FslmError into one red line and exit code 2; never a traceback for input the user can fix."""
 
@@ -65,7 +69,7 @@ def friendly(fn: F) -> F:
             # A context of its own: the trust a command grants (its flags) ends with the command.
             return contextvars.copy_context().run(fn, *args, **kwargs)
         except FslmError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            _say_error(e)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
@@ -796,7 +800,7 @@ def main() -> None:
     try:
         heap.preload_allocator(sys.argv[1:])  # training commands restart under tcmalloc when it is installed
     except FslmError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        _say_error(e)
         raise SystemExit(e.exit_code) from None
     app()
 

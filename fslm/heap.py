@@ -90,7 +90,7 @@ def preload_allocator(argv: Sequence[str]) -> None:
 
     Why: glibc's heap keeps most of what a training step frees, and no setting of it both bounds that and keeps
     the step's speed; tcmalloc reuses freed blocks. Measured on three answer-stage steps of the embedded model
-    (benchmarks/train_step_memory.py): peak RSS 1,818-2,145 MiB over runs with glibc and huge pages, 1,360-1,365 MiB
+    (benchmarks/train_step_memory.py): peak RSS 1,818-2,145 MiB over runs with glibc and huge pages, 1,360-1,363 MiB
     with tcmalloc (255 MiB of it live tensors), and its steps are no slower (docs/train.md, "Memory"). A malloc can
     only be chosen before a process starts, so the command re-executes itself once with `LD_PRELOAD`; `argv` is the
     command line after the program name.
