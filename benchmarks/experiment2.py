@@ -45,6 +45,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher", default=None, help="teacher model (default: the base)")
     p.add_argument("--teacher-backend", default="llamacpp")
     p.add_argument("--teacher-batch", type=int, default=16, help="records per teacher call")
+    p.add_argument("--teacher-mode", choices=("stages", "joint"), default="joint", help="distill's --teacher-mode")
+    p.add_argument("--options", choices=("hidden", "answer", "shown"), default="answer", help="distill's --options")
+    p.add_argument(
+        "--reference",
+        default=None,
+        help="distill's reference policy (default: hint-on-retry for mc, hidden for alpaca)",
+    )
     p.add_argument("--arc-easy", type=int, default=1000, help="ARC-Easy train questions (regime mc)")
     p.add_argument("--arc-challenge", type=int, default=500, help="ARC-Challenge train questions (regime mc)")
     p.add_argument("--openbookqa", type=int, default=500, help="OpenBookQA train questions (regime mc)")
@@ -52,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=1, help="chains per question")
     p.add_argument("--filters", default="empty,overlong,repetition,leak", help="distill's quality filters")
     p.add_argument("--alpaca-glob", default=ALPACA, help="Alpaca files under the data dir (regime alpaca)")
-    p.add_argument("--budgets", default="intent=48,plan=64,reasoning=96,answer=48", help="stage max_new_tokens")
+    p.add_argument("--budgets", default="intent=48,plan=64,reasoning=128,answer=48", help="stage max_new_tokens")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -63,6 +70,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-seed", type=int, default=1234)
     p.add_argument("--eval-extra", default="{}", help="JSON of further EvalOptions fields (scoring modes, ...)")
     p.add_argument("--publish", action="store_true", help="copy results to docs/results/ and data to data/ (real runs)")
+    p.add_argument(
+        "--sync",
+        type=Path,
+        default=None,
+        help="a folder (e.g. data/exp2-mc) that receives the distilled files every few minutes while they grow, and "
+        "from which a new OUT is seeded, so a campaign resumes from what was committed",
+    )
     p.add_argument("--until", choices=("init", "distill", "train", "eval"), default="eval", help="stop after this step")
     return p.parse_args(argv)
 
@@ -71,17 +85,31 @@ def budgets(text: str) -> dict[str, int]:
     return {k.strip(): int(v) for k, v in (part.split("=") for part in text.split(",") if part.strip())}
 
 
-def merge(parts: list[Path], out: Path) -> dict[str, Any]:
-    """Concatenate distilled files into one training set (ids are content hashes: a repeat is dropped)."""
+def merge(parts: list[Path], out: Path, data_dir: Path | None = None) -> dict[str, Any]:
+    """Concatenate distilled files into one training set (ids are content hashes: a repeat is dropped). With
+    `data_dir`, a record whose instruction appears in a benchmark test split is dropped too (ARC-Easy train repeats
+    three test questions upstream): test items never reach training."""
     from fslm.files import atomic_write_text, sha256_file
 
+    index = None
+    if data_dir is not None:
+        from fslm.contamination import BenchmarkIndex
+
+        index = BenchmarkIndex.load(data_dir)
     seen: set[str] = set()
-    lines = []
+    lines, contaminated = [], []
     for part in parts:
         for line in part.read_text(encoding="utf-8").splitlines():
-            if line.strip() and (rid := json.loads(line)["id"]) not in seen:
-                seen.add(rid)
-                lines.append(line)
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if row["id"] in seen:
+                continue
+            seen.add(row["id"])
+            if index is not None and index.match(row["instruction"], row.get("input")):
+                contaminated.append(row["id"])
+                continue
+            lines.append(line)
     atomic_write_text(out, "\n".join(lines) + "\n")
     manifests = {p.name: json.loads(p.with_name(p.name + ".manifest.json").read_text()) for p in parts}
     info = {
@@ -90,6 +118,7 @@ def merge(parts: list[Path], out: Path) -> dict[str, Any]:
             for name, m in manifests.items()
         },  # fmt: skip
         "records": len(lines),
+        "dropped_in_test_splits": contaminated,
         "sha256": sha256_file(out),
         "options": next(iter(manifests.values())).get("options"),
         "teacher": next(iter(manifests.values())).get("teacher"),
@@ -116,8 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     stack = StackDir(out / "stack")
     # What identifies the experiment: not where it writes, how far this invocation goes, or the eval's extra options
     # (the eval reuses only rows computed with its exact setup; the ledger records what it ran).
-    skip = ("out", "data_dir", "until", "publish", "eval_extra")
+    skip = ("out", "data_dir", "until", "publish", "eval_extra", "sync")
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in skip}
+    if args.sync is not None and not (out / "ledger.json").exists() and (args.sync / "ledger.json").is_file():
+        (out / "ledger.json").write_bytes((args.sync / "ledger.json").read_bytes())  # seconds of earlier sittings
     try:
         ledger = Ledger(out / "ledger.json", settings)
     except FslmError as e:  # another experiment's --out: refuse before touching it
@@ -128,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.regime == "mc"
         else {"alpaca": (args.data_dir / args.alpaca_glob, "alpaca", args.alpaca)}
     )  # fmt: skip
-    policy = "hint-on-retry" if args.regime == "mc" else "hidden"
+    policy = args.reference or ("hint-on-retry" if args.regime == "mc" else "hidden")
     data = out / "train.jsonl"
 
     def make_stack() -> None:
@@ -147,8 +178,12 @@ def main(argv: list[str] | None = None) -> int:
         parts = []
         for name, (path, fmt, n) in sources.items():
             part = out / f"distilled-{name}.jsonl"
+            if args.sync is not None:
+                seed_from(args.sync, part)
             options = DistillOptions(
                 teacher=TeacherSpec(backend=args.teacher_backend, model=args.teacher, batch_size=args.teacher_batch),
+                teacher_mode=args.teacher_mode,
+                options=args.options,
                 reference=policy,
                 samples=args.samples,
                 filters=args.filters,
@@ -158,11 +193,14 @@ def main(argv: list[str] | None = None) -> int:
                 data_dir=args.data_dir,
                 cache=out / "teacher-cache.jsonl",
             )
-            err.print(f"[bold]distil {name}[/]: {n} questions, reference {policy}")
+            err.print(f"[bold]distil {name}[/]: {n} questions, {args.teacher_mode} teacher, reference {policy}")
             with EventView() as view:
-                distill(path, stack.root, part, options, on_event=view)
+                handler = view if args.sync is None else syncing(view, part, args.sync)
+                distill(path, stack.root, part, options, on_event=handler)
+            if args.sync is not None:
+                sync_files(part, args.sync)
             parts.append(part)
-        ledger.data["distilled"] = merge(parts, data)
+        ledger.data["distilled"] = merge(parts, data, args.data_dir)
 
     def train_all() -> None:
         common = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
@@ -194,6 +232,15 @@ def main(argv: list[str] | None = None) -> int:
         ledger.data["eval_options"] = options.model_dump(mode="json")
 
     steps = (("init", make_stack), ("distill", distil), ("train", train_all), ("eval", evaluate_all))
+    outputs = {
+        "init": stack.root / "stack.yaml",
+        "distill": data,
+        "train": stack.root / "adapters",
+        "eval": out / "eval",
+    }
+    for name, made in outputs.items():  # a ledger seeded from --sync: a step is done only where its output is here
+        if ledger.done(name) and not made.exists():
+            ledger.data["steps"][name]["finished"] = False
     try:
         for name, fn in steps:
             if ledger.done(name):
@@ -202,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
             err.print(f"[bold cyan]experiment2 ({args.regime}): {name}[/]")
             ledger.step(name, fn)
             ledger.finish(name)
+            if args.sync is not None:
+                args.sync.mkdir(parents=True, exist_ok=True)
+                (args.sync / "ledger.json").write_text((out / "ledger.json").read_text())
             if name == args.until:
                 break
     except FslmError as e:
@@ -210,6 +260,48 @@ def main(argv: list[str] | None = None) -> int:
     if args.publish and ledger.done("eval"):
         publish(out, ledger.data, args)
     return 0
+
+
+def part_files(part: Path) -> list[Path]:
+    """A distilled part and what resumes it: the rows, the rejected rows, the manifest (the cache is optional)."""
+    return [part, part.with_name(part.name + ".rejected.jsonl"), part.with_name(part.name + ".manifest.json")]
+
+
+def sync_files(part: Path, folder: Path) -> None:
+    """Copy a distilled part's files into `folder` (atomically each, so a commit never sees half a file)."""
+    from fslm.files import atomic_write_text
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in part_files(part):
+        if f.is_file():
+            atomic_write_text(folder / f.name, f.read_text(encoding="utf-8"))
+
+
+def seed_from(folder: Path, part: Path) -> None:
+    """Start a part from `folder`'s copy when OUT has none yet: a new machine resumes from what was committed."""
+    if part.exists() or not (folder / part.name).is_file():
+        return
+    for f in part_files(part):
+        source = folder / f.name
+        if source.is_file():
+            f.write_bytes(source.read_bytes())
+    print(f"resuming {part.name} from {folder}", file=sys.stderr)
+
+
+def syncing(view: Any, part: Path, folder: Path, every: float = 300.0) -> Any:
+    """The progress view, plus a copy of the part's files to `folder` at most every `every` seconds."""
+    import time
+
+    last = time.monotonic()
+
+    def handler(event: Any) -> None:
+        nonlocal last
+        view(event)
+        if time.monotonic() - last >= every:
+            sync_files(part, folder)
+            last = time.monotonic()
+
+    return handler
 
 
 def publish(out: Path, ledger: dict[str, Any], args: argparse.Namespace) -> None:

@@ -420,6 +420,8 @@ def distill(
     timeout: float = flag(ServerSettings, "timeout", min=0.1),
     max_retries: int = flag(ServerSettings, "max_retries", min=0, max=50),
     batch_size: int = flag(TeacherSpec, "batch_size", min=1),
+    teacher_mode: str = flag(DistillOptions, "teacher_mode"),
+    options: str = flag(DistillOptions, "options"),
     reference: str = flag(DistillOptions, "reference"),
     final_from: str = flag(DistillOptions, "final_from"),
     samples: int = flag(DistillOptions, "samples", min=1, max=16),
@@ -451,9 +453,9 @@ def distill(
             url=teacher_url, api_key_env=api_key_env, concurrency=concurrency, timeout=timeout, max_retries=max_retries
         )
     teacher = TeacherSpec.build(backend=teacher_backend, model=teacher_model, server=server, batch_size=batch_size)
-    options = DistillOptions.pick({**locals(), "teacher": teacher})
+    chosen = DistillOptions.pick({**locals(), "teacher": teacher})
     with EventView() as view:
-        r = distill_step(dataset, stack, out_path, options, on_event=view)
+        r = distill_step(dataset, stack, out_path, chosen, on_event=view)
     dropped = ", ".join(f"{n} {k}" for k, n in r.filtered.items() if n) or "none"
     rate = (
         f"{(r.selected - r.resumed) / r.seconds:.2f} records/s, {r.output_tokens / r.seconds:.1f} tokens/s"
@@ -473,6 +475,12 @@ def distill(
     if c.get("leak_rate_all_intermediate") is not None:
         rates = ", ".join(f"{k} {v['rate']:.0%}" for k, v in c["leaks"].items())
         out.print(f"earlier-stage targets that contain the reference: {c['leak_rate_all_intermediate']:.1%} ({rates})")
+    pointing = c.get("option_references") or {}
+    if pointing.get("chains"):
+        out.print(
+            f"chains whose earlier stages point at the options: {pointing['chains']} of {pointing['of']} "
+            f"({pointing['in_written_rows']} of them written)"
+        )
     out.print(f"manifest: {r.manifest}")
 
 

@@ -124,6 +124,9 @@ class StageConfig(_Strict):
     template: str = Field(min_length=1, description="Jinja2 template of the user message.")
     reads: list[str] = Field(default_factory=list)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    brief: str | None = Field(
+        None, description="What the stage writes, in a line: its section's description for the joint teacher."
+    )
     training: StageTraining | None = None
 
     @field_validator("name")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import re
 import io
 import json
 from collections.abc import Callable, Iterable, Iterator
@@ -69,6 +70,10 @@ TEST_SPLITS: tuple[Split, ...] = (
 )
 
 
+# lm-eval's cloze prompt around a question ("Question: ...\nAnswer:"), which the test splits' stems do not carry.
+_QUESTION_FRAME = re.compile(r"^\s*Question:\s*|\s*Answer:\s*$")
+
+
 def text_hash(text: str) -> str:
     return hashlib.sha256(normalise(text).encode("utf-8")).hexdigest()[:20]
 
@@ -113,9 +118,11 @@ class BenchmarkIndex:
         return index
 
     def match(self, instruction: str, input: str | None = None) -> set[str]:
-        """The splits that hold this instruction (alone, its input alone, or both joined)."""
+        """The splits that hold this instruction (alone, its input alone, or both joined; also without the
+        `Question: ... Answer:` frame a multiple-choice record's instruction carries, the evaluation's prompt form)."""
         found: set[str] = set()
-        for text in (instruction, input or "", f"{instruction} {input or ''}"):
+        bare = _QUESTION_FRAME.sub("", instruction)
+        for text in (instruction, input or "", f"{instruction} {input or ''}", bare):
             if normalise(text):
                 found |= self.hashes.get(text_hash(text), set())
         return found

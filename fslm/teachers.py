@@ -63,9 +63,14 @@ class Teacher(Protocol):
         """The exact text the teacher conditions on for this message pair."""
 
     def generate(
-        self, requests: list[tuple[str, str]], settings: GenerationSettings, on_result: OnResult | None = None
+        self,
+        requests: list[tuple[str, str]],
+        settings: GenerationSettings,
+        on_result: OnResult | None = None,
+        label: str = "teacher",
     ) -> list[TeacherOutput]:
-        """Answers in request order; `on_result(i, output)` hears each one as soon as it exists."""
+        """Answers in request order; `on_result(i, output)` hears each one as soon as it exists. `label` names what is
+        asked (a stage, or `joint`): prompts of one label share a prefix a local backend may keep evaluated."""
 
 
 OnResult = Callable[[int, "TeacherOutput"], None]
@@ -116,10 +121,14 @@ class BackendTeacher:
         return self.backend.format_prompt(system, user)
 
     def generate(
-        self, requests: list[tuple[str, str]], settings: GenerationSettings, on_result: OnResult | None = None
+        self,
+        requests: list[tuple[str, str]],
+        settings: GenerationSettings,
+        on_result: OnResult | None = None,
+        label: str = "teacher",
     ) -> list[TeacherOutput]:
         prompts = [self.prompt_key(s, u) for s, u in requests]
-        done = self.backend.generate(prompts, None, settings, label="teacher")
+        done = self.backend.generate(prompts, None, settings, label=f"teacher:{label}")
         outs = [
             TeacherOutput(c.text, c.prompt_tokens, c.output_tokens, c.output_tokens < settings.max_new_tokens)
             for c in done
@@ -181,7 +190,11 @@ class OpenAITeacher:
         return json.dumps(_messages(system, user), ensure_ascii=False)
 
     def generate(
-        self, requests: list[tuple[str, str]], settings: GenerationSettings, on_result: OnResult | None = None
+        self,
+        requests: list[tuple[str, str]],
+        settings: GenerationSettings,
+        on_result: OnResult | None = None,
+        label: str = "teacher",
     ) -> list[TeacherOutput]:
         def convert(g: Any) -> TeacherOutput:
             return TeacherOutput(g.text.strip(), g.prompt_tokens, g.output_tokens, g.finish_reason != "length")

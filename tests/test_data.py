@@ -180,9 +180,11 @@ def test_contamination_index_on_planted_items(tmp_path):
             ("a", "which gas do plants ABSORB", None),  # normalised match
             ("b", "Answer the question.", "What is the closest star to Earth?"),  # in the input
             ("c", "Which gas do plants emit?", None),
+            # a multiple-choice training record carries the evaluation's prompt frame (fslm.choices)
+            ("d", "Question: Which gas do plants absorb?\nAnswer:", None),
         ]
     )
-    assert report.matched == {"a": ["arc_easy"], "b": ["mmlu"]}
-    assert report.per_split == {"arc_easy": 1, "mmlu": 1} and report.checked == 3
+    assert report.matched == {"a": ["arc_easy"], "b": ["mmlu"], "d": ["arc_easy"]}
+    assert report.per_split == {"arc_easy": 2, "mmlu": 1} and report.checked == 4
     with pytest.raises(FslmError, match="no benchmark test split"):
         BenchmarkIndex.load(tmp_path / "arc")

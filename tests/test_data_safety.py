@@ -102,7 +102,7 @@ class FlakyTeacher:
     def prompt_key(self, system, user):
         return user
 
-    def generate(self, requests, settings, on_result=None):
+    def generate(self, requests, settings, on_result=None, label="teacher"):
         outs = []
         for i, (_, user) in enumerate(requests):
             if i >= self.good:

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fslm.cli import app
-from fslm.config import GenerationSettings, load_config
+from fslm.config import GenerationSettings, load_config, update_config
 from fslm.data import read_dataset
 from fslm.steps.distill import DistillOptions, distill_records
 from fslm.steps.distill_filters import check_target, is_degenerate, trim_to_sentence
@@ -89,7 +89,7 @@ def test_distill_cli_format_resume_and_cache(tmp_path, stack_dir):
         "written": 8,
         "written_records": 8,
         "rejected_records": 0,
-        "filtered": {"empty": 0, "overlong": 0, "repetition": 0, "leak": 0, "wrong": 0},
+        "filtered": {"empty": 0, "overlong": 0, "repetition": 0, "leak": 0, "options": 0, "wrong": 0, "format": 0},
         "lost": 0,
     }
     assert manifest["dataset"]["sha256"] and manifest["dataset"]["seed"] == 1 and manifest["dataset"]["limit"] == 8
@@ -124,9 +124,9 @@ class Spy:
     def prompt_key(self, system, user):
         return self.inner.prompt_key(system, user)
 
-    def generate(self, requests, settings, on_result=None):
+    def generate(self, requests, settings, on_result=None, label="teacher"):
         self.asked.extend(requests)
-        return self.inner.generate(requests, settings, on_result)
+        return self.inner.generate(requests, settings, on_result, label)
 
 
 def test_teacher_prompts_read_earlier_teacher_outputs(tmp_path, stack_dir, tiny_llama):
@@ -222,17 +222,27 @@ def test_torn_lines_repaired_on_restart(tmp_path, stack_dir):
     assert all(json.loads(line) for line in cache.read_text().splitlines())
 
 
-def test_sigkill_mid_run_then_resume(tmp_path, stack_dir):
-    """Kill a real `python -m fslm distill` with SIGKILL mid-run; the same command finishes: 0 lost, 0 duplicated."""
+@pytest.mark.parametrize("mode, batch, tokens", [("stages", "2", "24"), ("joint", "1", "96")])
+def test_sigkill_mid_run_then_resume(tmp_path, stack_dir, mode, batch, tokens):
+    """Kill a real `python -m fslm distill` with SIGKILL mid-run; the same command finishes: 0 lost, 0 duplicated.
+    In joint mode the random teacher writes no sections, so every record lands in the rejected file (format)."""
     n = 24
     data = make_dataset(tmp_path / "d.json", n)
     out = tmp_path / "d.jsonl"
+    rejected = Path(f"{out}.rejected.jsonl")
+    if mode == "joint":  # the tiny model's 512-token context holds no full joint prompt: one-word briefs
+
+        def short(doc):
+            for stage in doc["stages"]:
+                stage["brief"] = stage["name"]
+
+        update_config(stack_dir, short)
     cmd = [sys.executable, "-m", "fslm", "distill", str(data), "--stack", str(stack_dir), "--out", str(out)]
-    cmd += ["--batch-size", "2", "--max-new-tokens", "24", "--filters", "none"]
+    cmd += ["--batch-size", batch, "--max-new-tokens", tokens, "--filters", "none", "--teacher-mode", mode]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
     def lines() -> int:
-        return out.read_bytes().count(b"\n") if out.exists() else 0
+        return sum(f.read_bytes().count(b"\n") for f in (out, rejected) if f.exists())
 
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 180
@@ -247,7 +257,7 @@ def test_sigkill_mid_run_then_resume(tmp_path, stack_dir):
 
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    ids = [row["id"] for row in read_jsonl(out)]
+    ids = [row["id"] for f in (out, rejected) if f.exists() for row in read_jsonl(f)]
     assert len(ids) == len(set(ids)) == n  # 0 duplicated
     assert set(ids) == {rec.id for rec in read_dataset(data).records}  # 0 lost
     manifest = json.loads(Path(f"{out}.manifest.json").read_text())

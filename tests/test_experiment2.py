@@ -29,6 +29,7 @@ def test_experiment2_runs_every_step_and_resumes(tmp_path):
         "--regime": "alpaca", "--data-dir": data_dir, "--out": out, "--base": model_dir, "--teacher-backend": "torch",
         "--alpaca": 6, "--alpaca-glob": "alpaca/*.json", "--filters": "empty", "--batch-size": 2,
         "--tasks": "arc_easy", "--eval-limit": 3, "--budgets": "intent=4,plan=4,reasoning=4,answer=4",
+        "--teacher-mode": "stages",  # a random teacher writes no joint sections
     }  # fmt: skip
     argv = [str(x) for flag in flags.items() for x in flag]
     assert _script().main(argv) == 0

@@ -55,7 +55,7 @@ class ScriptedTeacher:
     def prompt_key(self, system, user):
         return system + "\n" + user
 
-    def generate(self, requests, settings, on_result=None):
+    def generate(self, requests, settings, on_result=None, label="teacher"):
         self.asked.extend(requests)
         outs = []
         for system, user in requests:

@@ -46,15 +46,26 @@ from fslm.files import JsonlLog, atomic_write_text, exclusive, sha256_file
 from fslm.options import Options, comma_list
 from fslm.provenance import now, versions
 from fslm.steps.distill_cache import TeacherCache
-from fslm.steps.distill_checks import answer_correct, checkable, leaks
+from fslm.steps.distill_checks import answer_correct, checkable, leaks, option_references
 from fslm.steps.distill_filters import FILTERS, check_target, trim_to_sentence
-from fslm.steps.distill_prompts import hint_note, prompts_hash, reference_note, teacher_messages
+from fslm.steps.distill_prompts import (
+    hint_note,
+    join_notes,
+    joint_messages,
+    options_note,
+    prompts_hash,
+    reference_note,
+    split_sections,
+    teacher_messages,
+)
 from fslm.teachers import Teacher, TeacherSpec
 
 FORMAT = "fslm-distill"
 FORMAT_VERSION = 1
-# Why a row is rejected: a quality filter, or "wrong" (its answer stayed wrong after the policy's retries).
-REJECTIONS = (*FILTERS, "wrong")
+# Why a row is rejected: a quality filter, "wrong" (its answer stayed wrong after the policy's retries) or "format"
+# (a joint response that cannot be cut into the stack's sections).
+REJECTIONS = (*FILTERS, "wrong", "format")
+TEACHER_MODES = ("stages", "joint")
 log = logging.getLogger("fslm")
 
 
@@ -63,6 +74,17 @@ class DistillOptions(Options):
 
     teacher: TeacherSpec = Field(default_factory=TeacherSpec)
     # --- what the teacher writes ---
+    teacher_mode: Literal["stages", "joint"] = Field(
+        "stages",
+        description="stages: one teacher call per stage, each reading the earlier ones; joint: one call per record "
+        "writes every stage as a `### Stage` section.",
+    )
+    options: Literal["hidden", "answer", "shown"] = Field(
+        "hidden",
+        description="Where the teacher sees a multiple-choice question's options (the student never does): hidden "
+        "(nowhere), answer (only when it names its final answer, after writing the earlier stages blind) or shown "
+        "(in every request). Earlier-stage targets that point at them are dropped by the options filter.",
+    )
     reference: Literal["hidden", "hint-on-retry", "shown"] = Field(
         "hidden",
         description="What the teacher sees of the reference: hidden (never), hint-on-retry (blind first; only after "
@@ -74,9 +96,11 @@ class DistillOptions(Options):
     samples: int = Field(1, ge=1, le=16, description="Chains per record (sampled when above 1; duplicates dropped).")
     sample_temperature: float = Field(0.7, gt=0.0, le=2.0, description="Temperature of sampled chains.")
     sample_top_p: float = Field(0.95, gt=0.0, le=1.0, description="top-p of sampled chains.")
-    max_new_tokens: int | None = Field(None, ge=1, description="Override every stage's budget for the teacher.")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="Override every stage's budget for the teacher (joint: the whole response's)."
+    )
     filters: tuple[str, ...] = Field(
-        FILTERS, description="Quality filters: comma list of empty,overlong,repetition, or none."
+        FILTERS, description="Quality filters: comma list of empty,overlong,repetition,leak,options, or none."
     )
     overlong_factor: float = Field(
         1.0, ge=0.0, description="overlong: more student tokens than factor x the stage's max_new_tokens."
@@ -125,6 +149,11 @@ class DistillOptions(Options):
             "overlong_factor": self.overlong_factor,
             "trim_cut": self.trim_cut,
         }
+        # Only where they differ from the defaults, so a run made before they existed keeps its identity.
+        if self.teacher_mode != "stages":
+            recipe["teacher_mode"] = self.teacher_mode
+        if self.options != "hidden":
+            recipe["options"] = self.options
         if self.samples > 1:
             recipe.update(samples=self.samples, temperature=self.sample_temperature, top_p=self.sample_top_p)
         return recipe
@@ -295,7 +324,7 @@ def _distill_locked(
         "dataset_sha256": dataset.sha256,
         "dataset": {k: v for k, v in dataset.describe().items() if k not in ("file",)},
         "teacher": teacher.id,
-        "prompts_sha256": prompts_hash(config),
+        "prompts_sha256": prompts_hash(config, options.teacher_mode, options.options),
         "options": options.recipe(),
     }
     outputs = JsonlLog(paths["out"])
@@ -310,14 +339,14 @@ def _distill_locked(
         done = {_group(r) for r in outputs.rows} | {_group(r) for r in rejected.rows}
         todo = [r for r in dataset.records if r.id not in done]
         resumed = len(dataset.records) - len(todo)
-        stats = {"calls": 0, "hits": 0, "tokens": 0, "trimmed": 0}
+        stats = {"calls": 0, "hits": 0, "tokens": 0, "prompt_tokens": 0, "trimmed": 0}
         start = time.perf_counter()
         emit(on_event, Progress("distill", "records", resumed, len(dataset.records)))
         for i in range(0, len(todo), teacher.batch_size):
             chunk = todo[i : i + teacher.batch_size]
             good, bad = [], []
             for sample in range(options.samples):
-                chains = _distill_chunk(config, chunk, teacher, cache, options, stats, sample)
+                chains = _distill_chunk(config, chunk, teacher, cache, options, stats, sample, count_tokens)
                 kept, dropped = _filter_chunk(config, chunk, chains, options, count_tokens, dataset, sample, good)
                 good += kept
                 bad += dropped
@@ -341,6 +370,8 @@ def _distill_locked(
                 "lost": result.lost,
             },
             checks=result.checks,
+            teacher_mode=options.teacher_mode,
+            target_tokens=target_tokens(config, outputs.rows, count_tokens),
             last_run={
                 "resumed_records": resumed,
                 "records": len(todo),
@@ -348,6 +379,7 @@ def _distill_locked(
                 "cache_hits": stats["hits"],
                 "targets_trimmed": stats["trimmed"],
                 "output_tokens": stats["tokens"],
+                "prompt_tokens": stats["prompt_tokens"],
                 "seconds": round(seconds, 3),
                 "records_per_second": round(len(todo) / seconds, 4) if seconds > 0 else None,
                 "tokens_per_second": round(stats["tokens"] / seconds, 2) if seconds > 0 else None,
@@ -386,6 +418,7 @@ def _start_manifest(
             "stages": config.stage_names,
             "prompts_sha256": run["prompts_sha256"],
         },
+        "teacher_mode": options.teacher_mode,
         "dataset": dataset.describe(),
         "teacher": teacher.describe(),
         "options": options.recipe(),
@@ -465,18 +498,20 @@ class Chain:
     teacher_answer: str | None = None  # the teacher's own final-stage answer, when it was asked for one
     correct: bool | None = None  # that answer checked against the gold one (None: not checkable)
     blind_correct: bool | None = None  # the first, blind chain's answer checked
+    format_problem: tuple[str, str | None] | None = None  # joint mode: why the response has no usable sections
 
 
 class _Asker:
-    """The teacher with the cache in front: one batched call per stage for every record that still needs it."""
+    """The teacher with the cache in front: one batched call per stage (or per joint response) for every record that
+    still needs it."""
 
     def __init__(self, teacher: Teacher, cache: TeacherCache, stats: dict[str, int], options: DistillOptions):
         self.teacher, self.cache, self.stats, self.options = teacher, cache, stats, options
 
-    def settings(self, stage: StageConfig, sample: int) -> GenerationSettings:
-        settings = stage.generation
-        if self.options.max_new_tokens is not None:
-            settings = settings.model_copy(update={"max_new_tokens": self.options.max_new_tokens})
+    def settings(self, base: GenerationSettings, sample: int, max_new_tokens: int | None = None) -> GenerationSettings:
+        """`base` with the run's budget override (else `max_new_tokens`, else its own) and, with --samples, sampling."""
+        budget = self.options.max_new_tokens or max_new_tokens
+        settings = base.model_copy(update={"max_new_tokens": budget}) if budget is not None else base
         if self.options.samples > 1:  # every chain of a record sampled; the seed tells them apart
             seed = self.options.seed * 1000 + sample
             o = self.options
@@ -486,18 +521,27 @@ class _Asker:
         return settings
 
     def ask(
-        self, stage: StageConfig, asks: list[tuple[DatasetRecord, dict[str, str], str | None]], sample: int
+        self,
+        stage: StageConfig,
+        asks: list[tuple[DatasetRecord, dict[str, str], str | None]],
+        sample: int,
+        max_new_tokens: int | None = None,
     ) -> list[tuple[str, bool]]:
-        """(text, cut) per (record, earlier outputs, note): cache first, the teacher for the misses."""
-        settings = self.settings(stage, sample)
-        keyed = []
-        for rec, outputs, note in asks:
-            messages = teacher_messages(stage, rec, outputs, note)
-            keyed.append((messages, TeacherCache.key(self.teacher.id, self.teacher.prompt_key(*messages), settings)))
+        """(text, cut) per (record, earlier outputs, note) for one stage."""
+        settings = self.settings(stage.generation, sample, max_new_tokens)
+        messages = [teacher_messages(stage, rec, outputs, note) for rec, outputs, note in asks]
+        return self.ask_messages(stage.name, messages, settings)
+
+    def ask_messages(
+        self, label: str, messages: list[tuple[str, str]], settings: GenerationSettings
+    ) -> list[tuple[str, bool]]:
+        """(text, cut) per (system, user) pair: cache first, the teacher for the misses (`label`: the stage, or
+        `joint`, names the cache entries and keys the teacher's prefix cache)."""
+        keyed = [(m, TeacherCache.key(self.teacher.id, self.teacher.prompt_key(*m), settings)) for m in messages]
         misses: dict[str, tuple[str, str]] = {}
-        for messages, key in keyed:
+        for m, key in keyed:
             if self.cache.get(key) is None:
-                misses.setdefault(key, messages)
+                misses.setdefault(key, m)
         self.stats["hits"] += len(keyed) - len(misses)
         empty: dict[str, dict[str, Any]] = {}  # empty answers are used now but never cached (a rerun asks again)
         if misses:
@@ -506,10 +550,11 @@ class _Asker:
             def keep(i: int, o: Any) -> None:  # every answer is cached the moment it arrives
                 self.stats["calls"] += 1
                 self.stats["tokens"] += o.output_tokens
+                self.stats["prompt_tokens"] += o.prompt_tokens
                 entry = {
                     "key": keys[i],
                     "teacher": self.teacher.id,
-                    "stage": stage.name,
+                    "stage": label,
                     "text": o.text,
                     "prompt_tokens": o.prompt_tokens,
                     "output_tokens": o.output_tokens,
@@ -520,7 +565,7 @@ class _Asker:
                 else:
                     empty[keys[i]] = entry
 
-            self.teacher.generate(list(misses.values()), settings, keep)
+            self.teacher.generate(list(misses.values()), settings, keep, label=label)
         results = []
         for _, key in keyed:
             entry = self.cache.get(key) or empty[key]
@@ -534,6 +579,20 @@ class _Asker:
         return results
 
 
+def answer_budget(stage: StageConfig, records: list[DatasetRecord], count_tokens: Callable[[str], int]) -> int:
+    """The final stage's teacher budget: its own, or for multiple choice what naming the longest option takes."""
+    if records and all(r.choices for r in records):
+        longest = max(count_tokens(c) for r in records for c in r.choices or [""])
+        return min(stage.generation.max_new_tokens, 2 * longest + 16)
+    return stage.generation.max_new_tokens
+
+
+def joint_budget(config: StackConfig, records: list[DatasetRecord], count_tokens: Callable[[str], int]) -> int:
+    """A joint response's budget: every earlier stage's, the final one's (sized to the data), and the headers."""
+    earlier = sum(s.generation.max_new_tokens for s in config.stages[:-1])
+    return earlier + answer_budget(config.final_stage, records, count_tokens) + 8 * len(config.stages)
+
+
 def _distill_chunk(
     config: StackConfig,
     chunk: list[DatasetRecord],
@@ -542,36 +601,74 @@ def _distill_chunk(
     options: DistillOptions,
     stats: dict[str, int],
     sample: int = 0,
+    count_tokens: Callable[[str], int] = lambda s: len(s.split()),
 ) -> dict[str, Chain]:
-    """Every stage's target for a batch of records under the reference policy (module docstring), stage by stage,
-    batched across the records."""
+    """Every stage's target for a batch of records under the reference policy (module docstring): stage by stage,
+    batched across the records, or (joint mode) one response per record holding every stage."""
     asker = _Asker(teacher, cache, stats, options)
     final = config.final_stage
     earlier = config.stages[:-1]
     policy = options.reference
+    shown = options.options == "shown"  # in every request; "answer": only where the teacher names its answer
 
-    def write_chains(recs: list[DatasetRecord], note_of: Callable[[DatasetRecord], str | None]) -> dict[str, Chain]:
+    def with_options(
+        note_of: Callable[[DatasetRecord], str | None], final_answer: bool = False
+    ) -> Callable[[DatasetRecord], str | None]:
+        if shown or (final_answer and options.options == "answer"):
+            return lambda r: join_notes(note_of(r), options_note(r, final=final_answer))
+        return note_of
+
+    def write_stages(recs: list[DatasetRecord], note_of: Callable[[DatasetRecord], str | None]) -> dict[str, Chain]:
         chains = {r.id: Chain(noted=note_of(r) is not None) for r in recs}
+        told = with_options(note_of)
         for stage in earlier:
-            texts = asker.ask(stage, [(r, chains[r.id].targets, note_of(r)) for r in recs], sample)
+            texts = asker.ask(stage, [(r, chains[r.id].targets, told(r)) for r in recs], sample)
             for r, (text, cut) in zip(recs, texts, strict=True):
                 chains[r.id].targets[stage.name] = text
                 if cut:
                     chains[r.id].cut.add(stage.name)
         return chains
 
+    def write_joint(recs: list[DatasetRecord], note_of: Callable[[DatasetRecord], str | None]) -> dict[str, Chain]:
+        """One response per record; its final section is the teacher's own answer (unless a note was shown)."""
+        chains = {r.id: Chain(noted=note_of(r) is not None) for r in recs}
+        if not recs:
+            return chains
+        messages = [joint_messages(config, r, note_of(r), shown) for r in recs]
+        base = final.generation.model_copy(update={"repetition_penalty": 1.0})  # headers repeat by design
+        settings = asker.settings(base, sample, joint_budget(config, recs, count_tokens))
+        for r, (text, cut) in zip(recs, asker.ask_messages("joint", messages, settings), strict=True):
+            chain = chains[r.id]
+            sections = split_sections(text, config)
+            chain.targets = {s.name: sections.targets.get(s.name, "") for s in config.stages}
+            if sections.problem is not None:
+                why = sections.problem + (" (cut at the token limit)" if cut else "")
+                chain.format_problem = (why, sections.stage)
+            elif cut:
+                chain.cut.add(final.name)
+            # Its own final section is its answer, unless a note was shown or the options wait for the answer call.
+            if sections.problem is None and not chain.noted and not (options.options == "answer" and r.choices):
+                chain.teacher_answer = chain.targets[final.name]
+        return chains
+
     def answer(recs: list[DatasetRecord], chains: dict[str, Chain]) -> None:
-        """The teacher's own final-stage answer (never with a note), checked where the record can be checked."""
+        """The teacher's own final-stage answer (never with a note but the options), checked where it can be."""
+        recs = [r for r in recs if chains[r.id].format_problem is None]
         if not recs:
             return
-        texts = asker.ask(final, [(r, chains[r.id].targets, None) for r in recs], sample)
-        for r, (text, cut) in zip(recs, texts, strict=True):
-            chain = chains[r.id]
-            chain.teacher_answer = text
-            chain.correct = answer_correct(text, r)
-            if cut:
-                chain.cut.add(final.name)
+        need = [r for r in recs if chains[r.id].teacher_answer is None]
+        if need:
+            note = with_options(lambda _: None, final_answer=True)
+            budget = answer_budget(final, need, count_tokens)
+            texts = asker.ask(final, [(r, chains[r.id].targets, note(r)) for r in need], sample, budget)
+            for r, (text, cut) in zip(need, texts, strict=True):
+                chains[r.id].teacher_answer = text
+                if cut:
+                    chains[r.id].cut.add(final.name)
+        for r in recs:
+            chains[r.id].correct = answer_correct(chains[r.id].teacher_answer or "", r)
 
+    write_chains = write_joint if options.teacher_mode == "joint" else write_stages
     note = reference_note if policy == "shown" else (lambda _: None)
     chains = write_chains(chunk, note)
     # Which records the teacher answers itself: checkable ones (unless the reference is shown, today's recipe),
@@ -594,6 +691,8 @@ def _distill_chunk(
                 chains[r.id] = retried[r.id]
     for r in chunk:
         chain = chains[r.id]
+        if chain.format_problem is not None:
+            continue
         if r.id in own_ids:
             chain.targets[final.name] = chain.teacher_answer or ""
         else:
@@ -619,7 +718,9 @@ def _filter_chunk(
     for rec in chunk:
         chain = chains[rec.id]
         reason = None
-        if chain.correct is False:
+        if chain.format_problem is not None:
+            reason = ("format", chain.format_problem[1] or final)
+        elif chain.correct is False:
             reason = ("wrong", final)
         for stage in config.stages:
             if reason is not None:
@@ -630,6 +731,8 @@ def _filter_chunk(
             )
             if why is None and "leak" in options.filters and stage.name != final and chain.noted and leaks(text, rec):
                 why = "leak"
+            if why is None and "options" in options.filters and stage.name != final and option_references(text, rec):
+                why = "options"
             if why is not None:
                 reason = (why, stage.name)
         extra: dict[str, Any] = {
@@ -641,6 +744,9 @@ def _filter_chunk(
                 "hinted": chain.hinted,
                 "noted": chain.noted,
                 "leaks": [s.name for s in config.stages[:-1] if leaks(chain.targets[s.name], rec)],
+                "option_references": {
+                    s.name: hit for s in config.stages[:-1] if (hit := option_references(chain.targets[s.name], rec))
+                },
             }
         }
         if rec.choices is not None:
@@ -661,7 +767,10 @@ def _filter_chunk(
             if not same:
                 good.append(row)
         else:
-            bad.append({**row, "rejected": {"filter": reason[0], "stage": reason[1]}})
+            rejected = {"filter": reason[0], "stage": reason[1]}
+            if reason[0] == "format" and chain.format_problem is not None:
+                rejected["detail"] = chain.format_problem[0]
+            bad.append({**row, "rejected": rejected})
     return good, bad
 
 
@@ -678,6 +787,7 @@ def summarise_checks(config: StackConfig, rows: list[dict[str, Any]], rejected: 
         n = sum(stage.name in r["checks"].get("leaks", []) for r in first)
         leak_rate[stage.name] = {"leaking": n, "of": len(first), "rate": round(n / len(first), 4) if first else None}
     targets = sum(v["of"] for v in leak_rate.values())
+    pointing = [r for r in first if r["checks"].get("option_references")]
     return {
         "checked_records": len(checked),
         "teacher_blind_correct": blind,
@@ -689,7 +799,28 @@ def summarise_checks(config: StackConfig, rows: list[dict[str, Any]], rejected: 
         "leak_rate_all_intermediate": round(sum(v["leaking"] for v in leak_rate.values()) / targets, 4)
         if targets
         else None,
+        # Chains whose intermediate targets point at the options (letters, positions, two wrong options' texts);
+        # `in_written_rows` is 0 whenever the options filter is on.
+        "option_references": {
+            "chains": len(pointing),
+            "of": len(first),
+            "in_written_rows": sum(bool(r.get("checks", {}).get("option_references")) for r in rows),
+        },
     }
+
+
+def target_tokens(
+    config: StackConfig, rows: list[dict[str, Any]], count_tokens: Callable[[str], int]
+) -> dict[str, dict[str, float]]:
+    """Per stage, the written targets' length in student tokens (mean, 90th percentile, max): what the stage's
+    budget has to hold."""
+    out = {}
+    for stage in config.stages:
+        lengths = sorted(count_tokens(r["targets"].get(stage.name, "")) for r in rows)
+        if lengths:
+            p90 = lengths[min(len(lengths) - 1, int(0.9 * len(lengths)))]
+            out[stage.name] = {"mean": round(sum(lengths) / len(lengths), 1), "p90": p90, "max": lengths[-1]}
+    return out
 
 
 def _read_manifest(path: Path) -> dict[str, Any] | None:

@@ -7,6 +7,9 @@
 - `leaks`: an intermediate target that contains the reference answer. For multiple choice: the gold option (text or
   letter) stated *as the answer*, or a mention of the hint itself; for free text: the normalised reference, or any
   8-word stretch of a long one, copied into the target.
+- `option_references`: an intermediate target of a multiple-choice record that points at the options, which the
+  student never sees: by letter ("option B", "(C)"), by position ("the first choice"), as a set ("none of the
+  options"), or by naming two or more of the wrong options' texts (walking through the list).
 """
 
 from __future__ import annotations
@@ -85,3 +88,35 @@ def leaks(text: str, record: DatasetRecord) -> bool:
         return f" {reference} " in f" {said} "
     target = f" {said} "
     return any(f" {' '.join(words[i : i + 8])} " in target for i in range(len(words) - 7))
+
+
+_ORDINALS = r"(?:first|second|third|fourth|fifth|last|other|remaining)"
+_OPTION_WORDS = r"(?:options?|choices?|alternatives?|answers?)"
+_POINTERS = [
+    re.compile(r"\b(?i:option|choice|answer)\s*\(?[A-H]\)?(?![\w'])"),  # "option B", "choice (C)"
+    re.compile(r"(?<![\w(])\(([A-H])\)(?!\w)"),  # "(B)"
+    re.compile(r"^\s*[-*]?\s*[A-H][.)]\s", re.M),  # a line "B) ..." / "C. ..."
+    re.compile(rf"\b(?:the\s+)?{_ORDINALS}\s+{_OPTION_WORDS}\b", re.I),  # "the first choice"
+    re.compile(
+        r"\b(?:the|these|those|all|none|each|any|one|both|neither|either|given|listed|provided|following|other|answer)"
+        r"\s+(?:of\s+the\s+)?(?:given\s+|listed\s+|provided\s+|following\s+|other\s+|answer\s+)?(?:options|choices)\b",
+        re.I,
+    ),  # "the options", "none of the choices"
+]
+
+
+def option_references(text: str, record: DatasetRecord) -> str | None:
+    """What in an intermediate target points at the options (the matched words), or None; see the module docstring."""
+    if not record.choices:
+        return None
+    for pattern in _POINTERS:
+        match = pattern.search(text)
+        if match:
+            return match.group(0).strip()
+    said = " " + normalise(text) + " "
+    named = [
+        c
+        for i, c in enumerate(record.choices)
+        if i != record.gold and len(normalise(c)) >= 3 and f" {normalise(c)} " in said
+    ]
+    return "names " + " / ".join(named) if len(named) >= 2 else None

@@ -5,7 +5,9 @@
   stage may generate, so the stage could never produce it;
 - repetition: a degenerate loop ("the the the");
 - leak: an earlier stage's target, written while the teacher saw the reference (or a hint), gives the reference
-  away (fslm.steps.distill_checks.leaks).
+  away (fslm.steps.distill_checks.leaks);
+- options: an earlier stage's target of a multiple-choice record points at the options, which the student never
+  sees (fslm.steps.distill_checks.option_references).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Callable, Iterable
 
 from fslm.config import StageConfig
 
-FILTERS = ("empty", "overlong", "repetition", "leak")
+FILTERS = ("empty", "overlong", "repetition", "leak", "options")
 
 
 def is_degenerate(text: str, n: int = 4, min_tokens: int = 16, min_distinct: float = 0.5) -> bool:

@@ -1,0 +1,123 @@
+"""Teacher modes and recipes side by side: cost and kept rate of `fslm distill` on the same seeded questions.
+
+    python benchmarks/distill_modes.py --data DATA/arc/ARC-Easy-Train.jsonl --limit 100 \\
+        --teacher-model "$(python benchmarks/get_teacher.py)" --out OUT \\
+        --runs "joint/shown/hidden,stages/shown/hidden,joint/shown/hint-on-retry"
+
+Each run is `teacher_mode/options/reference`, distilled into OUT/<run>.jsonl on a stack made by `fslm init` (the
+default recipe, stage budgets from --budgets) with its own teacher cache, so no run profits from another's answers.
+Prints one table (questions/h, kept/h, kept share, teacher calls and tokens per question, why records were dropped)
+and writes OUT/distill_modes.json. Resumable: a finished run is read back from its manifest, not redone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, required=True, help="a multiple-choice train file (ARC JSONL, OpenBookQA TSV)")
+    p.add_argument("--teacher-model", required=True, help="teacher GGUF (benchmarks/get_teacher.py)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--budgets", default="intent=48,plan=64,reasoning=96,answer=48", help="stage max_new_tokens")
+    p.add_argument("--runs", default="joint/shown/hidden,stages/shown/hidden")
+    p.add_argument("--base", default="smollm2-135m-instruct", help="the student (its tokenizer counts targets)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from fslm.config import update_config
+    from fslm.steps.distill import DistillOptions, distill
+    from fslm.steps.init import InitOptions, init
+    from fslm.teachers import TeacherSpec
+
+    out = args.out.expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    stack = out / "stack"
+    if not (stack / "stack.yaml").is_file():
+        init(stack, InitOptions(base=args.base))
+        wanted = dict((k, int(v)) for k, v in (x.split("=") for x in args.budgets.split(",")))
+
+        def edit(doc):
+            for stage in doc["stages"]:
+                if stage["name"] in wanted:
+                    stage["generation"]["max_new_tokens"] = wanted[stage["name"]]
+
+        update_config(stack, edit)
+    rows = []
+    for run in args.runs.split(","):
+        mode, shown, reference = run.split("/")
+        name = run.replace("/", "-")
+        target = out / f"{name}.jsonl"
+        manifest_path = target.with_name(target.name + ".manifest.json")
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+        if manifest.get("status") != "complete":
+            options = DistillOptions(
+                teacher=TeacherSpec(backend="llamacpp", model=args.teacher_model, batch_size=args.batch_size),
+                teacher_mode=mode,
+                options=shown,
+                reference=reference,
+                limit=args.limit,
+                seed=args.seed,
+            )
+            start = time.perf_counter()
+            distill(args.data, stack, target, options)
+            print(f"{run}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+            manifest = json.loads(manifest_path.read_text())
+        last, counts, checks = manifest["last_run"], manifest["counts"], manifest["checks"]
+        hours = last["seconds"] / 3600
+        selected = counts["selected"]
+        rows.append(
+            {
+                "run": run,
+                "questions": selected,
+                "seconds": last["seconds"],
+                "questions_per_hour": round(last["records"] / hours, 1) if hours else None,
+                "kept": counts["written_records"],
+                "kept_share": round(counts["written_records"] / selected, 3),
+                "kept_per_hour": round(counts["written_records"] / hours, 1) if hours else None,
+                "teacher_calls_per_question": round(last["teacher_calls"] / max(last["records"], 1), 2),
+                "output_tokens_per_question": round(last["output_tokens"] / max(last["records"], 1), 1),
+                "prompt_tokens_per_question": round(last.get("prompt_tokens", 0) / max(last["records"], 1), 1),
+                "teacher_blind_accuracy": checks.get("teacher_blind_accuracy"),
+                "rejected": {k: v for k, v in counts["filtered"].items() if v},
+                "option_references": checks.get("option_references"),
+                "target_tokens": manifest.get("target_tokens"),
+                "resumed": last["resumed_records"],
+            }
+        )
+    print("| run | q/h | kept | kept/h | calls/q | new tok/q | prompt tok/q | blind acc | rejected |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        rejected = ", ".join(f"{k} {v}" for k, v in r["rejected"].items()) or "-"
+        print(
+            f"| {r['run']} | {r['questions_per_hour']} | {r['kept']}/{r['questions']} ({r['kept_share']:.0%}) | "
+            f"{r['kept_per_hour']} | {r['teacher_calls_per_question']} | {r['output_tokens_per_question']} | "
+            f"{r['prompt_tokens_per_question']} | {r['teacher_blind_accuracy']} | {rejected} |"
+        )
+    from fslm.files import sha256_file
+    from fslm.provenance import versions
+
+    report = {
+        "command": " ".join(["python", "benchmarks/distill_modes.py", *(argv or sys.argv[1:])]),
+        "data_sha256": sha256_file(args.data),
+        "seed": args.seed,
+        "budgets": args.budgets,
+        "versions": versions(),
+        "runs": rows,
+    }
+    (out / "distill_modes.json").write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
