@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import re
 import io
 import json
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
