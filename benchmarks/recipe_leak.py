@@ -79,16 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     table = Table("policy", "leak: intent", "plan", "reasoning", "all", "blind acc", "hint rescues", "kept", "dropped")
     for policy, row in rows.items():
-        leaks = row["leaks"]
-        table.add_row(
-            policy,
-            *(f"{leaks[s]['rate']:.1%}" for s in ("intent", "plan", "reasoning")),
-            f"{row['leak_rate_all_intermediate']:.1%}",
-            "-" if row["teacher_blind_accuracy"] is None else f"{row['teacher_blind_accuracy']:.1%}",
-            f"{row['correct_after_hint']}/{row['retried_with_hint']}",
-            str(row["kept_records"]),
-            ", ".join(f"{v} {k}" for k, v in row["rejected"].items()) or "0",
-        )
+        table.add_row(*table_row(policy, row))
     console.print(table)
     report = {
         "command": "python benchmarks/recipe_leak.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -103,6 +94,25 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(out / "recipe_leak.json", json.dumps(report, indent=2) + "\n")
     console.print(f"written: {out / 'recipe_leak.json'}")
     return 0
+
+
+def percent(rate: float | None) -> str:
+    """A rate as a percentage; "-" where there was nothing to count (e.g. no record reached the leak check)."""
+    return "-" if rate is None else f"{rate:.1%}"
+
+
+def table_row(policy: str, row: dict) -> list[str]:
+    """One policy's cells of the printed table (a stage missing from the checks counts as nothing to count)."""
+    leaks = row.get("leaks") or {}
+    return [
+        policy,
+        *(percent((leaks.get(s) or {}).get("rate")) for s in ("intent", "plan", "reasoning")),
+        percent(row.get("leak_rate_all_intermediate")),
+        percent(row.get("teacher_blind_accuracy")),
+        f"{row.get('correct_after_hint', 0)}/{row.get('retried_with_hint', 0)}",
+        str(row.get("kept_records", 0)),
+        ", ".join(f"{v} {k}" for k, v in (row.get("rejected") or {}).items()) or "0",
+    ]
 
 
 if __name__ == "__main__":
