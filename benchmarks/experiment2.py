@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -34,6 +35,7 @@ MC_SOURCES = {  # name -> (path under the data dir, format)
     "openbookqa_train": ("openbookqa/train.tsv", "openbookqa"),
 }
 ALPACA = "alpaca/alpaca_data_52k_shards/*.json"
+REPO = Path(__file__).resolve().parent.parent
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-seed", type=int, default=1234)
     p.add_argument("--eval-extra", default="{}", help="JSON of further EvalOptions fields (scoring modes, ...)")
     p.add_argument("--publish", action="store_true", help="copy results to docs/results/ and data to data/ (real runs)")
+    p.add_argument("--publish-root", type=Path, default=REPO, help="the checkout --publish copies into")
     p.add_argument(
         "--sync",
         type=Path,
@@ -78,6 +81,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "from which a new OUT is seeded, so a campaign resumes from what was committed",
     )
     p.add_argument("--until", choices=("init", "distill", "train", "eval"), default="eval", help="stop after this step")
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="measure the rates (teacher, training, eval) in a few minutes and print the expected wall time of every "
+        "step left; runs nothing long (OUT/plan.json, OUT/plan.md)",
+    )
+    p.add_argument("--plan-questions", type=int, default=8, help="questions the plan's teacher probe distils")
+    p.add_argument("--kept-share", type=float, default=None, help="plan: expected kept share (default: the probe's)")
     return p.parse_args(argv)
 
 
@@ -145,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     stack = StackDir(out / "stack")
     # What identifies the experiment: not where it writes, how far this invocation goes, or the eval's extra options
     # (the eval reuses only rows computed with its exact setup; the ledger records what it ran).
-    skip = ("out", "data_dir", "until", "publish", "eval_extra", "sync")
+    skip = ("out", "data_dir", "until", "publish", "publish_root", "eval_extra", "sync", "plan", "plan_questions",
+            "kept_share")  # fmt: skip
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in skip}
     if args.sync is not None and not (out / "ledger.json").exists() and (args.sync / "ledger.json").is_file():
         (out / "ledger.json").write_bytes((args.sync / "ledger.json").read_bytes())  # seconds of earlier sittings
@@ -203,7 +215,12 @@ def main(argv: list[str] | None = None) -> int:
         ledger.data["distilled"] = merge(parts, data, args.data_dir)
 
     def train_all() -> None:
-        common = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
+        # The same budget of optimizer steps for every adapter: `--epochs` over the stages' training records (the
+        # multitask adapter, whose examples are every stage's, sees each of them fewer times).
+        records = sum(1 for line in data.read_text(encoding="utf-8").splitlines() if line.strip())
+        steps = max(1, math.ceil(args.epochs * math.floor(records * 0.9) / args.batch_size))
+        ledger.data["steps_per_adapter"] = steps
+        common = {"max_steps": steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
         for label, extra in (("stages", {}), (SINGLE, {"single": True}), (MULTITASK, {"multitask": True})):
             names = stack.load().stage_names if label == "stages" else [label]
             trained = all(
@@ -230,7 +247,18 @@ def main(argv: list[str] | None = None) -> int:
             result = evaluate(stack.root, out / "eval", options, on_event=view)
         ledger.data["results"] = result.results
         ledger.data["eval_options"] = options.model_dump(mode="json")
+        ledger.save()
+        write_summary(out, ledger.data, args)
 
+    if args.plan:
+        try:
+            make_stack()
+            report = plan(args, out, stack, sources, policy, ledger.data)
+        except FslmError as e:
+            err.print(f"[red]error:[/] {e}")
+            return 2
+        print(report["markdown"])
+        return 0
     steps = (("init", make_stack), ("distill", distil), ("train", train_all), ("eval", evaluate_all))
     outputs = {
         "init": stack.root / "stack.yaml",
@@ -257,9 +285,257 @@ def main(argv: list[str] | None = None) -> int:
     except FslmError as e:
         err.print(f"[red]error:[/] {e}")
         return 2
-    if args.publish and ledger.done("eval"):
-        publish(out, ledger.data, args)
+    if ledger.done("eval"):
+        write_summary(out, ledger.data, args)  # again: the ledger now counts the eval step's time too
+        if args.publish:
+            publish(out, ledger.data, args)
     return 0
+
+
+def write_summary(out: Path, ledger: dict[str, Any], args: argparse.Namespace) -> None:
+    """OUT/summary.md: the section for docs/experiments.md (data, the eval's report, where the time went)."""
+    from fslm.files import atomic_write_text
+
+    distilled = ledger.get("distilled", {})
+    lines = [f"Command: `python benchmarks/experiment2.py --regime {args.regime} ...` (settings in ledger.json)", ""]
+    lines += ["| distilled part | selected | kept | teacher blind accuracy | rejected |", "|---|---:|---:|---:|---|"]
+    for name, part in distilled.get("parts", {}).items():
+        counts, checks = part.get("counts") or {}, part.get("checks") or {}
+        rejected = ", ".join(f"{k} {v}" for k, v in (counts.get("filtered") or {}).items() if v) or "-"
+        lines.append(
+            f"| {name} | {counts.get('selected', '-')} | {counts.get('written_records', '-')} | "
+            f"{checks.get('teacher_blind_accuracy', '-')} | {rejected} |"
+        )
+    dropped = distilled.get("dropped_in_test_splits") or []
+    lines += ["", f"Training set: {distilled.get('records', '-')} records (sha256 `{distilled.get('sha256', '-')}`), "
+              f"{len(dropped)} dropped because their question is in a test split; "
+              f"{ledger.get('steps_per_adapter', '-')} optimizer steps per adapter.", ""]  # fmt: skip
+    report = out / "eval" / "report.md"
+    if report.is_file():
+        lines += [report.read_text(encoding="utf-8").strip(), ""]
+    lines += ["| step | wall-clock | invocations |", "|---|---:|---:|"]
+    for name, step in ledger.get("steps", {}).items():
+        lines.append(f"| {name} | {step['seconds'] / 3600:.2f} h | {step['invocations']} |")
+    atomic_write_text(out / "summary.md", "\n".join(lines) + "\n")
+
+
+# --- the plan ------------------------------------------------------------------------------------------------------
+
+ADAPTERS = ("stages", "single", "multitask")
+LORA_OVERHEAD = 1.2  # a system with a LoRA adapter scores ~1.2x the bare base's time (README, "Measured")
+
+
+def done_so_far(out: Path, sources: dict[str, Any]) -> dict[str, int]:
+    """Questions of each source already distilled (written or rejected), from OUT's files."""
+    done = {}
+    for name in sources:
+        part = out / f"distilled-{name}.jsonl"
+        rows = [part, part.with_name(part.name + ".rejected.jsonl")]
+        done[name] = len({json.loads(x)["id"] for f in rows if f.is_file() for x in f.read_text().splitlines() if x})
+    return done
+
+
+def probe_teacher(args: argparse.Namespace, out: Path, stack: Any, sources: dict[str, Any], policy: str) -> dict:
+    """Distil `--plan-questions` questions of the first source (own files and cache): seconds a question, kept share."""
+    from fslm.steps.distill import DistillOptions, distill
+    from fslm.teachers import TeacherSpec
+
+    name, (path, fmt, _) = next(iter(sources.items()))
+    target = out / "plan" / f"probe-{name}.jsonl"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    options = DistillOptions(
+        teacher=TeacherSpec(backend=args.teacher_backend, model=args.teacher, batch_size=args.teacher_batch),
+        teacher_mode=args.teacher_mode,
+        options=args.options,
+        reference=policy,
+        filters=args.filters,
+        format=fmt,
+        limit=args.plan_questions,
+        seed=args.seed + 7919,  # another sample than the campaign's
+        overwrite=True,
+    )
+    r = distill(path, stack.root, target, options)
+    return {
+        "source": name,
+        "questions": r.selected - r.resumed,
+        "seconds": round(r.seconds, 1),
+        "seconds_per_question": round(r.seconds / max(r.selected - r.resumed, 1), 2),
+        "kept_share": round(r.written_records / max(r.selected, 1), 3),
+        "file": target,
+    }
+
+
+def probe_train(stack: Any, data: Path, batch_size: int, steps: int = 3) -> dict:
+    """Example lengths per adapter (from the probe's records) and seconds of one optimizer step on the answer stage's
+    longest examples, as `fslm train` takes it (LoRA, gradient checkpointing, the sliced loss), on PyTorch."""
+    import time
+
+    import torch
+    from peft import get_peft_model
+
+    from fslm.distilled import read_distilled
+    from fslm.stack import Stack
+    from fslm.stackdir import MULTITASK, SINGLE
+    from fslm.steps.train import lora_config
+    from fslm.steps.train_data import PadCollator, build_examples, target_token_loss
+
+    loaded = Stack.load(stack.root, backend="torch")
+    records, _ = read_distilled(data)
+    lengths = {}
+    for name in [*loaded.config.stage_names, SINGLE, MULTITASK]:
+        examples = build_examples(loaded, records, [], name).train
+        lengths[name] = {"examples_per_record": round(len(examples) / max(len(records), 1), 2),
+                         "tokens_per_example": round(sum(len(e["input_ids"]) for e in examples) / max(len(examples), 1), 1)}  # fmt: skip
+    examples = build_examples(loaded, records, [], loaded.config.final_stage.name).train
+    batch_examples = sorted(examples, key=lambda e: -len(e["input_ids"]))[:batch_size]
+    while len(batch_examples) < batch_size:  # fewer records than a batch: repeat them
+        batch_examples += batch_examples[: batch_size - len(batch_examples)]
+    tok = loaded.backend.tokenizer
+    batch = PadCollator(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)(batch_examples)
+    model = get_peft_model(loaded.backend.release_adapters(), lora_config(loaded.config.lora))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    head = model.get_output_embeddings()
+    seconds = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        loss, _ = target_token_loss(model, head, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds.append(time.perf_counter() - start)
+    tokens = int(batch["attention_mask"].sum())
+    step = sum(seconds[1:]) / max(len(seconds) - 1, 1)
+    return {"lengths": lengths, "batch_tokens": tokens, "seconds_per_step": round(step, 2),
+            "tokens_per_second": round(tokens / step, 1)}  # fmt: skip
+
+
+def probe_eval(args: argparse.Namespace, out: Path, stack: Any, stage_tokens: int) -> dict:
+    """Seconds a question of the base and of the (untrained) stack's chain on a few ARC-Easy items, stages capped at
+    the distilled targets' mean length (a trained stage stops about there). Only the time is kept."""
+    from fslm.steps.evaluate import EvalOptions, evaluate
+
+    options = EvalOptions(
+        data_dir=args.data_dir, tasks=["arc_easy"], systems=["base", "stack"], limit=8, seed=args.eval_seed + 1,
+        stage_tokens=stage_tokens, stage_check=0,
+    )  # fmt: skip
+    rows = evaluate(stack.root, out / "plan" / "eval", options).results["systems"]
+    return {
+        "base_seconds_per_question": rows["base"]["seconds_per_query"],
+        "stack_seconds_per_question": rows["stack"]["seconds_per_query"],
+        "stage_tokens": stage_tokens,
+    }
+
+
+def eval_items(args: argparse.Namespace) -> dict[str, int]:
+    """Test items per task the eval will score (its seeded subset, or the whole split when smaller)."""
+    sizes = {"arc_easy": 2376, "arc_challenge": 1172, "openbookqa": 500, "mmlu": 14079}
+    return {t: min(args.eval_limit, sizes.get(t, args.eval_limit)) for t in args.tasks.split(",")}
+
+
+def plan(args: argparse.Namespace, out: Path, stack: Any, sources: dict[str, Any], policy: str, ledger: dict) -> dict:
+    """Expected wall time of every step left, from rates measured now (module docstring: --plan)."""
+    from fslm.files import atomic_write_text
+
+    done = done_so_far(out, sources)
+    teacher = probe_teacher(args, out, stack, sources, policy)
+    kept_share = args.kept_share if args.kept_share is not None else max(teacher["kept_share"], 0.05)
+    train = probe_train(stack, teacher["file"], args.batch_size)
+    manifest = json.loads(teacher["file"].with_name(teacher["file"].name + ".manifest.json").read_text())
+    targets = manifest.get("target_tokens") or {}
+    earlier = [s for s in stack.load().stage_names[:-1] if s in targets]
+    stage_tokens = max(8, round(sum(targets[s]["mean"] for s in earlier) / max(len(earlier), 1)))
+    ev = probe_eval(args, out, stack, stage_tokens)
+
+    rows = []
+    questions = sum(n for _, _, n in sources.values())
+    left = {name: max(0, n - done.get(name, 0)) for name, (_, _, n) in sources.items()}
+    finished = ledger.get("steps", {})
+    distill_h = sum(left.values()) * teacher["seconds_per_question"] / 3600
+    rows.append(
+        (
+            "distill",
+            f"{sum(left.values())} of {questions} questions left",
+            f"{teacher['seconds_per_question']} s/question",
+            distill_h,
+        )
+    )
+    kept = round(questions * kept_share)
+    train_records = math.floor(kept * 0.9)  # 10 % held out for validation
+    steps = math.ceil(args.epochs * train_records / args.batch_size)
+    step_tokens = args.batch_size * train["lengths"][stack.load().final_stage.name]["tokens_per_example"]
+    train_h = 0.0
+    for name, length in train["lengths"].items():
+        per_step = args.batch_size * length["tokens_per_example"] / train["tokens_per_second"]
+        hours = steps * per_step / 3600
+        train_h += hours
+        rows.append(
+            (
+                f"train {name}",
+                f"{steps} steps x {args.batch_size} examples of ~{length['tokens_per_example']:.0f} tokens",
+                f"{train['tokens_per_second']} tokens/s",
+                hours,
+            )
+        )
+    student_h = kept * (ev["stack_seconds_per_question"] - ev["base_seconds_per_question"]) / 3600
+    rows.append(
+        (
+            "train: student's earlier stages",
+            f"{kept} records",
+            f"{ev['stack_seconds_per_question'] - ev['base_seconds_per_question']:.2f} s/record",
+            student_h,
+        )
+    )
+    items = eval_items(args)
+    per_system = {"base": ev["base_seconds_per_question"], "single": ev["base_seconds_per_question"] * LORA_OVERHEAD,
+                  "multitask": ev["base_seconds_per_question"] * LORA_OVERHEAD,
+                  "stack": ev["stack_seconds_per_question"] + ev["base_seconds_per_question"] * (LORA_OVERHEAD - 1)}  # fmt: skip
+    n_items = sum(items.values())
+    eval_h = 0.0
+    for system in args.systems.split(","):
+        sec = per_system.get(system, per_system["stack"])
+        hours = n_items * sec / 3600
+        eval_h += hours
+        rows.append(
+            (
+                f"eval {system}",
+                f"{n_items} test items ({', '.join(f'{t} {n}' for t, n in items.items())})",
+                f"{sec:.2f} s/question",
+                hours,
+            )
+        )
+    for name in ("distill", "train", "eval"):
+        if finished.get(name, {}).get("finished"):
+            rows = [r for r in rows if not r[0].startswith(name)]
+    total = sum(r[3] for r in rows)
+    lines = [
+        f"Plan of `experiment2.py --regime {args.regime}` (measured {teacher['questions']} teacher questions, "
+        f"{train['batch_tokens']}-token training steps, 8 eval questions per system on this machine; kept share "
+        f"{kept_share:.0%} {'given' if args.kept_share is not None else 'from the probe'}; {steps} optimizer steps "
+        f"per adapter = {args.epochs} epoch of {train_records} records):",
+        "",
+        "| step | work | rate | hours |",
+        "|---|---|---|---:|",
+        *(f"| {a} | {b} | {c} | {h:.2f} |" for a, b, c, h in rows),
+        f"| **total** | | | **{total:.1f}** |",
+    ]
+    report = {
+        "rows": [{"step": a, "work": b, "rate": c, "hours": round(h, 3)} for a, b, c, h in rows],
+        "total_hours": round(total, 4),
+        "teacher": {k: v for k, v in teacher.items() if k != "file"},
+        "train": train,
+        "eval": ev,
+        "done": done,
+        "kept_share": kept_share,
+        "steps_per_adapter": steps,
+        "step_tokens": step_tokens,
+        "markdown": "\n".join(lines),
+    }
+    atomic_write_text(out / "plan.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "plan.md", report["markdown"] + "\n")
+    return report
 
 
 def part_files(part: Path) -> list[Path]:
@@ -306,7 +582,7 @@ def syncing(view: Any, part: Path, folder: Path, every: float = 300.0) -> Any:
 
 def publish(out: Path, ledger: dict[str, Any], args: argparse.Namespace) -> None:
     """Copy the small outputs where they are committed: results JSON to docs/results/, distilled data to data/."""
-    repo = Path(__file__).resolve().parent.parent
+    repo = args.publish_root
     tag = f"exp2-{args.regime}"
     results = repo / "docs" / "results" / tag
     results.mkdir(parents=True, exist_ok=True)
@@ -315,8 +591,10 @@ def publish(out: Path, ledger: dict[str, Any], args: argparse.Namespace) -> None
     shutil.copy2(out / "ledger.json", results / "ledger.json")
     data = repo / "data" / tag
     data.mkdir(parents=True, exist_ok=True)
-    for f in [out / "train.jsonl", out / "train.jsonl.manifest.json", *out.glob("distilled-*.manifest.json")]:
-        shutil.copy2(f, data / f.name)
+    shutil.copy2(out / "summary.md", results / "summary.md")
+    for f in [out / "train.jsonl", out / "train.jsonl.manifest.json", *out.glob("distilled-*.jsonl*")]:
+        if not f.name.endswith((".cache.jsonl", ".lock")):
+            shutil.copy2(f, data / f.name)
     print(f"published: {results}, {data}")
 
 

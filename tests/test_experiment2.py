@@ -47,3 +47,101 @@ def test_experiment2_runs_every_step_and_resumes(tmp_path):
     assert _script().main(argv) == 0  # a rerun: every step done, nothing redone
     again = json.loads((out / "ledger.json").read_text())
     assert all(again["steps"][s]["invocations"] == 1 for s in again["steps"])
+
+
+def _mc_data(root):
+    """Train files of the three regime-A sources (ARC-Easy, ARC-Challenge, OpenBookQA) beside the test splits; the
+    gold option of train question i is always the text "fact i"."""
+    data_dir = make_benchmark_dir(root)
+    for split in ("Easy", "Challenge"):
+        rows = []
+        for i in range(6):
+            texts = [f"fact {i}", f"myth {i}", f"guess {i}", f"rumour {i}"]
+            choices = [{"text": t, "label": "ABCD"[k]} for k, t in enumerate(texts)]
+            stem = f"Which {split.lower()} statement {i} is true?"
+            rows.append({"id": f"t{split}{i}", "question": {"stem": stem, "choices": choices}, "answerKey": "A"})
+        (data_dir / "arc" / f"ARC-{split}-Train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data_dir / "openbookqa").mkdir()
+    lines = ["ID\tQuestion Stem\tChoices\tComplete Question\tAnswer Key"]
+    lines += [f"o{i}\tWhat is true about thing {i}\t(A) fact {i} (B) myth {i}\tx\tA" for i in range(6)]
+    (data_dir / "openbookqa" / "train.tsv").write_text("\n".join(lines) + "\n")
+    return data_dir
+
+
+class _ScriptedJointTeacher:
+    """Writes every stage blind as `### Stage` sections; names the gold ("fact N") where it sees the options."""
+
+    id = "scripted-joint"
+    batch_size = 4
+
+    def describe(self):
+        return {"backend": "scripted", "id": self.id}
+
+    def prompt_key(self, system, user):
+        return system + "\n" + user
+
+    def generate(self, requests, settings, on_result=None, label="teacher"):
+        import re
+
+        from fslm.teachers import TeacherOutput
+
+        outs = []
+        for _, user in requests:
+            n = re.search(r"(\d+)", user.split("\n")[0] if label == "joint" else user).group(1)
+            if label == "joint":
+                text = "### Intent\nWhat is true.\n### Plan\n1. Recall.\n### Reasoning\nIt is a fact.\n### Answer\nfact"
+            else:
+                text = f"fact {n}"
+            outs.append(TeacherOutput(text, 20, 10, True))
+            if on_result is not None:
+                on_result(len(outs) - 1, outs[-1])
+        return outs
+
+
+def test_experiment2_mc_regime_plan_run_and_publish(tmp_path, monkeypatch):
+    """Regime A on a tiny model with a scripted joint teacher: the plan prints every step's hours, the run distils
+    all three sources (options only in the answer call), trains and evaluates every system, then publishes."""
+    import fslm.teachers
+
+    monkeypatch.setattr(fslm.teachers, "make_teacher", lambda *a, **k: _ScriptedJointTeacher())
+    model_dir = make_model_dir(tmp_path, "llama", chat=True, context=2048)
+    data_dir = _mc_data(tmp_path / "bench")
+    out = tmp_path / "run"
+    flags = {
+        "--regime": "mc", "--data-dir": data_dir, "--out": out, "--base": model_dir, "--teacher-backend": "torch",
+        "--arc-easy": 4, "--arc-challenge": 3, "--openbookqa": 3, "--batch-size": 2, "--filters": "empty,options",
+        "--tasks": "arc_easy", "--eval-limit": 3, "--budgets": "intent=8,plan=8,reasoning=8,answer=8",
+        "--plan-questions": 2,
+    }  # fmt: skip
+    argv = [str(x) for flag in flags.items() for x in flag]
+    script = _script()
+    assert script.main([*argv, "--plan"]) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    steps = [row["step"] for row in plan["rows"]]
+    assert steps[0] == "distill" and "train answer" in steps and "eval stack" in steps and plan["total_hours"] > 0
+    assert plan["done"] == {"arc_easy_train": 0, "arc_challenge_train": 0, "openbookqa_train": 0}
+    assert not (out / "ledger.json").exists() or "distill" not in json.loads((out / "ledger.json").read_text())["steps"]
+
+    publish_root = tmp_path / "repo"
+    assert script.main([*argv, "--publish", "--publish-root", str(publish_root)]) == 0
+    ledger = json.loads((out / "ledger.json").read_text())
+    assert all(s["finished"] for s in ledger["steps"].values())
+    parts = ledger["distilled"]["parts"]
+    assert {p: v["counts"]["written_records"] for p, v in parts.items()} == {
+        "distilled-arc_easy_train.jsonl": 4,
+        "distilled-arc_challenge_train.jsonl": 3,
+        "distilled-openbookqa_train.jsonl": 3,
+    }
+    assert (
+        ledger["distilled"]["options"]["teacher_mode"] == "joint"
+        and ledger["distilled"]["options"]["options"] == "answer"
+    )
+    row = json.loads((out / "train.jsonl").read_text().splitlines()[0])
+    assert row["targets"]["reasoning"] == "It is a fact." and row["targets"]["answer"].startswith("fact ")
+    assert set(ledger["results"]["systems"]) == {"base", "single", "multitask", "stack"}
+    assert ledger["steps_per_adapter"] == 5  # ceil(1 epoch x floor(10 x 0.9) / batch 2), the same for every adapter
+    summary = (out / "summary.md").read_text()
+    assert "| distilled-arc_easy_train.jsonl | 4 | 4 |" in summary and "| eval |" in summary
+    assert (publish_root / "docs" / "results" / "exp2-mc" / "summary.md").is_file()
+    assert (publish_root / "data" / "exp2-mc" / "train.jsonl").read_text() == (out / "train.jsonl").read_text()
+    assert (publish_root / "data" / "exp2-mc" / "distilled-openbookqa_train.jsonl.manifest.json").is_file()
