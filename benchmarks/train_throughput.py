@@ -11,6 +11,10 @@ validation loss on the same held-out records. Goal: >= 1.3x the naive tokens/s a
     python benchmarks/train_throughput.py --alpaca DATA_DIR/alpaca/alpaca_data_200.json
     # float32 vs bf16 on the same records and steps
     python benchmarks/train_throughput.py --alpaca DATA_DIR/alpaca/alpaca_data_200.json --precision
+    # a grid, each setting in a fresh process (tokens/s, validation loss, peak RSS): gradient checkpointing on/off x
+    # batch sizes x precisions x allocators, on one stage's records of a trained stack's distilled file
+    python benchmarks/train_throughput.py --data QS/distilled.jsonl --grid --batch-sizes 2,4,8 \
+        --checkpointing on,off --precisions auto --allocators system,tcmalloc --steps 6
     options: --base smollm2-135m-instruct (or a local HF dir) --records 200 --steps 20 --batch-size 4
              --out benchmarks/results/train_throughput.json
 """
@@ -68,7 +72,15 @@ def main() -> None:
     parser.add_argument(
         "--precision", action="store_true", help="compare float32 with bf16 autocast instead of padding strategies"
     )
+    parser.add_argument("--grid", action="store_true", help="a grid of settings, each in a fresh process")
+    parser.add_argument("--batch-sizes", default="2,4,8", help="--grid: batch sizes")
+    parser.add_argument("--checkpointing", default="on,off", help="--grid: gradient checkpointing on and/or off")
+    parser.add_argument("--precisions", default="auto", help="--grid: auto, fp32, bf16 (comma list)")
+    parser.add_argument("--allocators", default="system", help="--grid: FSLM_ALLOCATOR values (system, tcmalloc)")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.grid:
+        return grid(args)
 
     from fslm import Stack
     from fslm.distilled import read_distilled
@@ -105,7 +117,16 @@ def main() -> None:
             save_steps=10**9,
             eval_each_epoch=False,
         )
-        if args.precision:
+        if args.child:
+            setting = json.loads(args.child)
+            runs = {
+                "child": TrainOptions(
+                    **{**common, "batch_size": setting["batch_size"]},
+                    precision=setting["precision"],
+                    gradient_checkpointing=setting["checkpointing"],
+                )
+            }
+        elif args.precision:
             runs = {
                 "fslm, float32": TrainOptions(**common, precision="fp32"),
                 "fslm, bf16 autocast": TrainOptions(**common, precision="bf16"),
@@ -132,6 +153,15 @@ def main() -> None:
             }
     from fslm.precision import bf16_support
 
+    if args.child:
+        import resource
+
+        row = rows["child"]
+        row.update(peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                   example_tokens={"mean": round(sum(lengths) / len(lengths), 1), "max": max(lengths)},
+                   train_examples=len(ex.train), bf16_native=bf16_support()[0])  # fmt: skip
+        print(json.dumps(row))
+        return
     ours, naive = rows.values()
     if args.precision:  # the second run is the challenger: bf16 over float32
         naive, ours = ours, naive
@@ -174,6 +204,62 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
+
+
+def grid(args: argparse.Namespace) -> None:
+    """Every combination of the grid's settings, each trained in a fresh child process (so peak RSS is its own)."""
+    import itertools
+    import os
+    import subprocess
+
+    from fslm.provenance import versions
+
+    source = ["--data", str(args.data)] if args.data else ["--alpaca", str(args.alpaca)]
+    if args.stage:
+        source += ["--stage", args.stage]
+    combos = itertools.product(
+        args.allocators.split(","),
+        [c == "on" for c in args.checkpointing.split(",")],
+        args.precisions.split(","),
+        [int(b) for b in args.batch_sizes.split(",")],
+    )
+    rows = []
+    print(
+        f"{'allocator':<10} {'ckpt':<5} {'precision':<9} {'batch':>5} {'tokens/s':>9} {'val loss':>9} {'peak MiB':>9}"
+    )
+    for allocator, checkpointing, precision, batch in combos:
+        setting = {"batch_size": batch, "checkpointing": checkpointing, "precision": precision}
+        cmd = [sys.executable, __file__, *source, "--base", args.base, "--records", str(args.records),
+               "--steps", str(args.steps), "--lr", str(args.lr), "--seed", str(args.seed),
+               "--max-length", str(args.max_length), "--child", json.dumps(setting)]  # fmt: skip
+        env = {**os.environ, "FSLM_ALLOCATOR": allocator}
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            print(f"{allocator:<10} failed: {done.stderr.strip().splitlines()[-1:]}")
+            continue
+        row = {"allocator": allocator, **setting, **json.loads(done.stdout.strip().splitlines()[-1])}
+        rows.append(row)
+        print(f"{allocator:<10} {'on' if checkpointing else 'off':<5} {precision:<9} {batch:>5} "
+              f"{row['tokens_per_second']:>9,.1f} {row['val_loss']:>9.4f} {row['peak_rss_mib']:>9,.0f}")  # fmt: skip
+    result = {
+        "benchmark": "train_throughput_grid",
+        "command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:]),
+        "data": str(args.data or args.alpaca),
+        "data_sha256": sha256_of(args.data or args.alpaca),
+        "steps": args.steps,
+        "records": args.records,
+        "seed": args.seed,
+        "rows": rows,
+        "versions": versions(),
+        "machine": {"platform": platform.platform(), "python": sys.version.split()[0]},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 if __name__ == "__main__":
