@@ -36,6 +36,7 @@ MC_SOURCES = {  # name -> (path under the data dir, format)
 }
 ALPACA = "alpaca/alpaca_data_52k_shards/*.json"
 REPO = Path(__file__).resolve().parent.parent
+STEPS = ("init", "distill", "train", "eval", "gate", "teacher")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,7 +81,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a folder (e.g. data/exp2-mc) that receives the distilled files every few minutes while they grow, and "
         "from which a new OUT is seeded, so a campaign resumes from what was committed",
     )
-    p.add_argument("--until", choices=("init", "distill", "train", "eval"), default="eval", help="stop after this step")
+    p.add_argument(
+        "--until", choices=STEPS, default=STEPS[-1], help="stop after this step (" + " -> ".join(STEPS) + ")"
+    )
+    p.add_argument(
+        "--no-gate", dest="gate", action="store_false", help="skip the stack's gate row (τ tuned on each dev split)"
+    )
+    p.add_argument(
+        "--no-teacher-row",
+        dest="teacher_row",
+        action="store_false",
+        help="skip the teacher's own row (the teacher GGUF scored on PyTorch, same items)",
+    )
     p.add_argument(
         "--plan",
         action="store_true",
@@ -250,6 +262,32 @@ def main(argv: list[str] | None = None) -> int:
         ledger.save()
         write_summary(out, ledger.data, args)
 
+    def evaluate_gate() -> None:
+        """The stack answering directly when sure and through its chain when not (τ tuned on each task's dev
+        split); the chains the main eval generated are reused from its cache where the backend and budgets match."""
+        if not args.gate:
+            return
+        extra = {**json.loads(args.eval_extra), "stack_scoring": "gate"}
+        options = EvalOptions(data_dir=args.data_dir, tasks=args.tasks, systems=["stack"], limit=args.eval_limit,
+                              seed=args.eval_seed, **extra)  # fmt: skip
+        with EventView() as view:
+            result = evaluate(stack.root, out / "eval-gate", options, on_event=view)
+        ledger.data["results_gate"] = result.results
+
+    def evaluate_teacher() -> None:
+        """The teacher itself on the same items (base system of a stack whose base is the teacher): where the stack
+        sits between its student and the model it learned from."""
+        if not args.teacher_row or not args.teacher:
+            return
+        teacher_stack = out / "teacher-stack"
+        if not (teacher_stack / "stack.yaml").is_file():
+            init(teacher_stack, InitOptions(base=args.teacher))
+        options = EvalOptions(data_dir=args.data_dir, tasks=args.tasks, systems=["base"], limit=args.eval_limit,
+                              seed=args.eval_seed)  # fmt: skip
+        with EventView() as view:
+            result = evaluate(teacher_stack, out / "eval-teacher", options, on_event=view)
+        ledger.data["results_teacher"] = result.results
+
     if args.plan:
         try:
             make_stack()
@@ -259,7 +297,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(report["markdown"])
         return 0
-    steps = (("init", make_stack), ("distill", distil), ("train", train_all), ("eval", evaluate_all))
+    steps = (
+        ("init", make_stack),
+        ("distill", distil),
+        ("train", train_all),
+        ("eval", evaluate_all),
+        ("gate", evaluate_gate),
+        ("teacher", evaluate_teacher),
+    )
     outputs = {
         "init": stack.root / "stack.yaml",
         "distill": data,
@@ -273,13 +318,13 @@ def main(argv: list[str] | None = None) -> int:
         for name, fn in steps:
             if ledger.done(name):
                 err.print(f"[dim]{name}: done[/]")
-                continue
-            err.print(f"[bold cyan]experiment2 ({args.regime}): {name}[/]")
-            ledger.step(name, fn)
-            ledger.finish(name)
-            if args.sync is not None:
-                args.sync.mkdir(parents=True, exist_ok=True)
-                (args.sync / "ledger.json").write_text((out / "ledger.json").read_text())
+            else:
+                err.print(f"[bold cyan]experiment2 ({args.regime}): {name}[/]")
+                ledger.step(name, fn)
+                ledger.finish(name)
+                if args.sync is not None:
+                    args.sync.mkdir(parents=True, exist_ok=True)
+                    (args.sync / "ledger.json").write_text((out / "ledger.json").read_text())
             if name == args.until:
                 break
     except FslmError as e:
@@ -310,9 +355,10 @@ def write_summary(out: Path, ledger: dict[str, Any], args: argparse.Namespace) -
     lines += ["", f"Training set: {distilled.get('records', '-')} records (sha256 `{distilled.get('sha256', '-')}`), "
               f"{len(dropped)} dropped because their question is in a test split; "
               f"{ledger.get('steps_per_adapter', '-')} optimizer steps per adapter.", ""]  # fmt: skip
-    report = out / "eval" / "report.md"
-    if report.is_file():
-        lines += [report.read_text(encoding="utf-8").strip(), ""]
+    for folder, title in (("eval", None), ("eval-gate", "The stack's gate row"), ("eval-teacher", "The teacher's row")):
+        report = out / folder / "report.md"
+        if report.is_file():
+            lines += ([f"### {title}", ""] if title else []) + [report.read_text(encoding="utf-8").strip(), ""]
     lines += ["| step | wall-clock | invocations |", "|---|---:|---:|"]
     for name, step in ledger.get("steps", {}).items():
         lines.append(f"| {name} | {step['seconds'] / 3600:.2f} h | {step['invocations']} |")
@@ -323,6 +369,7 @@ def write_summary(out: Path, ledger: dict[str, Any], args: argparse.Namespace) -
 
 ADAPTERS = ("stages", "single", "multitask")
 LORA_OVERHEAD = 1.2  # a system with a LoRA adapter scores ~1.2x the bare base's time (README, "Measured")
+TEACHER_COST = 11  # the 1.5B teacher's parameters over the 135M student's: its scoring time, roughly
 
 
 def done_so_far(out: Path, sources: dict[str, Any]) -> dict[str, int]:
@@ -506,7 +553,27 @@ def plan(args: argparse.Namespace, out: Path, stack: Any, sources: dict[str, Any
                 hours,
             )
         )
-    for name in ("distill", "train", "eval"):
+    if args.gate:  # direct scoring for every question, the chain for the unsure share (at most all of them)
+        sec = per_system["single"] + ev["stack_seconds_per_question"] - ev["base_seconds_per_question"]
+        rows.append(
+            (
+                "gate stack",
+                f"{n_items} test items, chain for the unsure share (here: all)",
+                f"<= {sec:.2f} s/question",
+                n_items * sec / 3600,
+            )
+        )
+    if args.teacher_row and args.teacher:  # not measured: the base's time scaled by the parameter ratio
+        sec = ev["base_seconds_per_question"] * TEACHER_COST
+        rows.append(
+            (
+                "teacher row",
+                f"{n_items} test items, the teacher on PyTorch",
+                f"~{sec:.1f} s/question (estimated: {TEACHER_COST}x the base)",
+                n_items * sec / 3600,
+            )
+        )
+    for name in STEPS:
         if finished.get(name, {}).get("finished"):
             rows = [r for r in rows if not r[0].startswith(name)]
     total = sum(r[3] for r in rows)

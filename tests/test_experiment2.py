@@ -30,12 +30,13 @@ def test_experiment2_runs_every_step_and_resumes(tmp_path):
         "--alpaca": 6, "--alpaca-glob": "alpaca/*.json", "--filters": "empty", "--batch-size": 2,
         "--tasks": "arc_easy", "--eval-limit": 3, "--budgets": "intent=4,plan=4,reasoning=4,answer=4",
         "--teacher-mode": "stages",  # a random teacher writes no joint sections
+        "--until": "eval",
     }  # fmt: skip
     argv = [str(x) for flag in flags.items() for x in flag]
     assert _script().main(argv) == 0
 
     ledger = json.loads((out / "ledger.json").read_text())
-    assert list(ledger["steps"]) == ["init", "distill", "train", "eval"]
+    assert list(ledger["steps"]) == ["init", "distill", "train", "eval"]  # --until eval
     assert all(s["finished"] for s in ledger["steps"].values())
     systems = ledger["results"]["systems"]
     assert set(systems) == {"base", "single", "multitask", "stack"}
@@ -113,7 +114,9 @@ def test_experiment2_mc_regime_plan_run_and_publish(tmp_path, monkeypatch):
         "--tasks": "arc_easy", "--eval-limit": 3, "--budgets": "intent=8,plan=8,reasoning=8,answer=8",
         "--plan-questions": 2,
     }  # fmt: skip
-    argv = [str(x) for flag in flags.items() for x in flag]
+    argv = [str(x) for flag in flags.items() for x in flag] + ["--teacher", str(model_dir)]  # its row: the tiny model
+    test_split = data_dir / "arc" / "ARC-Easy-Test.jsonl"
+    (data_dir / "arc" / "ARC-Easy-Dev.jsonl").write_text(test_split.read_text())  # the gate's τ is tuned on dev
     script = _script()
     assert script.main([*argv, "--plan"]) == 0
     plan = json.loads((out / "plan.json").read_text())
@@ -139,9 +142,13 @@ def test_experiment2_mc_regime_plan_run_and_publish(tmp_path, monkeypatch):
     row = json.loads((out / "train.jsonl").read_text().splitlines()[0])
     assert row["targets"]["reasoning"] == "It is a fact." and row["targets"]["answer"].startswith("fact ")
     assert set(ledger["results"]["systems"]) == {"base", "single", "multitask", "stack"}
+    gate = ledger["results_gate"]["systems"]["stack"]
+    assert gate["stack_scoring"]["mode"] == "gate" and gate["tasks"]["arc_easy"]["n"] == 3
+    assert ledger["results_teacher"]["systems"]["base"]["tasks"]["arc_easy"]["n"] == 3
     assert ledger["steps_per_adapter"] == 5  # ceil(1 epoch x floor(10 x 0.9) / batch 2), the same for every adapter
     summary = (out / "summary.md").read_text()
-    assert "| distilled-arc_easy_train.jsonl | 4 | 4 |" in summary and "| eval |" in summary
+    assert "| distilled-arc_easy_train.jsonl | 4 | 4 |" in summary and "| teacher |" in summary
+    assert "### The stack's gate row" in summary and "### The teacher's row" in summary
     assert (publish_root / "docs" / "results" / "exp2-mc" / "summary.md").is_file()
     assert (publish_root / "data" / "exp2-mc" / "train.jsonl").read_text() == (out / "train.jsonl").read_text()
     assert (publish_root / "data" / "exp2-mc" / "distilled-openbookqa_train.jsonl.manifest.json").is_file()
