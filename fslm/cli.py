@@ -162,7 +162,7 @@ ApiKeyEnv = Annotated[
 
 def _grant(remote_code: bool = False, servers: list[str] | None = None, api_key_env: str | None = None) -> None:
     """The user's consent for this command: its flags plus $FSLM_TRUSTED_SERVERS / $FSLM_TRUSTED_KEY_ENVS."""
-    from fslm.config import Trust, grant
+    from fslm.trust import Trust, grant
 
     grant(Trust.from_user(remote_code, tuple(servers or ()), api_key_env))
 

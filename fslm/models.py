@@ -1,7 +1,7 @@
 """Model loading, in one place for the whole project: aliases, the embedded GGUF, local directories, hub ids.
 
 Weights come only from safetensors or GGUF; `trust_remote_code` stays off unless the stack asks for it *and* the
-user agrees (`--trust-remote-code`, `fslm.config.Trust`): a manifest alone never runs code.
+user agrees (`--trust-remote-code`, `fslm.trust.Trust`): a manifest alone never runs code.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fslm.config import BaseModelSettings, check_trust
+from fslm.config import BaseModelSettings
 from fslm.errors import FslmError
+from fslm.trust import check_trust
 
 
 @dataclass(frozen=True)

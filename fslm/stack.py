@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from fslm.backends import Backend, create_backend
-from fslm.config import StackConfig, StageConfig, Trust, check_trust, load_config, trusting
+from fslm.config import StackConfig, StageConfig, load_config
 from fslm.errors import FslmError
 from fslm.prompts import render_user_message, stage_variables
 from fslm.stackdir import StackDir
+from fslm.trust import Trust, check_trust, trusting
 
 # How a loaded stack can answer: the bare base, a baseline adapter answering directly, or the whole stack.
 SYSTEMS = ("base", "single", "multitask", "stack")

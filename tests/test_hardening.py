@@ -21,11 +21,12 @@ from fake_backend import fake_stack, running
 from typer.testing import CliRunner
 
 from fslm.cli import app
-from fslm.config import Trust, load_config
+from fslm.config import load_config
 from fslm.data import read_dataset
 from fslm.errors import FslmError
 from fslm.stack import Stack
 from fslm.steps.serve import ServeOptions
+from fslm.trust import Trust
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -173,7 +174,7 @@ def test_flags_and_the_users_environment_allow_them(remote_stack, monkeypatch):
 
 
 def test_trust_checks_urls_by_host_not_by_text():
-    from fslm.config import is_loopback_url
+    from fslm.trust import is_loopback_url
 
     assert is_loopback_url("http://127.0.0.1:8000/v1") and is_loopback_url("http://[::1]:1/v1")
     assert is_loopback_url("http://localhost/v1") and is_loopback_url("http://127.9.9.9/")

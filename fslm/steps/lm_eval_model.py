@@ -80,8 +80,8 @@ class FslmLM(TemplateLM):
         **_: Any,  # lm-eval passes device etc.; the stack's manifest decides those
     ) -> None:
         super().__init__()
-        from fslm.config import Trust
         from fslm.stack import Stack
+        from fslm.trust import Trust
 
         if not isinstance(stack, Stack):
             # lm-eval's --trust_remote_code arrives here as a model_arg: the user's consent, never the manifest's.
