@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fslm.choices import CHOICE_FORMATS, detect, read_choice_rows
 from fslm.errors import FslmError
 from fslm.files import sha256_file
 
 # Instruction formats, then the multiple-choice benchmark formats (fslm.choices).
-FORMATS = ("auto", "alpaca", "self-instruct", "gsm8k", "arc", "openbookqa", "sciq", "mmlu")
+FORMATS = ("auto", "alpaca", "self-instruct", "gsm8k", *CHOICE_FORMATS)
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".tsv")
 # Any surrogate: a byte that was not UTF-8 (decoded with surrogateescape: U+DC80..U+DCFF) or a lone surrogate
 # escape in JSON ("\ud800"), which json accepts but which cannot be written back as UTF-8.
@@ -171,8 +172,6 @@ def read_dataset(
         bad.append(row)
         if on_bad is not None:
             on_bad(row)
-
-    from fslm.choices import CHOICE_FORMATS, detect, read_choice_rows
 
     chosen = format
     if chosen == "auto":

@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from fslm.answers import answer_correct, checkable
 from fslm.config import GenerationSettings, StackConfig, StageConfig
 from fslm.data import FORMATS, Dataset, DatasetRecord
 from fslm.distilled import DistilledRecord
@@ -46,7 +47,7 @@ from fslm.files import JsonlLog, atomic_write_text, exclusive, sha256_file
 from fslm.options import Options, comma_list
 from fslm.provenance import now, versions
 from fslm.steps.distill_cache import TeacherCache
-from fslm.steps.distill_checks import answer_correct, checkable, leaks, option_references
+from fslm.steps.distill_checks import leaks, option_references
 from fslm.steps.distill_filters import FILTERS, check_target, trim_to_sentence
 from fslm.steps.distill_prompts import (
     hint_note,

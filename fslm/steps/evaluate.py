@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from fslm.benchmark_files import DEV_FILES, FILES
 from fslm.errors import FslmError
 from fslm.events import EventHandler, Progress, emit
 from fslm.files import atomic_write_bytes, atomic_write_text, sha256_file
@@ -56,8 +57,6 @@ GENERATIVE = ("arc_easy", "arc_challenge", "mmlu", "openbookqa")
 
 
 def available_tasks() -> list[str]:
-    from fslm.tasks.utils import FILES
-
     return list(FILES)
 
 
@@ -142,8 +141,6 @@ class EvalResult:
 
 
 def _hash_task_files(data_dir: Path, task: str) -> dict[str, str]:
-    from fslm.tasks.utils import FILES
-
     paths = sorted(data_dir.glob(FILES[task]))
     if not paths:
         raise FslmError(f"{data_dir / FILES[task]}: not found (task {task}; see the data README for the layout)")
@@ -198,8 +195,6 @@ def check_options(directory: Path, options: EvalOptions) -> list[tuple[str, str 
         rows += [("stack", s.name) for s in config.stages]
     needs = tuning_needed(options) if any(s == "stack" for s, _ in rows) else None
     if needs:
-        from fslm.tasks.utils import DEV_FILES
-
         flag = "--ensemble-weight" if needs == "weight" else "--gate-threshold"
         for task in options.tasks:
             if task not in DEV_FILES:
@@ -274,7 +269,7 @@ def _item_records(samples: list[dict[str, Any]], gen_samples: list[dict[str, Any
     """Per-item correctness of one task, columnar: ids and one 0/1 (or score) list per metric.
 
     lm-eval logs one sample per document and filter; GSM8K's flexible-extract filter is its reported metric, as in
-    `_metrics`. Ids come from the documents (fslm/tasks/utils.py gives every row a stable `id`)."""
+    `_metrics`. Ids come from the documents (fslm.benchmark_files gives every row a stable `id`)."""
     filters = {s.get("filter") for s in samples}
     keep = "flexible-extract" if "flexible-extract" in filters else ("none" if "none" in filters else None)
     rows = sorted((s for s in samples if keep is None or s.get("filter") == keep), key=lambda s: s["doc_id"])
@@ -348,7 +343,6 @@ def tune_on_dev(
     The test items are never seen here."""
     from fslm.steps import eval_scoring
     from fslm.steps.lm_eval_model import FslmLM
-    from fslm.tasks.utils import DEV_FILES
 
     def report(what: str, n: int, total: int) -> None:
         emit(on_event, Progress("eval", f"tune on dev: {what}", n, total))

@@ -2,7 +2,7 @@
 
 The system answers freely (the whole stack, the baseline or the base model: lm-eval's generate_until) and the option
 its answer names is read off the text with the same rule the distillation checks teacher answers with
-(`fslm.steps.distill_checks.chosen_option`): the letter where the prompt letters the options (MMLU), else the one
+(`fslm.answers.chosen_option`): the letter where the prompt letters the options (MMLU), else the one
 option text the answer contains. An answer that names no option, or several, is wrong; `answered` is the share of
 answers that named exactly one. Loaded by lm-eval from the task YAMLs (`!function generative.text_answer`).
 """
@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from fslm.answers import chosen_option
+from fslm.data import DatasetRecord
+
 
 def _score(doc: dict[str, Any], results: list[str], answer_format: str) -> dict[str, float]:
-    from fslm.data import DatasetRecord
-    from fslm.steps.distill_checks import chosen_option
-
     record = DatasetRecord(
         instruction="",
         input=None,

@@ -1,60 +1,41 @@
-"""Offline loaders and prompt helpers for fslm's lm-eval tasks (`fslm/tasks/*.yaml`).
+"""The hooks fslm's lm-eval tasks (`*.yaml` here) name as `!function utils.NAME`: loaders and prompt helpers.
 
 Each YAML names a loader here as `custom_dataset`; lm-eval calls it with the task metadata, which carries
 `data_dir` (set by `fslm eval --data-dir`, or `--metadata '{"data_dir": ...}'` / env FSLM_DATA_DIR with
 `fslm lm-eval`) and optionally `subset` + `seed` (a fixed random subset, the same for every system and run) and
 `split` (`test`, the default, or `dev`: the task's dev/validation file in DEV_FILES, which tunes the stack's scoring
-weights; the loaded split is still called `test` inside lm-eval). Every row carries an `id` that is stable across
-runs and subsets (the file's own id, else file + row number), so per-item results of two runs can be paired.
-Nothing is fetched from the hub: the files are the layouts described in the shared data README.
+weights; the loaded split is still called `test` inside lm-eval). The files themselves are read by
+`fslm.benchmark_files`, which distillation uses too; this module only finds them and hands lm-eval a dataset.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import random
-import re
 from pathlib import Path
 from typing import Any
 
-# task -> files under the data dir (globs); also what `fslm eval` hashes into results.json
-FILES: dict[str, str] = {
-    "arc_easy": "arc/ARC-Easy-Test.jsonl",
-    "arc_challenge": "arc/ARC-Challenge-Test.jsonl",
-    "mmlu": "mmlu/test/*_test.csv",
-    "hellaswag": "hellaswag/hellaswag_val_sample1000.jsonl",
-    "winogrande": "winogrande/winogrande.jsonl",
-    "piqa": "piqa/valid*",
-    "boolq": "boolq/val.jsonl",
-    "openbookqa": "openbookqa/test.tsv",
-    "truthfulqa_mc1": "truthfulqa/v0/mc_task.json",
-    "truthfulqa_mc2": "truthfulqa/v0/mc_task.json",
-    "gsm8k": "gsm8k/test.jsonl",
-}
-# task -> its dev/validation split, where the task has one apart from the evaluated split (HellaSwag, WinoGrande,
-# PIQA and BoolQ are evaluated on their dev splits already; TruthfulQA and GSM8K have none here)
-DEV_FILES: dict[str, str] = {
-    "arc_easy": "arc/ARC-Easy-Dev.jsonl",
-    "arc_challenge": "arc/ARC-Challenge-Dev.jsonl",
-    "mmlu": "mmlu/val/*_val.csv",
-    "openbookqa": "openbookqa/dev.tsv",
-}
+from fslm import benchmark_files as files
+from fslm.benchmark_files import mmlu_text, truthfulqa_text
 
-
-def split_files(split: str) -> dict[str, str]:
-    if split not in ("test", "dev"):
-        raise ValueError(f"split {split!r}: expected test or dev")
-    return FILES if split == "test" else DEV_FILES
-
-
-def _task_file(kwargs: dict[str, Any], task: str) -> Path:
-    split = kwargs.get("split") or "test"
-    files = split_files(split)
-    if task not in files:
-        raise ValueError(f"task {task} has no {split} split in the data layout")
-    return _file(kwargs, files[task])
+__all__ = [
+    "arc_challenge",
+    "arc_easy",
+    "boolq",
+    "gsm8k",
+    "hellaswag",
+    "mmlu",
+    "mmlu_text",
+    "openbookqa",
+    "piqa",
+    "truthfulqa",
+    "truthfulqa_mc2_results",
+    "truthfulqa_text",
+    "winogrande",
+    "winogrande_choices",
+    "winogrande_target",
+    "winogrande_text",
+]
 
 
 def _data_dir(kwargs: dict[str, Any]) -> Path:
@@ -74,8 +55,12 @@ def _file(kwargs: dict[str, Any], rel: str) -> Path:
     return path
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def _task_file(kwargs: dict[str, Any], task: str) -> Path:
+    split = kwargs.get("split") or "test"
+    paths = files.split_files(split)
+    if task not in paths:
+        raise ValueError(f"task {task} has no {split} split in the data layout")
+    return _file(kwargs, paths[task])
 
 
 def _dataset(rows: list[dict[str, Any]], kwargs: dict[str, Any]) -> Any:
@@ -93,112 +78,52 @@ def _dataset(rows: list[dict[str, Any]], kwargs: dict[str, Any]) -> Any:
 # --- loaders (one per task) --------------------------------------------------------------------------
 
 
-def _arc(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for r in _jsonl(path):
-        choices = r["question"]["choices"]
-        labels = [c["label"] for c in choices]
-        rows.append(
-            {
-                "id": r["id"],
-                "question": r["question"]["stem"],
-                "choices": [c["text"] for c in choices],
-                "gold": labels.index(r["answerKey"]),
-            }
-        )
-    return rows
-
-
-def arc_rows(path: Path) -> list[dict[str, Any]]:
-    """ARC rows (id, question, choices, gold): what the eval scores, and what distillation reads (fslm.choices)."""
-    return _arc(path)
-
-
-def arc_text(doc: dict[str, Any]) -> str:
-    """lm-eval's ARC prompt (doc_to_text of fslm_arc_*.yaml)."""
-    return f"Question: {doc['question']}\nAnswer:"
-
-
 def arc_easy(**kwargs: Any) -> Any:
-    return _dataset(_arc(_task_file(kwargs, "arc_easy")), kwargs)
+    return _dataset(files.arc_rows(_task_file(kwargs, "arc_easy")), kwargs)
 
 
 def arc_challenge(**kwargs: Any) -> Any:
-    return _dataset(_arc(_task_file(kwargs, "arc_challenge")), kwargs)
-
-
-def mmlu_rows(path: Path) -> list[dict[str, Any]]:
-    """One MMLU subject CSV (`<subject>_<split>.csv`, headerless: question, A, B, C, D, answer letter)."""
-    subject = re.sub(r"_(test|val|dev)$", "", path.stem)
-    rows = []
-    with path.open(encoding="utf-8", newline="") as f:
-        for line, row in enumerate(csv.reader(f), 1):
-            if len(row) != 6:
-                continue
-            rows.append(
-                {
-                    "id": f"{path.stem}:{line}",
-                    "subject": subject,
-                    "question": row[0],
-                    "choices": row[1:5],
-                    "gold": "ABCD".index(row[5].strip()),
-                }
-            )
-    return rows
+    return _dataset(files.arc_rows(_task_file(kwargs, "arc_challenge")), kwargs)
 
 
 def mmlu(**kwargs: Any) -> Any:
     split = kwargs.get("split") or "test"
-    pattern = split_files(split)["mmlu"]
+    pattern = files.split_files(split)["mmlu"]
     paths = sorted(_data_dir(kwargs).glob(pattern))
     if not paths:
         raise ValueError(f"{_data_dir(kwargs) / pattern}: no such files")
-    return _dataset([row for path in paths for row in mmlu_rows(path)], kwargs)
-
-
-def mmlu_text(doc: dict[str, Any]) -> str:
-    """lm-eval's mmlu prompt, with its per-subject description (lm-eval puts it in `description`)."""
-    subject = doc["subject"].replace("_", " ")
-    letters = "".join(f"\n{k}. {c}" for k, c in zip("ABCD", doc["choices"], strict=True))
-    return (
-        f"The following are multiple choice questions (with answers) about {subject}.\n\n"
-        f"{doc['question'].strip()}{letters}\nAnswer:"
-    )
-
-
-def _hellaswag_clean(text: str) -> str:
-    """lm-eval's hellaswag.preprocess."""
-    text = text.strip().replace(" [title]", ". ")
-    text = re.sub("\\[.*?\\]", "", text)
-    return text.replace("  ", " ")
+    return _dataset([row for path in paths for row in files.mmlu_rows(path)], kwargs)
 
 
 def hellaswag(**kwargs: Any) -> Any:
-    rows = []
-    for r in _jsonl(_file(kwargs, FILES["hellaswag"])):
-        ctx = r["ctx_a"] + " " + r["ctx_b"].capitalize()
-        rows.append(
-            {
-                "id": f"hellaswag:{r['ind']}",
-                "query": _hellaswag_clean(r["activity_label"] + ": " + ctx),
-                "choices": [_hellaswag_clean(e) for e in r["endings"]],
-                "gold": int(r["label"]),
-            }
-        )
-    return _dataset(rows, kwargs)
+    return _dataset(files.hellaswag_rows(_file(kwargs, files.FILES["hellaswag"])), kwargs)
 
 
 def winogrande(**kwargs: Any) -> Any:
-    rows = [
-        {
-            "id": f"winogrande:{i}",
-            "options": r["context_options"],
-            "continuation": r["continuation"],
-            "gold": int(r["gold"]),
-        }
-        for i, r in enumerate(_jsonl(_file(kwargs, FILES["winogrande"])))
-    ]
-    return _dataset(rows, kwargs)
+    return _dataset(files.winogrande_rows(_file(kwargs, files.FILES["winogrande"])), kwargs)
+
+
+def piqa(**kwargs: Any) -> Any:
+    return _dataset(files.piqa_rows(_file(kwargs, files.PIQA_DOCS), _file(kwargs, files.PIQA_LABELS)), kwargs)
+
+
+def boolq(**kwargs: Any) -> Any:
+    return _dataset(files.boolq_rows(_file(kwargs, files.FILES["boolq"])), kwargs)
+
+
+def openbookqa(**kwargs: Any) -> Any:
+    return _dataset(files.openbookqa_rows(_task_file(kwargs, "openbookqa")), kwargs)
+
+
+def truthfulqa(**kwargs: Any) -> Any:
+    return _dataset(files.truthfulqa_rows(_file(kwargs, files.FILES["truthfulqa_mc1"])), kwargs)
+
+
+def gsm8k(**kwargs: Any) -> Any:
+    return _dataset(files.gsm8k_rows(_file(kwargs, files.FILES["gsm8k"])), kwargs)
+
+
+# --- how lm-eval reads a document ---------------------------------------------------------------------
 
 
 def winogrande_text(doc: dict[str, Any]) -> int:
@@ -214,104 +139,6 @@ def winogrande_target(doc: dict[str, Any]) -> str:
     return doc["continuation"]
 
 
-def piqa(**kwargs: Any) -> Any:
-    docs = _jsonl(_file(kwargs, "piqa/valid.jsonl"))
-    labels = _file(kwargs, "piqa/valid-labels.lst").read_text(encoding="utf-8").split()
-    if len(labels) != len(docs):
-        raise ValueError(f"piqa: {len(docs)} items but {len(labels)} labels")
-    rows = [
-        {"id": f"piqa:{d.get('id', i)}", "goal": d["goal"], "choices": [d["sol1"], d["sol2"]], "gold": int(g)}
-        for i, (d, g) in enumerate(zip(docs, labels, strict=True))
-    ]
-    return _dataset(rows, kwargs)
-
-
-def boolq(**kwargs: Any) -> Any:
-    rows = [
-        {
-            "id": f"boolq:{r.get('idx', i)}",
-            "passage": r["passage"],
-            "question": r["question"],
-            "gold": int(bool(r["label"])),
-        }
-        for i, r in enumerate(_jsonl(_file(kwargs, FILES["boolq"])))
-    ]
-    return _dataset(rows, kwargs)
-
-
-def openbookqa_rows(path: Path) -> list[dict[str, Any]]:
-    """OpenBookQA TSV rows (ID, Question Stem, Choices "(A) .. (B) ..", Answer Key)."""
-    rows = []
-    with path.open(encoding="utf-8", newline="") as f:
-        for r in csv.DictReader(f, delimiter="\t"):
-            parts = re.split(r"\(([A-D])\) ", r["Choices"])[1:]  # [label, text, label, text, ...]
-            labels, texts = parts[0::2], [t.strip() for t in parts[1::2]]
-            rows.append(
-                {
-                    "id": r["ID"],
-                    "question_stem": r["Question Stem"],
-                    "choices": texts,
-                    "gold": labels.index(r["Answer Key"]),
-                }
-            )
-    return rows
-
-
-def openbookqa(**kwargs: Any) -> Any:
-    return _dataset(openbookqa_rows(_task_file(kwargs, "openbookqa")), kwargs)
-
-
-def sciq_rows(path: Path) -> list[dict[str, Any]]:
-    """SciQ JSON (question, correct_answer, distractor1-3, support). The four options are put in a fixed order
-    that depends only on the question (a seeded shuffle), so the gold answer is not always last."""
-    rows = []
-    for r in json.loads(path.read_text(encoding="utf-8")):
-        choices = [r["distractor1"], r["distractor2"], r["distractor3"], r["correct_answer"]]
-        order = list(range(4))
-        random.Random(r["question"]).shuffle(order)
-        rows.append({"question": r["question"], "choices": [choices[i] for i in order], "gold": order.index(3)})
-    return rows
-
-
-# lm-eval's truthfulqa_mc1/mc2 six-shot QA preamble
-TRUTHFULQA_PRIMER = (
-    "Q: What is human life expectancy in the United States?\n"
-    "A: Human life expectancy in the United States is 78 years.\n\n"
-    "Q: Who was president of the United States in 1955?\n"
-    "A: Dwight D. Eisenhower was president of the United States in 1955.\n\n"
-    "Q: Which party did he belong to?\n"
-    "A: He belonged to the Republican Party.\n\n"
-    "Q: What is the square root of banana?\n"
-    "A: I have no comment.\n\n"
-    "Q: How does a telescope work?\n"
-    "A: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\n"
-    "Q: Where were the 1992 Olympics held?\n"
-    "A: The 1992 Olympics were held in Barcelona, Spain."
-)
-
-
-def truthfulqa(**kwargs: Any) -> Any:
-    data = json.loads(_file(kwargs, FILES["truthfulqa_mc1"]).read_text(encoding="utf-8"))
-    rows = []
-    for i, r in enumerate(data):
-        mc1, mc2 = r["mc1_targets"], r["mc2_targets"]
-        rows.append(
-            {
-                "id": f"truthfulqa:{i}",
-                "question": r["question"],
-                "mc1_choices": list(mc1),
-                "mc1_gold": list(mc1.values()).index(1),
-                "mc2_choices": list(mc2),
-                "mc2_labels": [int(v) for v in mc2.values()],
-            }
-        )
-    return _dataset(rows, kwargs)
-
-
-def truthfulqa_text(doc: dict[str, Any]) -> str:
-    return TRUTHFULQA_PRIMER + "\n\nQ: " + doc["question"] + "\nA:"
-
-
 def truthfulqa_mc2_results(doc: dict[str, Any], results: list[Any]) -> dict[str, float]:
     """lm-eval's mc2: normalised probability mass on the true answers."""
     import numpy as np
@@ -321,8 +148,3 @@ def truthfulqa_mc2_results(doc: dict[str, Any], results: list[Any]) -> dict[str,
     p = np.exp(lls - lls.max())
     p_true, p_false = p[labels == 1].sum(), p[labels == 0].sum()
     return {"acc": float(p_true / (p_true + p_false))}
-
-
-def gsm8k(**kwargs: Any) -> Any:
-    rows = [{"id": f"gsm8k:{i}", **r} for i, r in enumerate(_jsonl(_file(kwargs, FILES["gsm8k"])))]
-    return _dataset(rows, kwargs)
