@@ -562,16 +562,8 @@ def serve(
             "[yellow]note:[/] requests must name this machine as 127.0.0.1/localhost; add --allowed-host NAME for "
             "each host name clients use to reach it (Host header check, against DNS rebinding)"
         )
-    if backend is None and config.base.backend == "torch":  # the fast path whenever the export is current
-        from fslm.stackdir import StackDir as Layout
-
-        problem = Layout(directory).export_problem(config)
-        if problem is None:
-            backend = "llamacpp"
-        elif problem != "no GGUF export":
-            err.print(f"[yellow]warning:[/] not serving the GGUF export ({problem}); re-run fslm export to use it")
     with err.status(f"loading {config.base.model}"):
-        stack = Stack.load(directory, backend=backend)
+        stack = Stack.load(directory, backend=backend or "auto")
     err.print(f"backend: {stack.backend.name}")
     options = ServeOptions(
         api_key=api_key or None,

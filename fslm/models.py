@@ -41,6 +41,9 @@ ALIASES: dict[str, EmbeddedGGUF] = {
 }
 DEFAULT_BASE = "smollm2-135m-instruct"
 
+# HF model_type -> llama.cpp architecture name (general.architecture): the bases `fslm export` writes as GGUF, and so
+# the ones the llama.cpp backend can run.
+GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "gpt_neox": "gptneox"}
 # LoRA target modules per architecture: every linear layer of attention and MLP, written out explicitly.
 LORA_TARGETS: dict[str, list[str]] = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],

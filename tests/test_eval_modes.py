@@ -294,8 +294,9 @@ def test_stages_on_llamacpp_with_agreement_check(eval_stack, data_dir, tmp_path)
     """auto = llama.cpp for a Llama base: the export is written first, stages generate there, the final stage scores
     on torch; the agreement check compares greedy stage text with PyTorch's."""
     pytest.importorskip("llama_cpp")
+    from fslm.backends.choose import export_is_current
     from fslm.stackdir import StackDir
-    from fslm.steps.eval_stages import export_is_current, quantised_base_warning, resolve
+    from fslm.steps.eval_stages import quantised_base_warning, resolve
     from fslm.steps.evaluate import EvalOptions, evaluate
 
     directory = tmp_path / "stack"

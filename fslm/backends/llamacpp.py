@@ -12,6 +12,8 @@ Where the time goes is measured in docs/export.md; what keeps it on the matrix w
   same batches), so a stage batch shares each forward pass. Rows wait for room when the cache is full.
 - Sampling is native: greedy / temperature / top-p and the repetition penalty are llama.cpp's sampler chain, one
   per row, with the penalty over the whole context (transformers' semantics, so greedy text matches PyTorch's).
+  A sampled call with `GenerationSettings.seed` seeds its rows seed, seed + 1, ...: the same seed draws the same
+  text, as it does on PyTorch.
 - Each stage's shared prompt prefix (chat header, role, template text before the first variable) stays in the
   KV cache, per adapter, as its own sequence; a new row copies it (`llama_memory_seq_cp`, which in a unified
   cache only shares the cells) and evaluates just its own tokens.
@@ -27,7 +29,7 @@ import json
 import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,6 +111,7 @@ class LlamaCppBackend(Backend):
         n_ctx: KV cells shared by all sequences (default: the model's training context, ~190 MiB for SmolLM2); one
         sequence may use up to the training context. max_sequences: rows decoded together (more wait for a free slot).
         prefix_cache: keep each stage's shared prompt prefix in the KV cache across calls.
+        seed: the first seed of sampled rows whose settings carry none (`GenerationSettings.seed` wins).
         native_greedy: greedy rows also use llama.cpp's sampler chain (same tokens; by default greedy is an argmax
         over llama.cpp's logits in numpy, which measured several times cheaper per token, docs/export.md).
         llama_params: fields of llama.cpp's llama_context_params or llama_model_params, e.g. type_k=0, type_v=0
@@ -189,9 +192,17 @@ class LlamaCppBackend(Backend):
 
     @classmethod
     def from_settings(
-        cls, settings: BaseModelSettings, stack_dir: str | Path | None = None, **llama_kwargs: Any
+        cls,
+        settings: BaseModelSettings,
+        stack_dir: str | Path | None = None,
+        gguf: str | Path | None = None,
+        **llama_kwargs: Any,
     ) -> LlamaCppBackend:
-        """The exported stack in `stack_dir/gguf/` (base.gguf + manifest.json); adapters come via add_adapter."""
+        """The exported stack in `stack_dir/gguf/` (base.gguf + manifest.json; adapters come via add_adapter), or
+        the bare GGUF file `gguf` (a teacher: no export, no adapters), each with the HF tokenizer of the base."""
+        if gguf is not None:
+            tokenizer = models.load_tokenizer(models.resolve(settings.model, stack_dir), settings)
+            return cls(gguf, tokenizer, settings.prompt_format, **llama_kwargs)
         if stack_dir is None:
             raise FslmError("the llamacpp backend needs a stack directory with an export (fslm export DIR)")
         out = Path(stack_dir) / GGUF_DIR
@@ -287,7 +298,10 @@ class LlamaCppBackend(Backend):
         rows = [_Row(i, ids) for i, ids in enumerate(encoded)]
         try:
             prefix = self._shared_prefix(adapter, label, encoded)
-            self._decode_rows(rows, prefix, max_new, settings, on_text)
+            # A seeded call draws the same text every time (as on PyTorch); an unseeded one continues this
+            # backend's own sequence of seeds, so repeated calls draw anew.
+            seeds = self._seeds if settings.seed is None else itertools.count(settings.seed)
+            self._decode_rows(rows, prefix, max_new, settings, on_text, seeds)
         finally:
             for row in rows:
                 if row.sampler is not None:
@@ -311,6 +325,7 @@ class LlamaCppBackend(Backend):
         max_new: int,
         settings: GenerationSettings,
         on_text: TextCallback | None,
+        seeds: Iterator[int],
     ) -> None:
         """Admit rows while their prompt + output fit in the free KV cells, step all live rows together."""
         lc = self._lc
@@ -335,7 +350,7 @@ class LlamaCppBackend(Backend):
                     lc.llama_memory_seq_cp(self._mem, prefix.seq, row.seq, 0, reuse)  # type: ignore[union-attr]
                 row.n_past, row.todo = reuse, row.ids[reuse:]
                 if settings.temperature > 0 or self.native_greedy:
-                    row.sampler = self._sampler(settings, row.ids)
+                    row.sampler = self._sampler(settings, row.ids, seeds)
                 else:
                     row.greedy = _Greedy(settings.repetition_penalty, row.ids, self.n_vocab)
                 self._count_prompt(len(row.ids), len(row.ids) - reuse)
@@ -417,7 +432,7 @@ class LlamaCppBackend(Backend):
             return
         row.todo = [token]
 
-    def _sampler(self, settings: GenerationSettings, prompt: list[int]) -> Any:
+    def _sampler(self, settings: GenerationSettings, prompt: list[int], seeds: Iterator[int]) -> Any:
         """llama.cpp's sampler chain for one row: penalty, then greedy or temperature -> top-p -> random draw.
 
         The order is transformers' (repetition penalty, temperature, top-p). The penalty sampler counts the tokens
@@ -435,7 +450,7 @@ class LlamaCppBackend(Backend):
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(settings.temperature))
             if settings.top_p < 1.0:
                 lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(settings.top_p, 1))
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(next(self._seeds) % 0xFFFFFFFF))
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(next(seeds) % 0xFFFFFFFF))
         else:
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
         if penalty != 1.0:

@@ -16,6 +16,7 @@ from fslm.backends import GENERATE, SCORE, TRAIN, Backend, Completion, TextCallb
 from fslm.config import BaseModelSettings, GenerationSettings
 from fslm.errors import FslmError
 from fslm.precision import autocast
+from fslm.precision import resolve as resolve_precision
 from fslm.stackdir import ADAPTER_WEIGHTS
 
 # peft (0.21) calls a transformers method deprecated in v5; the warning is noise for our users, not theirs to fix.
@@ -45,9 +46,7 @@ class TorchBackend(Backend):
 
     def set_precision(self, precision: str, purpose: str = "") -> str:
         """Run generate and score in `precision` (auto/bf16/fp32, resolved by fslm.precision); returns the choice."""
-        from fslm.precision import resolve
-
-        self.precision = resolve(precision, purpose)
+        self.precision = resolve_precision(precision, purpose)
         return self.precision
 
     @classmethod

@@ -1,9 +1,8 @@
 """Where `fslm eval` generates the stack's stages 1..N-1: the fast path (llama.cpp, an OpenAI-compatible server) or
 PyTorch (`--stage-backend`). The final stage always scores answer choices on PyTorch (scoring needs the logits).
 
-`auto` picks an OpenAI-compatible server when the manifest runs on one (`base.backend: openai`), else llama.cpp
-when the base architecture exports to GGUF and llama-cpp-python is installed (the export is refreshed first when it
-is missing or older than an adapter, as `fslm train --answer-inputs student` does), else PyTorch.
+`auto` is the rule of fslm.backends.choose, with the export refreshed first when it is missing or older than an
+adapter (as `fslm train --answer-inputs student` does).
 """
 
 from __future__ import annotations
@@ -13,8 +12,10 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fslm.errors import FslmError
+from fslm.backends.choose import choose_backend
+from fslm.stack import Stack
 from fslm.stackdir import StackDir
+from fslm.steps.export import refresh
 
 log = logging.getLogger("fslm")
 STAGE_BACKENDS = ("auto", "torch", "llamacpp", "openai")
@@ -24,26 +25,8 @@ LLAMACPP_CONTEXT = 4096
 
 
 def resolve(stack_dir: StackDir, requested: str) -> str:
-    """The backend `requested` (auto|torch|llamacpp|openai) means for this stack."""
-    if requested not in STAGE_BACKENDS:
-        raise FslmError(f"--stage-backend {requested!r}: choose one of {', '.join(STAGE_BACKENDS)}")
-    if requested != "auto":
-        return requested
-    config = stack_dir.load()
-    if config.base.backend == "openai":
-        return "openai"
-    from fslm.steps.student import choose_backend
-
-    return choose_backend(stack_dir, "auto")
-
-
-def export_is_current(stack_dir: StackDir) -> bool:
-    """A GGUF export exists and holds exactly the stack's trained stage adapters, each from today's weights."""
-    config = stack_dir.load()
-    if stack_dir.export_problem(config) is not None:
-        return False
-    exported = json.loads(stack_dir.gguf_manifest.read_text(encoding="utf-8")).get("adapters", {})
-    return set(exported) == set(stack_dir.trained_stages(config))
+    """The backend `requested` (auto|torch|llamacpp|openai) means for this stack's stages 1..N-1."""
+    return choose_backend(stack_dir, requested, refresh=True)
 
 
 def quantised_base_warning(stack_dir: StackDir) -> str | None:
@@ -60,27 +43,19 @@ def quantised_base_warning(stack_dir: StackDir) -> str | None:
     )
 
 
-def load_stage_stack(stack_dir: StackDir, backend: str, scoring: Any = None) -> Any:
-    """The Stack that generates stages 1..N-1 on `backend` (resolved). torch: `scoring` itself (one model in memory)."""
-    from fslm.stack import Stack
-
-    if backend == "torch":
+def load_stage_stack(stack_dir: StackDir, backend: str, scoring: Stack | None = None) -> Stack:
+    """The Stack that generates stages 1..N-1 on `backend` (auto or a name). torch: `scoring` itself (one model in
+    memory); llama.cpp: on an export refreshed first, with a KV cache of LLAMACPP_CONTEXT cells at most."""
+    name = resolve(stack_dir, backend)
+    if name == "torch":
         return scoring if scoring is not None else Stack.load(stack_dir.root, backend="torch")
-    if backend == "llamacpp":
-        from fslm.backends.llamacpp import LlamaCppBackend
-        from fslm.steps.export import export
-
-        if not export_is_current(stack_dir):
-            log.info("exporting %s to GGUF for the llama.cpp stage backend", stack_dir.root)
-            export(stack_dir.root)
-        warning = quantised_base_warning(stack_dir)
-        if warning:
-            log.warning(warning)
-        config = stack_dir.load()
-        n_ctx = min(LLAMACPP_CONTEXT, _trained_context(stack_dir))
-        llama = LlamaCppBackend.from_settings(config.base, stack_dir.root, n_ctx=n_ctx)
-        return Stack(config, llama, stack_dir.root)
-    return Stack.load(stack_dir.root, backend=backend)
+    if name != "llamacpp":
+        return Stack.load(stack_dir.root, backend=name)
+    refresh(stack_dir.root)
+    warning = quantised_base_warning(stack_dir)
+    if warning:
+        log.warning(warning)
+    return Stack.load(stack_dir.root, backend="llamacpp", n_ctx=min(LLAMACPP_CONTEXT, _trained_context(stack_dir)))
 
 
 def _trained_context(stack_dir: StackDir) -> int:
@@ -97,44 +72,20 @@ def _trained_context(stack_dir: StackDir) -> int:
 
 
 def run_stages(
-    stack: Any,
+    stack: Stack,
     instructions: Sequence[str],
     adapters: Mapping[str, str | None],
     stages: int,
     update: Mapping[str, Any] | None = None,
 ) -> list[dict[str, str]]:
-    """Stages 1..`stages` for many instructions at once (one `backend.generate` call per stage, all prompts in it).
-
-    `update` overrides every stage's generation settings (max_new_tokens, temperature, seed). It is `Stack.run_batch`
-    with settings overrides, which eval's sampled chains need.
-    """
-    outputs: list[dict[str, str]] = [{} for _ in instructions]
-    for stage in stack.config.stages[:stages]:
-        settings = stage.generation.model_copy(update=dict(update or {}))
-        prompts = [stack.render_prompt(stage, text, None, out) for text, out in zip(instructions, outputs, strict=True)]
-        if settings.temperature > 0 and settings.seed is not None:
-            seed_native_sampler(stack.backend, settings.seed)
-        completions = stack.backend.generate(prompts, adapters.get(stage.name), settings, label=stage.name)
-        for out, c in zip(outputs, completions, strict=True):
-            out[stage.name] = c.text
-    return outputs
-
-
-def seed_native_sampler(backend: Any, seed: int) -> None:
-    """Seed llama-cpp-python's sampler for a sampled call.
-
-    `GenerationSettings.seed` is the contract (the torch backend honours it); llama-cpp-python re-creates its sampler
-    from the Llama object's seed on every `generate`, so without this every sampled chain of one question would
-    draw the same text. Harmless where the backend seeds from the settings itself.
-    """
-    llm = getattr(backend, "llm", None)
-    if llm is not None and hasattr(llm, "set_seed"):
-        llm.set_seed(int(seed))
+    """Stages 1..`stages` for many instructions at once (one `run_stage` per stage), each stage's generation
+    settings overridden by `update` (max_new_tokens, temperature, seed: eval's sampled chains)."""
+    return [t.outputs for t in stack.run_batch(instructions, adapters=adapters, stages=stages, overrides=update)]
 
 
 def stage_agreement(
-    fast: Any,
-    reference: Any,
+    fast: Stack,
+    reference: Stack,
     instructions: Sequence[str],
     adapters: Mapping[str, str | None],
     stages: int,
@@ -149,7 +100,7 @@ def stage_agreement(
     the fast path's chains already generated for `instructions` (eval's cache), else they are generated here.
     PyTorch runs `batch` questions at a time (its KV cache grows with the batch)."""
 
-    def chunked(stack: Any) -> list[dict[str, str]]:
+    def chunked(stack: Stack) -> list[dict[str, str]]:
         out: list[dict[str, str]] = []
         for i in range(0, len(instructions), batch):
             out += run_stages(stack, instructions[i : i + batch], adapters, stages, update)

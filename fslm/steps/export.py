@@ -17,6 +17,7 @@ llama.cpp expects, applied alike to a base weight, its bias and the LoRA B matri
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -28,19 +29,19 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from fslm import models
+from fslm.backends.choose import export_is_current
 from fslm.config import load_config
 from fslm.errors import FslmError
 from fslm.events import EventHandler, Progress, emit
 from fslm.files import atomic_write_text, sha256_file
+from fslm.models import GGUF_ARCH
 from fslm.options import Options
 from fslm.provenance import versions
 from fslm.stackdir import StackDir
 
+log = logging.getLogger("fslm")
 BASE_FILE = "base.gguf"
 QUANTS = ("f32", "f16", "q8_0", "q4_1")
-# HF model_type -> llama.cpp architecture name (general.architecture)
-GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "gpt_neox": "gptneox"}
-SUPPORTED = tuple(GGUF_ARCH)
 SUPPORTED_TEXT = "llama (Llama, SmolLM2, TinyLlama), qwen2 (Qwen2, Qwen2.5), gpt_neox (Pythia, GPT-NeoX)"
 # Buffers some checkpoints carry that are not weights (rotary frequencies, GPT-NeoX's causal mask).
 NOT_WEIGHTS = ("rotary_emb.inv_freq", ".attention.bias", ".attention.masked_bias")
@@ -77,6 +78,14 @@ def export(
 
     manifest = export_gguf(stack, options.quant, on_step=step)
     return ExportResult(directory=StackDir(stack).gguf, manifest=manifest)
+
+
+def refresh(stack: str | Path) -> None:
+    """Export again when DIR/gguf/ is missing or older than an adapter: what the llama.cpp stages of `fslm eval` and
+    of train's student outputs run on (the base is rewritten only when its source changed)."""
+    if not export_is_current(StackDir(stack)):
+        log.info("exporting %s to GGUF for the llama.cpp backend", stack)
+        export(stack)
 
 
 def adapter_file(stage: str) -> str:
@@ -290,7 +299,7 @@ def write_base_gguf(model_dir: Path, out: Path, quant: str, tokenizer_from: Path
 
     cfg = _hf_config(model_dir)
     arch = cfg.get("model_type", "unknown")
-    if arch not in SUPPORTED:
+    if arch not in GGUF_ARCH:
         raise unsupported(arch, str(model_dir))
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     w = gguf.GGUFWriter(str(tmp), GGUF_ARCH[arch])
@@ -398,7 +407,7 @@ def write_adapter_gguf(adapter_dir: Path, base_cfg: dict[str, Any], out: Path, d
     if cfg.get("use_rslora"):
         alpha *= math.sqrt(r)
     arch = base_cfg.get("architecture", "llama")
-    if arch not in SUPPORTED:
+    if arch not in GGUF_ARCH:
         raise unsupported(arch, str(adapter_dir))
     n_head = int(base_cfg["num_attention_heads"])
     n_kv = int(base_cfg.get("num_key_value_heads") or n_head)
@@ -510,7 +519,7 @@ def export_gguf(
         raise FslmError(f"--quant {quant!r}: choose one of {', '.join(QUANTS)}")
     ref = models.resolve(config.base.model, stack_dir.root)
     arch = models.architecture(ref)
-    if arch not in SUPPORTED:
+    if arch not in GGUF_ARCH:
         raise unsupported(arch, config.base.model)
     out = stack_dir.gguf
     out.mkdir(parents=True, exist_ok=True)

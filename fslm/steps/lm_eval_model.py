@@ -25,7 +25,7 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -37,7 +37,7 @@ from fslm.files import JsonlLog
 from fslm.stack import SYSTEMS
 from fslm.stackdir import BASELINES
 from fslm.steps import eval_scoring as scoring_modes
-from fslm.steps.eval_stages import load_stage_stack, resolve, run_stages
+from fslm.steps.eval_stages import load_stage_stack, run_stages
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 PerTask = float | Mapping[str, float] | None  # one value, or one per lm-eval task name (fslm_arc_easy: 0.3)
@@ -106,7 +106,7 @@ class FslmLM(TemplateLM):
         if system in BASELINES:
             self.stack.load_baseline(system)
         if stages is None and stage_backend and self.stack.dir is not None:
-            stages = load_stage_stack(self.stack.dir, resolve(self.stack.dir, stage_backend), self.stack)
+            stages = load_stage_stack(self.stack.dir, stage_backend, self.stack)
         self.stages = stages if stages is not None else self.stack
         # stage generation: the fast backends take many prompts per call; torch keeps the scoring batch (memory)
         fast = self.stages.backend is not self.stack.backend
@@ -225,9 +225,15 @@ class FslmLM(TemplateLM):
         return self._loglikelihood_tokens(new_reqs)
 
     def _final_prompt(self, context: str, outputs: Mapping[str, str] | None) -> str:
-        if self.system in BASELINES or outputs is None:
-            return self.stack.direct_prompt(context.strip())
-        return self.stack.render_prompt(self.final, instruction=context.strip(), outputs=outputs)
+        stage = self._answering_stage(outputs is None)
+        return self.stack.render_prompt(stage, context.strip(), None, outputs or {})
+
+    def _answering_stage(self, direct: bool = False) -> Any:
+        """The stage that answers: the final one after the chain, or (a baseline, the direct path) the stack's
+        direct stage, under the final stage's name."""
+        if self.system in BASELINES or direct:
+            return self.stack.direct_stage(self.final.name)
+        return self.final
 
     def _loglikelihood_paths(self, requests: list[Any]) -> list[tuple[float, bool]]:
         """ensemble / gate: group the requests into questions, score the paths each mode needs, combine."""
@@ -425,19 +431,25 @@ class FslmLM(TemplateLM):
             for b in range(0, len(members), self.fixed_batch):
                 chunk = members[b : b + self.fixed_batch]
                 contexts = [requests[i].args[0] for i in chunk]
-                if self.system == "base":
-                    prompts = contexts
-                else:
-                    outputs = self._earlier_outputs(contexts)
-                    prompts = [self._final_prompt(c, outputs.get(c, {})) for c in contexts]
                 start = time.perf_counter()
-                completions = runner.backend.generate(prompts, adapter, settings, label=self.final.name)
+                texts = self._answers(runner, contexts, adapter, settings)
                 self.seconds += time.perf_counter() - start
-                for i, c in zip(chunk, completions, strict=True):
-                    answers[i] = c.text
+                for i, text in zip(chunk, texts, strict=True):
+                    answers[i] = text
                 done += len(chunk)
                 self._report("generating", done, len(requests))
         return [a or "" for a in answers]
+
+    def _answers(self, runner: Any, contexts: list[str], adapter: str | None, settings: Any) -> list[str]:
+        """The answering step for a batch of contexts on `runner`: the final stage (or the direct stage) through
+        `Stack.run_stage`; `base` continues lm-eval's raw context itself, as lm-eval's `hf` model does (no stage
+        prompt at all)."""
+        if self.system == "base":
+            return [c.text for c in runner.backend.generate(contexts, None, settings, label=self.final.name)]
+        outputs = self._earlier_outputs(contexts)
+        rows = [_Context(c.strip(), None, outputs.get(c, {})) for c in contexts]
+        stage = self._answering_stage()
+        return [r.output for r in runner.run_stage(stage, rows, adapter=adapter, settings=settings)]
 
     def _answer_settings(self, kwargs: Mapping[str, Any] | None) -> Any:
         kwargs = dict(kwargs or {})
@@ -455,6 +467,14 @@ class FslmLM(TemplateLM):
     def _report(self, what: str, done: int, total: int) -> None:
         if self.progress is not None:
             self.progress(what, done, total)
+
+
+class _Context(NamedTuple):
+    """One lm-eval context as a stage reads it: the question, no input, and the chain's earlier outputs."""
+
+    instruction: str
+    input: str | None
+    outputs: Mapping[str, str]
 
 
 def _per_task(value: PerTask | str) -> PerTask:

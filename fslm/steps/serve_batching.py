@@ -2,8 +2,8 @@
 
 A request is a `Job` (its trace so far = which stage it is at and every earlier output). One worker thread owns the
 model (transformers models are not thread-safe): each step it takes the earliest stage any job waits at, gathers
-every job waiting at that stage (same effective max_new_tokens), renders their prompts with `stack.render_prompt`
-and calls `stack.backend.generate` once - one adapter switch, one batched forward per token. A job then moves on to
+every job waiting at that stage (same effective max_new_tokens) and runs the stage for them with `Stack.run_stage`,
+one `generate` call: one adapter switch, one batched forward per token. A job then moves on to
 its next stage; running the earliest stage first lets late arrivals catch up with requests ahead of them, so the
 groups merge (a job passed over 2 x stages times goes first instead, so nothing starves). N concurrent requests
 cost about one request's number of generate calls, and throughput grows with concurrency until a batch saturates
@@ -25,7 +25,7 @@ from typing import Any
 
 from fslm.config import GenerationSettings
 from fslm.errors import FslmError
-from fslm.stack import Stack, StageResult, Trace
+from fslm.stack import Stack, Trace
 
 log = logging.getLogger("fslm")
 Event = tuple[str, dict[str, Any]]  # (stage_start | token | stage_end | done | error, payload)
@@ -183,7 +183,6 @@ class Scheduler:
         stage = stack.config.stages[batch[0].stage]
         settings = self._settings(batch[0])
         adapter = stack.stage_adapter(stage.name)
-        prompts = [stack.render_prompt(stage, j.trace.instruction, j.trace.input, j.trace.outputs) for j in batch]
         for job in batch:
             job.emit(("stage_start", {"stage": stage.name, "index": job.stage, "adapter": adapter}))
 
@@ -193,14 +192,11 @@ class Scheduler:
                 job.emit(("token", {"stage": stage.name, "delta": delta}))
 
         stream = on_text if any(j.tokens for j in batch) else None
-        start = time.perf_counter()
-        completions = stack.backend.generate(prompts, adapter, settings, label=stage.name, on_text=stream)
-        seconds = time.perf_counter() - start
-        self.batches = [*self.batches[-999:], (stage.name, len(batch), seconds)]
+        results = stack.run_stage(stage, [j.trace for j in batch], adapter=adapter, settings=settings, on_text=stream)
+        self.batches = [*self.batches[-999:], (stage.name, len(batch), results[0].seconds)]
         last = len(stack.config.stages) - 1
         with self.cond:
-            for job, prompt, c in zip(batch, prompts, completions, strict=True):
-                result = StageResult(stage.name, adapter, prompt, c.text, c.prompt_tokens, c.output_tokens, seconds)
+            for job, result in zip(batch, results, strict=True):
                 job.trace.stages.append(result)
                 payload = {k: v for k, v in result.__dict__.items() if k != "prompt"}
                 job.emit(("stage_end", payload))

@@ -17,10 +17,13 @@ import time
 from typing import Any
 
 from fslm import heap
+from fslm.backends.choose import choose_backend
 from fslm.distilled import DistilledRecord
 from fslm.events import EventHandler, Progress, emit
 from fslm.files import JsonlLog, sha256_file
+from fslm.stack import Stack
 from fslm.stackdir import StackDir
+from fslm.steps.export import refresh
 
 log = logging.getLogger("fslm")
 BATCH = 16
@@ -47,26 +50,6 @@ def _key(upstream: dict[str, Any], record: DistilledRecord) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-def choose_backend(stack_dir: StackDir, requested: str) -> str:
-    """`auto`: llama.cpp when the stack's architecture exports (and llama-cpp-python is installed), else torch."""
-    if requested != "auto":
-        return requested
-    try:
-        import llama_cpp  # noqa: F401
-
-        from fslm import models
-        from fslm.steps.export import SUPPORTED
-
-        config = stack_dir.load()
-        return (
-            "llamacpp"
-            if models.architecture(models.resolve(config.base.model, stack_dir.root)) in SUPPORTED
-            else "torch"
-        )
-    except Exception:  # any reason the fast path is unavailable means torch
-        return "torch"
-
-
 def student_outputs(
     stack_dir: StackDir,
     records: list[DistilledRecord],
@@ -78,10 +61,9 @@ def student_outputs(
 
     `loaded`: a Stack of this directory on torch with the upstream adapters attached, used when the backend is torch
     (so training does not load the base twice)."""
-    from fslm.stack import Stack
-
     config = stack_dir.load()
-    backend = choose_backend(stack_dir, backend)
+    # Local: the adapters just trained are here, not on the manifest's server; llama.cpp on a refreshed export.
+    backend = choose_backend(stack_dir, backend, refresh=True, local=True)
     upstream = upstream_key(stack_dir, config, backend)
     cache = JsonlLog(stack_dir.student_cache).open()
     known = {r["key"]: r["outputs"] for r in cache.rows if "key" in r}
@@ -92,9 +74,7 @@ def student_outputs(
     try:
         if todo:
             if backend == "llamacpp":
-                from fslm.steps.export import export
-
-                export(stack_dir.root)  # adapters of the trained upstream stages; the base is linked or reused
+                refresh(stack_dir.root)  # adapters of the trained upstream stages; the base is linked or reused
                 stack = Stack.load(stack_dir.root, backend="llamacpp")
             else:
                 stack = loaded if loaded is not None else Stack.load(stack_dir.root, backend="torch")
