@@ -30,7 +30,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from fslm import heap
-from fslm.config import ServerSettings
+from fslm.config import ServerSettings, load_config
 from fslm.errors import FslmError
 from fslm.events import Progress as ProgressEvent
 from fslm.quickstart import QuickstartOptions
@@ -39,8 +39,10 @@ from fslm.steps.distill import DistillOptions
 from fslm.steps.evaluate import EvalOptions
 from fslm.steps.export import ExportOptions
 from fslm.steps.init import InitOptions
+from fslm.steps.serve import serve as serve_step
 from fslm.steps.train import TrainOptions
 from fslm.teachers import TeacherSpec
+from fslm.web.options import ServeOptions, default_allowed_hosts
 
 app = typer.Typer(
     name="fslm",
@@ -93,7 +95,7 @@ def flag(model: type[BaseModel], field: str, *decls: str, **kwargs: Any) -> Any:
     if default is PydanticUndefined:
         default = ...
     elif isinstance(default, (list, tuple)):
-        default = ",".join(map(str, default))
+        default = ",".join(map(str, default)) if default else None  # empty: a repeatable option, given or not
     return typer.Option(default, *decls, help=info.description, **kwargs)
 
 
@@ -516,26 +518,16 @@ def check_contamination(
 @friendly
 def serve(
     directory: StackDir,
-    host: Annotated[str, typer.Option(help="Address to bind; the default serves this machine only.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
-    api_key: Annotated[
-        str | None, typer.Option(envvar="FSLM_API_KEY", help="Require Authorization: Bearer KEY (env FSLM_API_KEY).")
-    ] = None,
-    max_queue: Annotated[int, typer.Option(min=1, help="Requests in flight before answering 503.")] = 64,
-    max_batch: Annotated[int, typer.Option(min=1, help="Most requests generated together at one stage.")] = 32,
-    max_tokens: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for.")] = 4096,
-    max_body: Annotated[int, typer.Option(min=1, help="Largest request body in bytes (413 beyond).")] = 1 << 20,
-    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a request may take, queueing included.")] = 300.0,
-    cors_origin: Annotated[
-        list[str] | None, typer.Option(help="Allow browser calls from this origin (repeat).")
-    ] = None,
-    backend: Annotated[
-        str | None,
-        typer.Option(
-            help="Backend: torch, llamacpp or openai (default: llamacpp when the GGUF export is current and the "
-            "manifest says torch, else the manifest's base.backend)."
-        ),
-    ] = None,
+    host: str = flag(ServeOptions, "host"),
+    port: int = flag(ServeOptions, "port", min=0, max=65535),
+    api_key: str | None = flag(ServeOptions, "api_key", envvar="FSLM_API_KEY"),
+    max_queue: int = flag(ServeOptions, "max_queue", min=1),
+    max_batch: int = flag(ServeOptions, "max_batch", min=1),
+    max_tokens: int = flag(ServeOptions, "max_tokens", min=1),
+    max_body: int = flag(ServeOptions, "max_body", min=1),
+    timeout: float = flag(ServeOptions, "timeout", min=0.1),
+    cors_origin: list[str] | None = flag(ServeOptions, "cors_origins", "--cors-origin"),
+    backend: str | None = flag(ServeOptions, "backend"),
     allowed_host: Annotated[
         list[str] | None,
         typer.Option(
@@ -548,11 +540,6 @@ def serve(
     api_key_env: ApiKeyEnv = None,
 ) -> None:
     """Serve the stack: OpenAI-compatible API (/v1/chat/completions), per-stage streaming, and a web page at /."""
-    from fslm.config import load_config
-    from fslm.stack import Stack
-    from fslm.steps.serve import ServeOptions, default_allowed_hosts
-    from fslm.steps.serve import serve as run_server
-
     _grant(trust_remote_code, allow_server, api_key_env)
     config = load_config(directory)  # validate before the (slow) model load
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
@@ -562,21 +549,21 @@ def serve(
             "[yellow]note:[/] requests must name this machine as 127.0.0.1/localhost; add --allowed-host NAME for "
             "each host name clients use to reach it (Host header check, against DNS rebinding)"
         )
-    with err.status(f"loading {config.base.model}"):
-        stack = Stack.load(directory, backend=backend or "auto")
-    err.print(f"backend: {stack.backend.name}")
-    options = ServeOptions(
-        api_key=api_key or None,
-        max_body=max_body,
-        max_queue=max_queue,
-        max_batch=max_batch,
-        max_tokens=max_tokens,
-        timeout=timeout,
-        cors_origins=tuple(cors_origin or ()),
-        allowed_hosts=(*default_allowed_hosts(host), *(allowed_host or ())),
-    )
-    err.print(f"serving [bold]{config.name}[/] on http://{host}:{port}/ (OpenAI base_url http://{host}:{port}/v1)")
-    run_server(stack, host=host, port=port, options=options)
+    given = {
+        "api_key": api_key or None,
+        "cors_origins": tuple(cors_origin or ()),
+        "allowed_hosts": (*default_allowed_hosts(host), *(allowed_host or ())),
+    }
+    options = ServeOptions.pick({**locals(), **given})
+    with err.status(f"loading {config.base.model}") as status:
+
+        def serving(event: ProgressEvent) -> None:
+            status.stop()
+            url = event.info["url"]
+            err.print(f"backend: {event.info['backend']}")
+            err.print(f"serving [bold]{config.name}[/] on {url} (OpenAI base_url {url}v1)")
+
+        serve_step(directory, options, on_event=serving)
 
 
 @app.command()

@@ -25,8 +25,8 @@ from fslm.config import load_config
 from fslm.data import read_dataset
 from fslm.errors import FslmError
 from fslm.stack import Stack
-from fslm.steps.serve import ServeOptions
 from fslm.trust import Trust
+from fslm.web.options import ServeOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -278,7 +278,7 @@ def test_host_header_must_name_this_machine(fake, url):
 
 
 def test_cli_serve_allows_its_bind_address_and_given_hosts():
-    from fslm.steps.serve import default_allowed_hosts
+    from fslm.web.options import default_allowed_hosts
 
     assert default_allowed_hosts("127.0.0.1") == ("127.0.0.1", "localhost", "::1")
     assert default_allowed_hosts("192.168.1.5")[-1] == "192.168.1.5"
@@ -318,9 +318,9 @@ def test_a_500_names_nothing_and_the_log_has_the_details(fake, url, caplog, monk
     assert "disk on fire" in caplog.text  # the operator sees it
     fake.backend.fail = None
     # An exception in the HTTP layer itself: the same generic body.
-    import fslm.steps.serve
+    import fslm.web.app
 
-    monkeypatch.setattr(fslm.steps.serve, "usage", lambda *t: 1 / 0)
+    monkeypatch.setattr(fslm.web.app, "usage", lambda *t: 1 / 0)
     r = httpx.post(f"{url}/v1/chat/completions", json=CHAT)
     assert r.status_code == 500 and "ZeroDivision" not in r.text and r.json()["error"]["message"]
 

@@ -1,4 +1,4 @@
-"""`fslm serve`: an OpenAI-compatible HTTP server over a `Stack`, with per-stage streaming and a web page.
+"""The app `fslm serve` runs: an OpenAI-compatible HTTP server over a `Stack`, with per-stage streaming and a web page.
 
 Endpoints
 - `POST /v1/chat/completions`: the last user message is the instruction; the answer stage's text is the message
@@ -7,15 +7,15 @@ Endpoints
 - `GET /v1/models`, `GET /health`, `POST /v1/stack/run` (trace JSON), `POST|GET /v1/stack/stream` (SSE events
   `stage_start`, `token`, `stage_end`, `done`, `error`), `GET /` (the web page).
 
-Generation happens on one worker thread (`fslm.steps.serve_batching.Scheduler`), which batches requests at the same stage.
+Generation happens on one worker thread (`fslm.web.scheduler.Scheduler`), which batches requests at the same stage.
 Limits: bounded queue (503 + Retry-After), body size (413), API key (401), validation (400), per-request timeout
 (504), Host header (421, against DNS rebinding), Content-Type (415). Errors are OpenAI-style
 `{"error": {"message", "type", "param", "code"}}`; a 500 says nothing more than "internal error" (details go to the
 server log).
 
-Reading order: the options and the HTTP-level checks (Host, errors); `create_app`, which wires one `Server` (what
-every request shares, the steps a request takes, one method per route) into FastAPI; the reply helpers; request
-validation (`parse_chat`, `parse_run`); `serve`.
+Reading order: `create_app`, which wires one `Server` (what every request shares, the steps a request takes, one
+method per route) into FastAPI; the reply helpers. The options are fslm.web.options, the Host check and the error
+shape fslm.web.guard, request validation (`parse_chat`, `parse_run`) fslm.web.parse.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import math
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -39,91 +37,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from fslm.backends import cut_at_stop
 from fslm.stack import Stack
-from fslm.steps.serve_batching import Event, QueueFull, Scheduler
-
-ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-MAX_N = 8  # choices per request (each is a whole run of the stack)
-MAX_STOP = 4  # stop strings per request (OpenAI's limit)
-
-
-@dataclass
-class ServeOptions:
-    api_key: str | None = None
-    max_body: int = 1 << 20  # bytes
-    max_queue: int = 64
-    max_batch: int = 32
-    max_tokens: int = 4096  # the largest max_tokens a request may ask for
-    timeout: float = 300.0  # seconds per request, queueing included
-    cors_origins: tuple[str, ...] = ()
-    retry_after: int = 2  # seconds, sent with 503
-    # Host header names accepted (any port); "*" accepts any. A page on another site that makes its own name
-    # resolve to 127.0.0.1 (DNS rebinding) sends its own name here, so only names of this machine pass.
-    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
-
-
-def default_allowed_hosts(bind: str) -> tuple[str, ...]:
-    """The loopback names, plus the address the server binds when it is a specific one (not 0.0.0.0 / ::)."""
-    extra = () if bind in ("", "0.0.0.0", "::") or bind in LOOPBACK_HOSTS else (bind,)
-    return (*LOOPBACK_HOSTS, *extra)
-
-
-def host_name(header: str) -> str:
-    """The host part of a Host header, lower-case, without port, IPv6 brackets or a trailing dot."""
-    header = header.strip().lower()
-    if header.startswith("["):
-        name = header[1 : header.find("]")] if "]" in header else header
-    elif header.count(":") == 1:
-        name = header.partition(":")[0]
-    else:
-        name = header
-    return name.rstrip(".")
-
-
-class HostCheck:
-    """ASGI middleware: refuse a request whose Host header is not an allowed name (421, OpenAI-style body)."""
-
-    def __init__(self, app: Any, allowed: tuple[str, ...]) -> None:
-        self.app = app
-        self.any = "*" in allowed
-        self.allowed = {host_name(h) for h in allowed}
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] in ("http", "websocket") and not self.any:
-            raw = next((v for k, v in scope.get("headers", ()) if k == b"host"), b"").decode("latin-1")
-            if host_name(raw) not in self.allowed:
-                allowed = ", ".join(sorted(self.allowed))
-                e = ApiError(421, f"Host {raw[:100]!r} is not served here (allowed: {allowed}; the server's "
-                                  "--allowed-host adds names)", code="untrusted_host")  # fmt: skip
-                await JSONResponse(e.body(), status_code=421)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:  # fmt: skip
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-
-@dataclass
-class Ask:
-    instruction: str
-    input: str | None
-    max_tokens: int | None
-    stream: bool
-    model: str
-    n: int = 1
-    final: dict[str, Any] | None = None  # overrides of the final stage's generation (temperature, top_p, stop)
-
-
-class ClientGone(Exception):
-    """The client closed the connection before its answer was ready."""
+from fslm.web.guard import ApiError, ClientGone, HostCheck
+from fslm.web.options import ServeOptions
+from fslm.web.parse import Ask, parse_chat, parse_run
+from fslm.web.scheduler import Event, QueueFull, Scheduler
 
 
 def create_app(stack: Stack, options: ServeOptions | None = None) -> Any:
@@ -452,141 +369,3 @@ def usage(*traces: dict[str, Any]) -> dict[str, int]:
     prompt = sum(s["prompt_tokens"] for t in traces for s in t["stages"])
     completion = sum(s["output_tokens"] for t in traces for s in t["stages"])
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-# --- request validation (400 with the offending field as `param`) ------------------------------------------
-
-
-def _bad(message: str, param: str | None) -> ApiError:
-    return ApiError(400, message, param=param, code="invalid_value")
-
-
-def _max_tokens(body: dict[str, Any], limit: int) -> int | None:
-    for key in ("max_completion_tokens", "max_tokens"):
-        value = body.get(key)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
-            raise _bad(f"{key} must be an integer from 1 to {limit}", key)
-        return value
-    return None
-
-
-def _number(body: dict[str, Any], key: str, low: float, high: float, low_open: bool = False) -> float | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value > high or value < low or (low_open and value == low):
-        bound = f"greater than {low:g}" if low_open else f"from {low:g}"
-        raise _bad(f"{key} must be a number {bound} to {high:g}", key)
-    return float(value)
-
-
-def _sampling(body: dict[str, Any], stage_stop: tuple[str, ...] | list[str]) -> tuple[int, dict[str, Any] | None]:
-    """`n` and the final stage's overrides: temperature, top_p, stop (OpenAI's meanings, applied to the answer)."""
-    n = body.get("n")
-    if n is None:
-        n = 1
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
-        raise _bad(f"n must be an integer from 1 to {MAX_N}", "n")
-    final: dict[str, Any] = {}
-    temperature = _number(body, "temperature", 0.0, 2.0)
-    if temperature is not None:
-        final["temperature"] = temperature
-    top_p = _number(body, "top_p", 0.0, 1.0, low_open=True)
-    if top_p is not None:
-        final["top_p"] = top_p
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None:
-        if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(x, str) and x for x in stop):
-            raise _bad(f"stop must be a non-empty string or a list of at most {MAX_STOP} of them", "stop")
-        for x in stop:
-            _utf8(x, "stop")
-        final["stop"] = [*stage_stop, *(x for x in stop if x not in stage_stop)]
-    return n, final or None
-
-
-def _utf8(text: str, param: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise _bad("text must be valid Unicode (no lone surrogates)", param) from None
-
-
-def _text(content: Any, param: str) -> str:
-    """A message's text: a string, or the text parts of a content-part list."""
-    if isinstance(content, str):
-        return content
-    if content is None:
-        return ""
-    if isinstance(content, list):
-        parts = []
-        for i, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise _bad(f"{param}[{i}] must be a text part ({{'type': 'text', 'text': ...}})", f"{param}[{i}]")
-            parts.append(part["text"])
-        return "\n".join(parts)
-    raise _bad(f"{param} must be a string or a list of text parts", param)
-
-
-def parse_chat(body: Any, max_tokens: int, model: str, stage_stop: tuple[str, ...] | list[str] = ()) -> Ask:
-    if not isinstance(body, dict):
-        raise _bad("the body must be a JSON object", None)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise _bad("messages must be a non-empty list", "messages")
-    if len(messages) > 256:
-        raise _bad("at most 256 messages", "messages")
-    instruction = None
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise _bad(f"messages[{i}] must be an object", f"messages[{i}]")
-        if not isinstance(m.get("role"), str) or m["role"] not in ROLES:
-            raise _bad(f"messages[{i}].role must be one of {', '.join(sorted(ROLES))}", f"messages[{i}].role")
-        text = _text(m.get("content"), f"messages[{i}].content")
-        if m["role"] == "user":
-            instruction = text
-    if instruction is None or not instruction.strip():
-        raise _bad("the last user message is the instruction and must not be empty", "messages")
-    _utf8(instruction, "messages")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise _bad("stream must be true or false", "stream")
-    name = body.get("model", model)
-    if not isinstance(name, str):
-        raise _bad("model must be a string", "model")
-    _utf8(name, "model")  # echoed in the answer
-    n, final = _sampling(body, stage_stop)
-    if stream and n > 1:
-        raise _bad("n > 1 is not supported with stream: true", "n")
-    return Ask(instruction.strip(), None, _max_tokens(body, max_tokens), stream, name[:256] or model, n, final)
-
-
-def parse_run(body: Any, max_tokens: int, from_query: bool = False) -> Ask:
-    """`{"instruction": ..., "input": ..., "max_tokens": ...}` for /v1/stack/run and /v1/stack/stream."""
-    if not isinstance(body, dict):
-        raise _bad("the body must be a JSON object", None)
-    body = dict(body)
-    if from_query and "max_tokens" in body:
-        raw = body["max_tokens"]  # a string; int() of thousands of digits raises (and needs no trying)
-        body["max_tokens"] = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 12 else raw
-    instruction, input = body.get("instruction"), body.get("input")
-    if not isinstance(instruction, str) or not instruction.strip():
-        raise _bad("instruction must be a non-empty string", "instruction")
-    if input is not None and not isinstance(input, str):
-        raise _bad("input must be a string", "input")
-    _utf8(instruction + (input or ""), "instruction")
-    return Ask(instruction.strip(), (input or "").strip() or None, _max_tokens(body, max_tokens), True, "")
-
-
-def serve(stack: Stack, host: str = "127.0.0.1", port: int = 8000, options: ServeOptions | None = None) -> None:
-    """Run the server in the foreground until interrupted."""
-    import uvicorn
-
-    opts = options or ServeOptions()
-    if opts.api_key is None and os.environ.get("FSLM_API_KEY"):
-        opts.api_key = os.environ["FSLM_API_KEY"]
-    uvicorn.run(create_app(stack, opts), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
