@@ -92,8 +92,8 @@ def _child(args: argparse.Namespace) -> dict:
 
     from fslm.distilled import read_distilled
     from fslm.stack import Stack
-    from fslm.steps.train import lora_config
-    from fslm.steps.train_data import PadCollator, build_examples, target_token_loss
+    from fslm.steps.train.examples import PadCollator, build_examples, target_token_loss
+    from fslm.steps.train.run import lora_config
 
     torch.manual_seed(0)
     stack = Stack.load(args.stack, backend="torch")

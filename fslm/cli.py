@@ -33,12 +33,12 @@ from fslm import heap
 from fslm.config import ServerSettings, load_config
 from fslm.errors import FslmError
 from fslm.events import Progress as ProgressEvent
-from fslm.quickstart import QuickstartOptions
 from fslm.stack import StageResult, Trace
 from fslm.steps.distill import DistillOptions
 from fslm.steps.evaluate import EvalOptions
 from fslm.steps.export import ExportOptions
 from fslm.steps.init import InitOptions
+from fslm.steps.quickstart import QuickstartOptions
 from fslm.steps.serve import serve as serve_step
 from fslm.steps.train import TrainOptions
 from fslm.teachers import TeacherSpec
@@ -606,7 +606,7 @@ def print_eval_table(results: dict[str, Any]) -> None:
 
 
 def print_paired(rows: list[dict[str, Any]], title: str) -> None:
-    from fslm.steps.eval_stats import format_p
+    from fslm.steps.evaluate.stats import format_p
 
     table = Table("task", "metric", "A", "B", "n", "A − B (95% CI)", "A only / B only", "McNemar p", title=title)
     for r in rows:
@@ -697,7 +697,7 @@ def eval_compare_cmd(
 ) -> None:
     """Paired comparison of two eval runs on the items both scored (matched by item id)."""
     from fslm.options import comma_list
-    from fslm.steps.eval_stats import METRICS, compare_runs
+    from fslm.steps.evaluate.stats import METRICS, compare_runs
 
     metrics = comma_list(metric)
     unknown = [m for m in metrics if m not in METRICS]
@@ -730,8 +730,8 @@ def eval_compare_cmd(
 @friendly
 def lm_eval_cmd(ctx: typer.Context) -> None:
     """lm-evaluation-harness's own CLI with fslm's model (`--model fslm`) and offline tasks (fslm_*) registered."""
-    import fslm.steps.lm_eval_model  # noqa: F401  registers --model fslm
-    from fslm.steps.evaluate import TASKS_DIR
+    import fslm.steps.evaluate.lm_eval_model  # noqa: F401  registers --model fslm
+    from fslm.steps.evaluate.run import TASKS_DIR
 
     argv = list(ctx.args)
     if argv and argv[0] not in ("run", "ls", "validate", "-h", "--help"):
@@ -761,7 +761,7 @@ def quickstart(
     filters: str = flag(QuickstartOptions, "filters"),
 ) -> None:
     """The whole pipeline on the embedded model, offline, in minutes: init, distill, train, run, eval."""
-    from fslm.quickstart import quickstart as quickstart_step
+    from fslm.steps.quickstart import quickstart as quickstart_step
 
     options = QuickstartOptions.pick(locals())
     with EventView() as view:

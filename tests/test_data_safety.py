@@ -23,7 +23,8 @@ from fslm.files import exclusive
 from fslm.stackdir import StackDir
 from fslm.steps.distill import DistillOptions, distill_records
 from fslm.steps.init import InitOptions, init
-from fslm.steps.train import RunState, TrainOptions, _manifest_hash, train
+from fslm.steps.train import TrainOptions, train
+from fslm.steps.train.run import RunState, _manifest_hash
 from fslm.teachers import TeacherOutput
 
 HOLD = "import sys, time; from fslm.files import exclusive\nwith exclusive(sys.argv[1], 'x'):\n    print('held', flush=True); time.sleep(60)"

@@ -464,7 +464,7 @@ def eval_stack(tmp_path_factory) -> Path:
 
 
 def test_batch_size_in_model_args_wins_over_lm_evals_default(eval_stack):
-    from fslm.steps.lm_eval_model import FslmLM
+    from fslm.steps.evaluate.lm_eval_model import FslmLM
 
     lm_eval_adds = {"batch_size": 1, "max_batch_size": None, "device": None}  # what lm-eval 0.4.13 passes
     lm = FslmLM.create_from_arg_string(f"stack={eval_stack},system=base,batch_size=8", lm_eval_adds)

@@ -16,8 +16,9 @@ from test_train import write_distilled
 from transformers import Trainer
 
 from fslm import Stack
-from fslm.steps.train import TrainOptions, _make_trainer, train
-from fslm.steps.train_data import IGNORE_INDEX, Examples, PadCollator, target_token_loss
+from fslm.steps.train import TrainOptions, train
+from fslm.steps.train.examples import IGNORE_INDEX, Examples, PadCollator, target_token_loss
+from fslm.steps.train.run import _make_trainer
 
 
 def _examples(vocab: int, seed: int = 0) -> list[dict[str, list[int]]]:

@@ -5,9 +5,9 @@
   stage may generate, so the stage could never produce it;
 - repetition: a degenerate loop ("the the the");
 - leak: an earlier stage's target, written while the teacher saw the reference (or a hint), gives the reference
-  away (fslm.steps.distill_checks.leaks);
+  away (fslm.steps.distill.checks.leaks);
 - options: an earlier stage's target of a multiple-choice record points at the options, which the student never
-  sees (fslm.steps.distill_checks.option_references).
+  sees (fslm.steps.distill.checks.option_references).
 """
 
 from __future__ import annotations

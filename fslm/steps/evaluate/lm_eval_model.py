@@ -9,7 +9,7 @@ hands its arguments to lm-eval's own CLI. Systems:
 - `stack`: stages 1..N-1 generate once per distinct context (cached: all answer choices share it), on the stage
   backend (`stages`: a Stack on llama.cpp or a server, or the scoring stack itself); the final stage scores the
   continuation on PyTorch after its own prompt, built from the context and the earlier stages' outputs.
-  `scoring` chooses how paths combine (chain, ensemble, gate: fslm/steps/eval_scoring.py).
+  `scoring` chooses how paths combine (chain, ensemble, gate: fslm/steps/evaluate/scoring.py).
   `ablate=<stage>` runs that stage on the bare base model.
 
 Scores are pinned: the choices of one question share one pass over their context (TorchBackend.score), float32
@@ -36,8 +36,8 @@ from fslm.errors import FslmError
 from fslm.files import JsonlLog
 from fslm.stack import SYSTEMS
 from fslm.stackdir import BASELINES
-from fslm.steps import eval_scoring as scoring_modes
-from fslm.steps.eval_stages import load_stage_stack, run_stages
+from fslm.steps.evaluate import scoring as scoring_modes
+from fslm.steps.evaluate.stages import load_stage_stack, run_stages
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 PerTask = float | Mapping[str, float] | None  # one value, or one per lm-eval task name (fslm_arc_easy: 0.3)

@@ -12,7 +12,7 @@ sections headed `### <Stage>` (`joint_messages`; each section described by the s
 multiple-choice question's options; the teacher may: `--options answer` shows them only in the request where it names
 its final answer (the final stage's prompt, reading the earlier stages it wrote blind: `OPTIONS_NOTE`), `shown` in
 every request (`JOINT_OPTIONS_NOTE` in joint mode). Earlier-stage targets must not point at them
-(`distill_checks.option_references`).
+(`fslm.steps.distill.checks.option_references`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`fslm distill`: a teacher writes, for every instruction of a dataset, the text each stage should produce.
 
 For each record the teacher writes the earlier stages in order, each reading its own earlier outputs (prompts in
-`distill_prompts`); what it sees of the record's reference is the *reference policy* (docs/distill.md):
+`fslm.steps.distill.prompts`); what it sees of the record's reference is the *reference policy* (docs/distill.md):
 
 - `hidden` (default): never. Where the answer can be checked (multiple choice, GSM8K), the teacher also answers
   the final stage itself, and a record whose answer is wrong is dropped: only rationales that led the teacher to
@@ -12,8 +12,8 @@ For each record the teacher writes the earlier stages in order, each reading its
 - `shown`: the reference is appended to every earlier stage's prompt (the first recipe, kept for comparison).
 
 The final stage's target is the gold answer (in the form the evaluation scores it) or the dataset's reference,
-unless `final_from="teacher"` for free-text records. Quality filters (`distill_filters`) and the leak guard
-(`distill_checks.leaks`) reject targets; every rejection is kept in `<out>.rejected.jsonl` with its reason.
+unless `final_from="teacher"` for free-text records. Quality filters (`fslm.steps.distill.filters`) and the leak guard
+(`fslm.steps.distill.checks.leaks`) reject targets; every rejection is kept in `<out>.rejected.jsonl` with its reason.
 `--samples K` writes K sampled chains per record (identical ones dropped). Output format: docs/formats.md.
 
 Never pay twice, never lose work:
@@ -46,10 +46,10 @@ from fslm.events import EventHandler, Progress, emit
 from fslm.files import JsonlLog, atomic_write_text, exclusive, sha256_file
 from fslm.options import Options, comma_list
 from fslm.provenance import now, versions
-from fslm.steps.distill_cache import TeacherCache
-from fslm.steps.distill_checks import leaks, option_references
-from fslm.steps.distill_filters import FILTERS, check_target, trim_to_sentence
-from fslm.steps.distill_prompts import (
+from fslm.steps.distill.cache import TeacherCache
+from fslm.steps.distill.checks import leaks, option_references
+from fslm.steps.distill.filters import FILTERS, check_target, trim_to_sentence
+from fslm.steps.distill.prompts import (
     hint_note,
     join_notes,
     joint_messages,

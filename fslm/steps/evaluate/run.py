@@ -1,11 +1,11 @@
 """`fslm eval`: base vs single adapter vs stack on offline benchmarks, through lm-evaluation-harness.
 
-One `Stack` is loaded once on PyTorch (it scores); each system is an `FslmLM` view of it (fslm/steps/lm_eval_model.py),
-and the stack's stages 1..N-1 generate on the stage backend (fslm/steps/eval_stages.py: llama.cpp or a server when
-available). The tasks are the offline YAMLs shipped in fslm/tasks/ (they read --data-dir). Every system sees the same
+One `Stack` is loaded once on PyTorch (it scores); each system is an `FslmLM` view of it (fslm/steps/evaluate/lm_eval_model.py),
+and the stack's stages 1..N-1 generate on the stage backend (fslm/steps/evaluate/stages.py: llama.cpp or a server when
+available). The tasks are the offline YAMLs shipped in fslm/steps/evaluate/tasks/ (they read --data-dir). Every system sees the same
 seeded subset of items; lm-eval's per-sample log gives each system's per-item correctness, from which every pair of
-systems gets a paired difference with a bootstrap interval and McNemar's test (fslm/steps/eval_stats.py). The
-stack's ensemble and gate modes tune their weight on each task's dev split first (fslm/steps/eval_scoring.py).
+systems gets a paired difference with a bootstrap interval and McNemar's test (fslm/steps/evaluate/stats.py). The
+stack's ensemble and gate modes tune their weight on each task's dev split first (fslm/steps/evaluate/scoring.py).
 Each finished system is saved under REPORT/systems/ (keyed by the options it depends on: a stack-only option never
 recomputes the base row), and the stack's stage texts are appended there as they are generated, so a killed run
 resumes where it stopped.
@@ -40,7 +40,7 @@ from fslm.stackdir import BASELINES, StackDir
 
 log = logging.getLogger("fslm")
 
-TASKS_DIR = Path(__file__).parent.parent / "tasks"
+TASKS_DIR = Path(__file__).parent / "tasks"
 # our task names -> the contamination module's split names (fslm/contamination.py TEST_SPLITS)
 CONTAMINATION_SPLITS = {
     "arc_easy": ["arc_easy"],
@@ -339,10 +339,10 @@ def tune_on_dev(
     """λ (ensemble) or τ (gate) per task, from every path's scores on a seeded subset of the task's dev split.
 
     The stack scores each dev question on the direct path and on the chains the mode uses (all of them: the value
-    is not known yet); a grid of values is then evaluated offline on those scores (fslm/steps/eval_scoring.py).
+    is not known yet); a grid of values is then evaluated offline on those scores (fslm/steps/evaluate/scoring.py).
     The test items are never seen here."""
-    from fslm.steps import eval_scoring
-    from fslm.steps.lm_eval_model import FslmLM
+    from fslm.steps.evaluate import scoring as eval_scoring
+    from fslm.steps.evaluate.lm_eval_model import FslmLM
 
     def report(what: str, n: int, total: int) -> None:
         emit(on_event, Progress("eval", f"tune on dev: {what}", n, total))
@@ -461,7 +461,7 @@ def _results(
     warnings: list[str],
 ) -> dict[str, Any]:
     """results.json: the rows, the setup, every pair of systems compared on the same items, and versions."""
-    from fslm.steps.eval_stats import system_pairs
+    from fslm.steps.evaluate.stats import system_pairs
 
     return {
         "stack": str(directory.resolve()),
@@ -494,8 +494,8 @@ def evaluate(
 ) -> EvalResult:
     """Run every system on every task; write results.json, report.md and accuracy_vs_cost.png under `out`."""
     from fslm.stack import Stack
-    from fslm.steps import eval_stages
-    from fslm.steps.lm_eval_model import FslmLM
+    from fslm.steps.evaluate import stages as eval_stages
+    from fslm.steps.evaluate.lm_eval_model import FslmLM
 
     directory, out = Path(stack), Path(out)
     stack_dir = StackDir(directory)
@@ -605,7 +605,7 @@ def _stage_agreement(lm: Any, reference: Any, options: EvalOptions) -> dict[str,
     """Greedy stage text of the fast path vs PyTorch on a seeded sample of the questions this row ran."""
     import random
 
-    from fslm.steps.eval_stages import stage_agreement
+    from fslm.steps.evaluate.stages import stage_agreement
 
     greedy = lm.greedy_outputs()
     pool = sorted(greedy) or sorted({c for c, _ in lm.prefix_cache})
@@ -628,7 +628,7 @@ def _stage_agreement(lm: Any, reference: Any, options: EvalOptions) -> dict[str,
 
 
 def report_markdown(results: dict[str, Any]) -> str:
-    from fslm.steps.eval_stats import markdown_table
+    from fslm.steps.evaluate.stats import markdown_table
 
     tasks = results["tasks"]
     head = "| system | " + " | ".join(tasks) + " | mean | s/query | params/query | peak RSS MB |"
