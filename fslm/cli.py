@@ -731,7 +731,7 @@ def eval_compare_cmd(
 def lm_eval_cmd(ctx: typer.Context) -> None:
     """lm-evaluation-harness's own CLI with fslm's model (`--model fslm`) and offline tasks (fslm_*) registered."""
     import fslm.steps.evaluate.lm_eval_model  # noqa: F401  registers --model fslm
-    from fslm.steps.evaluate.run import TASKS_DIR
+    from fslm.steps.evaluate.harness import TASKS_DIR
 
     argv = list(ctx.args)
     if argv and argv[0] not in ("run", "ls", "validate", "-h", "--help"):

@@ -260,7 +260,8 @@ def test_contamination_warning_when_training_data_overlaps(tmp_path, data_dir, e
     import shutil
 
     from fslm.config import StageTraining, load_config, save_config
-    from fslm.steps.evaluate.run import EvalOptions, contamination_warnings
+    from fslm.steps.evaluate import EvalOptions
+    from fslm.steps.evaluate.checks import contamination_warnings
 
     directory = tmp_path / "stack"
     shutil.copytree(eval_stack, directory)

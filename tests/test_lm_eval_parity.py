@@ -50,7 +50,7 @@ def _evaluate(lm, data_dir: Path) -> dict:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from fslm.steps.evaluate.run import TASKS_DIR, quiet_lm_eval
+    from fslm.steps.evaluate.harness import TASKS_DIR, quiet_lm_eval
 
     manager = TaskManager(
         include_path=str(TASKS_DIR),

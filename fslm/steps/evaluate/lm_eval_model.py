@@ -37,6 +37,7 @@ from fslm.files import JsonlLog
 from fslm.stack import SYSTEMS
 from fslm.stackdir import BASELINES
 from fslm.steps.evaluate import scoring as scoring_modes
+from fslm.steps.evaluate.options import EvalOptions
 from fslm.steps.evaluate.stages import load_stage_stack, run_stages
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
@@ -129,6 +130,35 @@ class FslmLM(TemplateLM):
         self.resumed_chains = 0
         self.stage_log = self._open_stage_log(stage_log, stage_log_key) if stage_log else None
         self.stage_log_key = stage_log_key
+
+    @classmethod
+    def for_options(
+        cls,
+        loaded: Any,
+        options: EvalOptions,
+        progress: Progress | None,
+        *,
+        system: str = "stack",
+        stages: Any = None,
+        **extra: Any,
+    ) -> FslmLM:
+        """A system as `fslm eval` scores it, over the one loaded scoring stack: the options' batch, stage budget and
+        scoring settings (the stack's scoring mode and stage stack apply to the stack rows alone)."""
+        stack = system == "stack"
+        return cls(
+            loaded,
+            system=system,
+            batch_size=options.batch_size,
+            stage_tokens=options.stage_tokens,
+            progress=progress,
+            stages=stages if stack else None,
+            stage_batch=options.stage_batch,
+            scoring=options.stack_scoring if stack else "chain",
+            chains=options.chains,
+            temperature=options.chain_temperature,
+            seed=options.seed,
+            **extra,
+        )
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None) -> FslmLM:
