@@ -1,22 +1,22 @@
-"""Training data for `fslm train`: distilled JSONL -> tokenised, prompt-masked examples per stage.
+"""Training examples for `fslm train`: distilled records -> tokenised, prompt-masked examples per stage.
 
-Each example is the stage prompt exactly as `Stack.run` renders it at inference (earlier stages' outputs replaced
+Each example is the stage prompt exactly as `Stack.render_prompt` renders it at inference (earlier stages' outputs replaced
 by their distilled targets), followed by the stage's target text and EOS. Only the target tokens carry a loss.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
-
-import torch
-from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from fslm.distilled import DistilledRecord, Problem
 from fslm.errors import FslmError
 from fslm.stackdir import BASELINES, MULTITASK, SINGLE
 
+log = logging.getLogger("fslm")
 IGNORE_INDEX = -100  # label of prompt and padding tokens: no loss
 
 
@@ -134,119 +134,27 @@ def build_examples(
     return out
 
 
-class PadCollator:
-    """Right-pads a batch to its own longest example (dynamic padding), or to `fixed_length` (the naive way)."""
-
-    def __init__(self, pad_id: int, fixed_length: int | None = None, multiple_of: int = 1) -> None:
-        self.pad_id = pad_id
-        self.fixed_length = fixed_length
-        self.multiple_of = multiple_of
-
-    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        longest = max(len(f["input_ids"]) for f in features)
-        width = self.fixed_length or -(-longest // self.multiple_of) * self.multiple_of
-        ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(features), width), dtype=torch.long)
-        for i, f in enumerate(features):
-            n = len(f["input_ids"])
-            ids[i, :n] = torch.tensor(f["input_ids"])
-            labels[i, :n] = torch.tensor(f["labels"])
-            mask[i, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-class EpochLengthGroupedSampler(LengthGroupedSampler):
-    """transformers' length-grouped sampler, reseeded from (seed, epoch) so every process and a resumed run
-    draw exactly the same order; the stock one draws from the global RNG, which dropout also consumes."""
-
-    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
-        super().__init__(batch_size, lengths=lengths)
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        self.generator = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
-        return super().__iter__()
-
-
-# Architectures whose logits are exactly their output head's (no soft-capping or scaling after it): their loss may
-# run the head slice by slice (target_token_loss). Others take the one-slice path, correct but larger.
-PLAIN_HEAD_ARCHS = frozenset({"llama", "gpt_neox", "qwen2", "qwen3", "mistral", "phi3"})
-LOSS_SLICE = 256  # target positions per slice: 50 MB of float32 logits for a 49k vocabulary
-
-
-def target_token_loss(
-    model: Any,
-    head: torch.nn.Module,
-    inputs: dict[str, Any],
-    num_items_in_batch: Any = None,
-    slice_rows: int | None = LOSS_SLICE,
-) -> tuple[torch.Tensor, Any]:
-    """The causal-LM cross-entropy over the target tokens, with logits computed only where a target is predicted.
-
-    Why: the model's own loss computes float32 logits at every position of every row (batch x length x a 49k
-    vocabulary, then log-softmax and its gradient, each as large), although only the few positions followed by a
-    target token (labels != -100, shifted by one) carry a loss; prompts are hundreds of tokens, targets tens. A
-    forward pre-hook on the output head (`head`, the model's `get_output_embeddings()`) hands it only the hidden
-    states of those positions, so the head's matmul, the logits and their gradient shrink to (target tokens x
-    vocabulary). Whatever the model does to the logits after its head (a float cast, soft-capping) still applies.
-
-    On architectures whose logits are the head's alone (PLAIN_HEAD_ARCHS) the head and the cross-entropy go further:
-    they run over `slice_rows` target positions at a time, each slice recomputed in the backward pass instead of
-    kept, so the logits, their log-softmax and both gradients never exist for all targets at once (4 x 107 MB for
-    the embedded model's 570 answer targets of a batch of 4, against 4 x 50 MB). The model's own forward then runs
-    its head on no rows, and the returned outputs' logits are empty (0 x vocabulary). Costs one more head matmul.
-
-    The value equals transformers' `ForCausalLMLoss`: the sum over target tokens divided by `num_items_in_batch`
-    when the Trainer passes it (the target count of the whole accumulated batch), else the mean over this batch's
-    target tokens. Returns (loss, the model's outputs, whose logits are (target tokens x vocabulary) or empty).
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    labels = inputs["labels"]
-    targets = labels[:, 1:]
-    keep = targets.ne(IGNORE_INDEX)  # position t predicts token t + 1
-    arch = getattr(getattr(model, "config", None), "model_type", None)
-    sliced = slice_rows is not None and arch in PLAIN_HEAD_ARCHS
-    selected: list[torch.Tensor] = []
-
-    def only_target_positions(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        hidden = args[0]
-        if hidden.dim() != 3 or hidden.shape[:2] != labels.shape:
-            raise RuntimeError(f"the output head got hidden states of shape {tuple(hidden.shape)}, not batch x length")
-        rows = hidden[:, :-1][keep]
-        selected.append(rows)
-        return (rows[:0] if sliced else rows, *args[1:])
-
-    handle = head.register_forward_pre_hook(only_target_positions)
-    try:
-        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
-    finally:
-        handle.remove()
-    chosen = targets[keep].to(outputs["logits"].device)
-    if sliced:
-        hidden = selected[0]
-
-        def slice_loss(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return torch.nn.functional.cross_entropy(head(h).float(), y, reduction="sum")
-
-        step = slice_rows or 1
-        parts = [
-            checkpoint(slice_loss, hidden[i : i + step], chosen[i : i + step], use_reentrant=False)
-            for i in range(0, max(len(chosen), 1), step)
-        ]
-        total = torch.stack(parts).sum()
-        if num_items_in_batch is None:
-            return total / len(chosen), outputs  # the mean (NaN without targets, as cross_entropy's own mean)
-    else:
-        logits = outputs["logits"].float()  # as ForCausalLMLoss: the loss in float32 even under bf16 autocast
-        if num_items_in_batch is None:
-            return torch.nn.functional.cross_entropy(logits, chosen), outputs
-        total = torch.nn.functional.cross_entropy(logits, chosen, reduction="sum")
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch, outputs
+def report_problems(
+    data: Path, per_name: dict[str, list[Problem]], parse: list[Problem], strict: bool, quiet: bool = False
+) -> int:
+    """One line per bad record (naming the stages it was skipped for); fatal under --strict."""
+    grouped: dict[tuple[int, str], list[str]] = {}
+    for p in parse:
+        grouped.setdefault((p.line, p.message), [])
+    for name, problems in per_name.items():
+        for p in problems:
+            grouped.setdefault((p.line, p.message), []).append(name)
+    lines = []
+    for (line, message), names in sorted(grouped.items()):
+        where = f" (skipped for {', '.join(names)})" if names else " (skipped)"
+        lines.append(f"{data}:{line}: {message}{where}")
+    if not lines:
+        return 0
+    if strict:
+        more = f" (and {len(lines) - 1} more bad record(s))" if len(lines) > 1 else ""
+        raise FslmError(f"{lines[0].replace(' (skipped', ' (').replace(' ()', '')}{more}; fix it or drop --strict")
+    for text in lines[:20] if not quiet else []:
+        log.warning("%s", text)
+    if len(lines) > 20 and not quiet:
+        log.warning("... and %d more bad record(s)", len(lines) - 20)
+    return len(lines)
