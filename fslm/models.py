@@ -176,7 +176,7 @@ def gguf_cache_dir(ref: BaseRef, settings: BaseModelSettings) -> Path:
 def load_base(ref: BaseRef, settings: BaseModelSettings) -> tuple[Any, Any]:
     """(model, tokenizer) for a resolved reference.
 
-    A GGUF file is de-quantised by transformers once (~15 s for the embedded model) and kept as safetensors in
+    A GGUF file is de-quantised by transformers once (README.md says how long) and kept as safetensors in
     the fslm cache ($FSLM_CACHE, default ~/.cache/fslm); later loads take well under a second.
     """
     ref = _prefer_cache(ref, settings)

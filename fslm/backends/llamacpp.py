@@ -46,8 +46,7 @@ from fslm.stackdir import GGUF as GGUF_DIR
 def default_threads() -> int:
     """All cores up to 4 (llama-cpp-python defaults to half of them, and more than 4 gains little for small models),
     or $FSLM_LLAMACPP_THREADS. On a machine that other work keeps busy, fewer threads are much faster: llama.cpp's
-    threads spin-wait for each other, and one descheduled thread stalls them all (2 threads under a load of 8 on 2
-    cores: 3 tok/s; 1 thread: 23 tok/s, the embedded model)."""
+    threads spin-wait for each other, and one descheduled thread stalls them all (docs/export.md, "Threads")."""
     wanted = os.environ.get("FSLM_LLAMACPP_THREADS", "").strip()
     if wanted.isdigit() and int(wanted) > 0:
         return int(wanted)
@@ -108,12 +107,12 @@ class LlamaCppBackend(Backend):
     ) -> None:
         """Load `gguf_path` into one llama.cpp context.
 
-        n_ctx: KV cells shared by all sequences (default: the model's training context, ~190 MiB for SmolLM2); one
-        sequence may use up to the training context. max_sequences: rows decoded together (more wait for a free slot).
+        n_ctx: KV cells shared by all sequences (default: the model's training context); one sequence may use up to
+        the training context. max_sequences: rows decoded together (more wait for a free slot).
         prefix_cache: keep each stage's shared prompt prefix in the KV cache across calls.
         seed: the first seed of sampled rows whose settings carry none (`GenerationSettings.seed` wins).
         native_greedy: greedy rows also use llama.cpp's sampler chain (same tokens; by default greedy is an argmax
-        over llama.cpp's logits in numpy, which measured several times cheaper per token, docs/export.md).
+        over llama.cpp's logits in numpy, which is cheaper per token: docs/export.md).
         llama_params: fields of llama.cpp's llama_context_params or llama_model_params, e.g. type_k=0, type_v=0
         for an f32 KV cache (exactness checks) or flash_attn_type=0 (off; default: llama.cpp's auto).
         """
@@ -135,35 +134,7 @@ class LlamaCppBackend(Backend):
         self.max_sequences = max(1, max_sequences)
         self.prefix_slots = PREFIX_SLOTS if prefix_cache else 0
         self.native_greedy = native_greedy
-        model_params = lc.llama_model_default_params()  # after avoid_amx: without AMX buffers where they fault
-        context_params = lc.llama_context_default_params()
-        context_params.n_batch = context_params.n_ubatch = N_BATCH
-        context_params.n_threads = context_params.n_threads_batch = n_threads or default_threads()
-        # llama.cpp's own default (on where the device supports it). Measured here (2 cores, SmolLM2-135M): batched
-        # prompt evaluation 1.2-1.3x faster, and a batch of 32 rows in one unified KV cache 1.4x faster, because
-        # flash attention skips the cells a row's mask hides instead of multiplying through every live row's cells.
-        context_params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_AUTO
-        context_params.n_seq_max = self.max_sequences + self.prefix_slots
-        context_params.kv_unified = True  # one cell pool: a shared prefix is shared cells, any sequence may be long
-        context_params.no_perf = True
-        for key, value in llama_params.items():
-            target = _field_owner(key, context_params, model_params)
-            if target is None:
-                raise FslmError(
-                    f"unknown llama.cpp parameter {key!r} (not in llama_context_params or llama_model_params)"
-                )
-            setattr(target, key, value)
-        with _quiet_stderr():
-            self._model = lc.llama_model_load_from_file(str(path).encode(), model_params)
-        if not self._model:
-            raise FslmError(f"{path}: llama.cpp cannot load this GGUF file")
-        context_params.n_ctx = n_ctx or lc.llama_model_n_ctx_train(self._model)
-        with _quiet_stderr():
-            self._ctx = lc.llama_init_from_model(self._model, context_params)
-        if not self._ctx:
-            lc.llama_model_free(self._model)
-            self._model = None
-            raise FslmError(f"{path}: llama.cpp cannot create a context (n_ctx={context_params.n_ctx})")
+        self._open(path, n_ctx, n_threads, llama_params)
         self._mem = lc.llama_get_memory(self._ctx)
         self.n_ctx_train = int(lc.llama_model_n_ctx_train(self._model))
         self.n_vocab = int(lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self._model)))
@@ -179,6 +150,44 @@ class LlamaCppBackend(Backend):
         # Free adapters and context before interpreter teardown (late in exit the ctypes library may be gone).
         ref = weakref.ref(self)
         atexit.register(lambda: (b := ref()) is not None and b.close())
+
+    def _open(self, path: Path, n_ctx: int | None, n_threads: int | None, llama_params: dict[str, Any]) -> None:
+        """Load the model and create its one context (every row of every stage decodes in its unified KV cache)."""
+        lc = self._lc
+        model_params, context_params = self._params(n_threads, llama_params)
+        with _quiet_stderr():
+            self._model = lc.llama_model_load_from_file(str(path).encode(), model_params)
+        if not self._model:
+            raise FslmError(f"{path}: llama.cpp cannot load this GGUF file")
+        context_params.n_ctx = n_ctx or lc.llama_model_n_ctx_train(self._model)
+        with _quiet_stderr():
+            self._ctx = lc.llama_init_from_model(self._model, context_params)
+        if not self._ctx:
+            lc.llama_model_free(self._model)
+            self._model = None
+            raise FslmError(f"{path}: llama.cpp cannot create a context (n_ctx={context_params.n_ctx})")
+
+    def _params(self, n_threads: int | None, llama_params: dict[str, Any]) -> tuple[Any, Any]:
+        """llama.cpp's model and context parameters: its defaults, fslm's choices, then the caller's `llama_params`."""
+        lc = self._lc
+        model_params = lc.llama_model_default_params()  # after avoid_amx: without AMX buffers where they fault
+        context_params = lc.llama_context_default_params()
+        context_params.n_batch = context_params.n_ubatch = N_BATCH
+        context_params.n_threads = context_params.n_threads_batch = n_threads or default_threads()
+        # llama.cpp's own default (on where the device supports it): flash attention skips the cells a row's mask
+        # hides instead of multiplying through every live row's cells (docs/export.md has the figures).
+        context_params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_AUTO
+        context_params.n_seq_max = self.max_sequences + self.prefix_slots
+        context_params.kv_unified = True  # one cell pool: a shared prefix is shared cells, any sequence may be long
+        context_params.no_perf = True
+        for key, value in llama_params.items():
+            target = _field_owner(key, context_params, model_params)
+            if target is None:
+                raise FslmError(
+                    f"unknown llama.cpp parameter {key!r} (not in llama_context_params or llama_model_params)"
+                )
+            setattr(target, key, value)
+        return model_params, context_params
 
     @classmethod
     def from_gguf(

@@ -28,7 +28,7 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 # fills it with 2 questions, a 30-token lm-eval context with 8 or more.
 SHARED_TOKENS = 4096
 # Padded choice positions whose logits one batch holds (x 49k vocabulary x float32 = ~200 MB for SmolLM2): without
-# it, 25 short lm-eval questions fit the cache budget at once (peak RSS scoring 60 of them: 1.64 GB, with it 1.50).
+# it, many short lm-eval questions fit the cache budget at once and their logits dominate memory (docs/eval.md).
 CHOICE_POSITIONS = 1024
 
 

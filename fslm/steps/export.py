@@ -524,13 +524,32 @@ def export_gguf(
     out = stack_dir.gguf
     out.mkdir(parents=True, exist_ok=True)
     step = on_step or (lambda _: None)
+    base = _export_base(ref, config.base, out, quant, step)
+    adapter_dtype = "f32" if base["quant"] == "f32" else "f16"
+    adapters = _export_adapters(stack_dir, config, out, _gguf_heads(out / BASE_FILE), adapter_dtype, step)
+    manifest = {
+        "format": "gguf",
+        "architecture": arch,
+        "base": base,
+        "adapters": adapters,
+        "adapter_dtype": adapter_dtype,
+        "versions": versions(("gguf", "llama_cpp_python")),
+    }
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    return manifest
 
+
+def _export_base(
+    ref: models.BaseRef, settings: Any, out: Path, quant: str | None, step: Callable[[str], None]
+) -> dict[str, Any]:
+    """DIR/gguf/base.gguf: linked when the shipped GGUF already has the type asked for, kept when the last export
+    wrote it at this type from the same source files, else written; returns its manifest entry."""
     base_path = out / BASE_FILE
     shipped_type = _gguf_file_type(Path(ref.location)) if ref.kind == "gguf" else None
     tmp_link = base_path.with_name(f".{BASE_FILE}.{os.getpid()}.tmp")
     # f16 by default, even over a quantised GGUF base: llama.cpp then multiplies the very weights PyTorch de-quantised
-    # in f16, not Q4 weights by 8-bit-quantised activations, so the fast path writes PyTorch's text (greedy chains of
-    # the embedded stack: 81 % identical vs 0 % on Q4_1), and batched prompts run 2x faster (docs/export.md).
+    # in f16, not Q4 weights by 8-bit-quantised activations, so the fast path writes PyTorch's text, and batched
+    # prompts run faster (docs/export.md, "Base weights", has the figures).
     quant = quant or "f16"
     if ref.kind == "gguf" and quant == shipped_type:
         step(f"base: linking {Path(ref.location).name} ({shipped_type})")
@@ -540,25 +559,35 @@ def export_gguf(
         except OSError:
             shutil.copyfile(ref.location, tmp_link)
         os.replace(tmp_link, base_path)
-        quant = shipped_type or "unknown"
-        base_source = ref.location
-        base_stamp = None
+        return _base_entry(shipped_type or "unknown", ref.location, settings.model, None)
+    source = _base_source(ref, settings)
+    stamp = _source_stamp(source, ref)
+    if _written_base(out, base_path, quant, str(source), stamp):
+        # eval and train's student outputs export before every llama.cpp run: the same base is not written again
+        # (every weight read as float32 costs time and memory; docs/export.md)
+        step(f"base: reusing {BASE_FILE} ({quant}, written from {source})")
     else:
-        source = _base_source(ref, config.base)
-        stamp = _source_stamp(source, ref)
-        if _written_base(out, base_path, quant, str(source), stamp):
-            # training's student phase and eval export before every llama.cpp run: rewriting the base each time cost
-            # ~10 s and 0.8 GB (every weight read as float32) for the same bytes
-            step(f"base: reusing {BASE_FILE} ({quant}, written from {source})")
-        else:
-            step(f"base: writing {quant} GGUF from {source}")
-            tokenizer_from = Path(ref.location) if ref.kind == "gguf" else None
-            write_base_gguf(source, base_path, quant, tokenizer_from=tokenizer_from)
-        base_source = str(source)
-        base_stamp = stamp
-    base_cfg = _gguf_heads(base_path)
+        step(f"base: writing {quant} GGUF from {source}")
+        tokenizer_from = Path(ref.location) if ref.kind == "gguf" else None
+        write_base_gguf(source, base_path, quant, tokenizer_from=tokenizer_from)
+    return _base_entry(quant, str(source), settings.model, stamp)
 
-    adapter_dtype = "f32" if quant == "f32" else "f16"
+
+def _base_entry(quant: str, source: str, model: str, stamp: list[list[Any]] | None) -> dict[str, Any]:
+    """The manifest's `base`: the file, its type, what it was written from (the stamp: what a reuse compares)."""
+    return {"file": BASE_FILE, "quant": quant, "source": source, "model": model, "source_stamp": stamp}
+
+
+def _export_adapters(
+    stack_dir: StackDir,
+    config: Any,
+    out: Path,
+    base_cfg: dict[str, Any],
+    dtype: str,
+    step: Callable[[str], None],
+) -> dict[str, Any]:
+    """`<stage>.lora.gguf` for every stage with a PEFT adapter (a stale one of a stage without is removed); returns
+    their manifest entries."""
     adapters: dict[str, Any] = {}
     for stage in config.stages:
         target = out / adapter_file(stage.name)
@@ -567,25 +596,10 @@ def export_gguf(
             target.unlink(missing_ok=True)  # a stale adapter from an earlier export would be wrong now
             continue
         step(f"adapter: {stage.name}")
-        info = write_adapter_gguf(src, base_cfg, target, adapter_dtype)
+        info = write_adapter_gguf(src, base_cfg, target, dtype)
         adapters[stage.name] = {
             "file": target.name,
             "source_sha256": sha256_file(src / "adapter_model.safetensors"),
             **info,
         }
-    manifest = {
-        "format": "gguf",
-        "architecture": arch,
-        "base": {
-            "file": BASE_FILE,
-            "quant": quant,
-            "source": base_source,
-            "model": config.base.model,
-            "source_stamp": base_stamp,
-        },
-        "adapters": adapters,
-        "adapter_dtype": adapter_dtype,
-        "versions": versions(("gguf", "llama_cpp_python")),
-    }
-    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-    return manifest
+    return adapters

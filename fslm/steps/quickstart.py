@@ -33,7 +33,7 @@ log = logging.getLogger("fslm")
 
 
 class QuickstartOptions(Options):
-    """Sizes that keep the quickstart to minutes on 2 CPU cores (19-21 min measured, README.md)."""
+    """Sizes that keep the quickstart to minutes on 2 CPU cores (README.md has the measured time)."""
 
     records: int = Field(16, ge=1, description="Instructions distilled from the shipped Self-Instruct seed tasks.")
     teacher_tokens: int = Field(48, ge=1, description="New tokens per stage for the teacher.")
@@ -171,7 +171,7 @@ def quickstart(
         )
         state["evaluation"] = evaluate(stack.root, report, settings, on_event)
 
-    # Each step with its rough share of the wall time (measured on 2 cores), for the "time left" estimate.
+    # Each step with its rough share of the wall time, for the "time left" estimate.
     steps: list[tuple[str, float, Callable[[], None]]] = [
         ("init: write the stack directory", 0.01, make_stack),
         (
