@@ -29,19 +29,31 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
-from fslm import heap
+from fslm import heap, models
 from fslm.config import ServerSettings, load_config
+from fslm.contamination import BenchmarkIndex
+from fslm.data import read_dataset
 from fslm.errors import FslmError
 from fslm.events import Progress as ProgressEvent
-from fslm.stack import StageResult, Trace
+from fslm.options import comma_list
+from fslm.stack import Stack, StageResult, Trace
+from fslm.stackdir import StackDir as Layout
 from fslm.steps.distill import DistillOptions
-from fslm.steps.evaluate import EvalOptions
+from fslm.steps.distill import distill as distill_step
+from fslm.steps.evaluate import EvalOptions, evaluate
+from fslm.steps.evaluate.harness import TASKS_DIR
+from fslm.steps.evaluate.stats import METRICS, compare_runs, format_p
 from fslm.steps.export import ExportOptions
+from fslm.steps.export import export as export_step
 from fslm.steps.init import InitOptions
+from fslm.steps.init import init as init_step
 from fslm.steps.quickstart import QuickstartOptions
+from fslm.steps.quickstart import quickstart as quickstart_step
 from fslm.steps.serve import serve as serve_step
 from fslm.steps.train import TrainOptions
+from fslm.steps.train import train as train_step
 from fslm.teachers import TeacherSpec
+from fslm.trust import Trust, grant
 from fslm.web.options import ServeOptions, default_allowed_hosts
 
 app = typer.Typer(
@@ -164,8 +176,6 @@ ApiKeyEnv = Annotated[
 
 def _grant(remote_code: bool = False, servers: list[str] | None = None, api_key_env: str | None = None) -> None:
     """The user's consent for this command: its flags plus $FSLM_TRUSTED_SERVERS / $FSLM_TRUSTED_KEY_ENVS."""
-    from fslm.trust import Trust, grant
-
     grant(Trust.from_user(remote_code, tuple(servers or ()), api_key_env))
 
 
@@ -178,8 +188,6 @@ def init(
     force: bool = flag(InitOptions, "force"),
 ) -> None:
     """Create a stack directory: stack.yaml, adapters/, README.md."""
-    from fslm.steps.init import init as init_step
-
     config = init_step(directory, InitOptions.build(recipe=recipe, base=base, force=force)).config
     out.print(
         f"Created stack [bold]{config.name}[/] in {directory} "
@@ -192,9 +200,6 @@ def init(
 @friendly
 def info(directory: StackDir) -> None:
     """Show a stack's base model, stages, adapters and parameter counts."""
-    from fslm import models
-    from fslm.stackdir import StackDir as Layout
-
     layout = Layout(directory)
     config = layout.load()
     ref = models.resolve(config.base.model, directory)
@@ -264,9 +269,6 @@ def run(
     api_key_env: ApiKeyEnv = None,
 ) -> None:
     """Answer an instruction through every stage and show the trace."""
-    from fslm.config import load_config
-    from fslm.stack import Stack
-
     _grant(trust_remote_code, allow_server, api_key_env)
     if not instruction.strip():
         raise FslmError("the instruction is empty")
@@ -328,8 +330,6 @@ def train(
 
     Runs under tcmalloc when it is installed (less memory; FSLM_ALLOCATOR=system keeps glibc's malloc).
     """
-    from fslm.steps.train import train as train_step
-
     _grant(trust_remote_code)
     if processes > 1 and "LOCAL_RANK" not in os.environ:
         raise typer.Exit(launch(strip_processes(sys.argv[2:]), processes))
@@ -446,8 +446,6 @@ def distill(
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Teacher-written training targets for every stage of a stack (resumable: rerun the same command)."""
-    from fslm.steps.distill import distill as distill_step
-
     _grant(trust_remote_code)
     server = None
     if teacher_url:
@@ -495,9 +493,6 @@ def check_contamination(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ) -> None:
     """Count training instructions that appear (normalised) in a benchmark test split."""
-    from fslm.contamination import BenchmarkIndex
-    from fslm.data import read_dataset
-
     dataset = read_dataset(train)
     report = BenchmarkIndex.load(data_dir).check((r.id, r.instruction, r.input) for r in dataset.records)
     if as_json:
@@ -575,8 +570,6 @@ def export(
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Write DIR/gguf/: the base model and one GGUF LoRA adapter per stage, for `fslm run --backend llamacpp`."""
-    from fslm.steps.export import export as export_step
-
     _grant(trust_remote_code)
     with err.status("exporting") as status:
         result = export_step(
@@ -606,7 +599,6 @@ def print_eval_table(results: dict[str, Any]) -> None:
 
 
 def print_paired(rows: list[dict[str, Any]], title: str) -> None:
-    from fslm.steps.evaluate.stats import format_p
 
     table = Table("task", "metric", "A", "B", "n", "A − B (95% CI)", "A only / B only", "McNemar p", title=title)
     for r in rows:
@@ -671,8 +663,6 @@ def eval_cmd(
     precision: str = flag(EvalOptions, "precision"),
 ) -> None:
     """Score base model vs single adapter vs stack on offline benchmarks (lm-evaluation-harness)."""
-    from fslm.steps.evaluate import evaluate
-
     _grant(trust_remote_code)
     options = EvalOptions.pick(locals())
     with EventView() as view:
@@ -696,9 +686,6 @@ def eval_compare_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ) -> None:
     """Paired comparison of two eval runs on the items both scored (matched by item id)."""
-    from fslm.options import comma_list
-    from fslm.steps.evaluate.stats import METRICS, compare_runs
-
     metrics = comma_list(metric)
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
@@ -730,8 +717,7 @@ def eval_compare_cmd(
 @friendly
 def lm_eval_cmd(ctx: typer.Context) -> None:
     """lm-evaluation-harness's own CLI with fslm's model (`--model fslm`) and offline tasks (fslm_*) registered."""
-    import fslm.steps.evaluate.lm_eval_model  # noqa: F401  registers --model fslm
-    from fslm.steps.evaluate.harness import TASKS_DIR
+    import fslm.steps.evaluate.lm_eval_model  # noqa: F401  registers --model fslm (imports lm-eval: only here)
 
     argv = list(ctx.args)
     if argv and argv[0] not in ("run", "ls", "validate", "-h", "--help"):
@@ -761,8 +747,6 @@ def quickstart(
     filters: str = flag(QuickstartOptions, "filters"),
 ) -> None:
     """The whole pipeline on the embedded model, offline, in minutes: init, distill, train, run, eval."""
-    from fslm.steps.quickstart import quickstart as quickstart_step
-
     options = QuickstartOptions.pick(locals())
     with EventView() as view:
         result = quickstart_step(out_dir, options, on_event=view)

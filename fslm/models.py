@@ -15,6 +15,7 @@ from typing import Any
 
 from fslm.config import BaseModelSettings
 from fslm.errors import FslmError
+from fslm.files import atomic_replace_dir, recover_dir
 from fslm.trust import check_trust
 
 
@@ -165,8 +166,6 @@ def cache_root() -> Path:
 
 def gguf_cache_dir(ref: BaseRef, settings: BaseModelSettings) -> Path:
     """Where the de-quantised copy of a GGUF file lives (keyed by file identity and dtype)."""
-    from fslm.files import recover_dir
-
     st = Path(ref.location).stat()
     path = cache_root() / "gguf" / f"{Path(ref.location).stem}-{st.st_size}-{st.st_mtime_ns}-{settings.dtype}"
     recover_dir(path)  # a kill while the cache was being replaced must not cost the next load the de-quantising
@@ -253,8 +252,6 @@ def _load(ref: BaseRef, settings: BaseModelSettings) -> tuple[Any, Any]:
 
 def _save_cache(model: Any, tokenizer: Any, target: Path) -> bool:
     """Best effort: a cache we cannot write only costs time on the next load."""
-    from fslm.files import atomic_replace_dir
-
     staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         model.save_pretrained(staging, safe_serialization=True)

@@ -21,6 +21,7 @@ from pydantic import Field
 from fslm import models
 from fslm.backends import Backend
 from fslm.backends.choose import create_backend
+from fslm.backends.openai import OpenAIClient
 from fslm.config import BaseModelSettings, GenerationSettings, ServerSettings
 from fslm.errors import FslmError
 from fslm.options import Options
@@ -164,8 +165,6 @@ class OpenAITeacher:
     """Any OpenAI-compatible server's chat endpoint, `concurrency` requests in flight, retried with backoff."""
 
     def __init__(self, server: ServerSettings, model: str) -> None:
-        from fslm.backends.openai import OpenAIClient
-
         self.client = OpenAIClient(server)
         self.model = model
         self.batch_size = max(1, 2 * server.concurrency)

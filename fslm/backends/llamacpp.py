@@ -40,6 +40,7 @@ from fslm import models
 from fslm.backends import Backend, Completion, TextCallback, cut_at_stop, fit_to_context
 from fslm.config import BaseModelSettings, GenerationSettings
 from fslm.errors import FslmError
+from fslm.files import sha256_file
 from fslm.stackdir import GGUF as GGUF_DIR
 
 
@@ -260,8 +261,6 @@ class LlamaCppBackend(Backend):
             manifest = getattr(self, "manifest", {}).get("adapters", {}).get(name, {})
             weights = path / "adapter_model.safetensors"
             if manifest.get("source_sha256") and weights.is_file():
-                from fslm.files import sha256_file
-
                 if sha256_file(weights) != manifest["source_sha256"]:
                     raise FslmError(f"{weights}: changed since the GGUF export; re-run fslm export")
             path = gguf_file

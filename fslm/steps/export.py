@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from fslm import models
 from fslm.backends.choose import export_is_current
@@ -35,7 +35,7 @@ from fslm.errors import FslmError
 from fslm.events import EventHandler, Progress, emit
 from fslm.files import atomic_write_text, sha256_file
 from fslm.models import GGUF_ARCH
-from fslm.options import Options
+from fslm.options import Options, Result
 from fslm.provenance import versions
 from fslm.stackdir import StackDir
 
@@ -57,8 +57,10 @@ class ExportOptions(Options):
     )
 
 
-class ExportResult(BaseModel):
-    directory: Path  # DIR/gguf
+class ExportResult(Result):
+    """Where the export went (DIR/gguf) and its manifest.json."""
+
+    directory: Path
     manifest: dict[str, Any]
 
 

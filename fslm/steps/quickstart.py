@@ -12,7 +12,6 @@ import csv
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -22,11 +21,14 @@ from fslm import models
 from fslm.errors import FslmError
 from fslm.events import EventHandler, Progress, emit
 from fslm.files import atomic_write_text, sha256_file
-from fslm.options import Options
-from fslm.stack import Trace
+from fslm.options import Options, Result
+from fslm.stack import Stack, Trace
 from fslm.stackdir import SINGLE, StackDir
-from fslm.steps.evaluate import EvalResult
+from fslm.steps.distill import DistillOptions, distill
+from fslm.steps.evaluate import EvalOptions, EvalResult, evaluate
+from fslm.steps.init import InitOptions, init
 from fslm.steps.train import TrainOptions, train
+from fslm.teachers import TeacherSpec
 
 INSTRUCTION = "Give three tips for staying healthy."
 log = logging.getLogger("fslm")
@@ -46,8 +48,9 @@ class QuickstartOptions(Options):
     filters: str = Field("empty,overlong,repetition", description="distill's quality filters (comma list or none).")
 
 
-@dataclass
-class QuickstartResult:
+class QuickstartResult(Result):
+    """Where the quickstart wrote the stack, its data and its report, the run it showed, and the evaluation."""
+
     stack: Path
     data: Path
     report: Path
@@ -125,12 +128,6 @@ def quickstart(
     out: str | Path, options: QuickstartOptions | None = None, on_event: EventHandler | None = None
 ) -> QuickstartResult:
     """Run the five steps into `out`; events report each step and each step's own progress."""
-    from fslm.stack import Stack
-    from fslm.steps.distill import DistillOptions, distill
-    from fslm.steps.evaluate import EvalOptions, evaluate
-    from fslm.steps.init import InitOptions, init
-    from fslm.teachers import TeacherSpec
-
     options = options or QuickstartOptions()
     out = Path(out).expanduser()
     stack = StackDir(out / "stack")
@@ -199,7 +196,9 @@ def quickstart(
     )
     trace, evaluation = state["trace"], state["evaluation"]
     assert isinstance(trace, Trace) and isinstance(evaluation, EvalResult)
-    return QuickstartResult(stack.root, data, report, eval_data, trace, evaluation)
+    return QuickstartResult(
+        stack=stack.root, data=data, report=report, eval_data=eval_data, trace=trace, evaluation=evaluation
+    )
 
 
 def _minutes(seconds: float) -> str:

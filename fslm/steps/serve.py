@@ -12,7 +12,6 @@ from pathlib import Path
 from fslm.events import EventHandler, Progress, emit
 from fslm.options import Result
 from fslm.stack import Stack
-from fslm.web.app import create_app
 from fslm.web.options import ServeOptions
 
 
@@ -38,6 +37,8 @@ def serve(stack: str | Path, options: ServeOptions | None = None, on_event: Even
 def run_server(stack: Stack, options: ServeOptions) -> None:
     """Serve a loaded stack in the foreground until interrupted (an API key from $FSLM_API_KEY unless one is given)."""
     import uvicorn
+
+    from fslm.web.app import create_app  # FastAPI: imported when a server starts, not with the CLI
 
     if options.api_key is None and os.environ.get("FSLM_API_KEY"):
         options = options.model_copy(update={"api_key": os.environ["FSLM_API_KEY"]})

@@ -34,11 +34,12 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from fslm.backends import SCORE
 from fslm.errors import FslmError
 from fslm.files import JsonlLog
-from fslm.stack import SYSTEMS
+from fslm.stack import SYSTEMS, Stack
 from fslm.stackdir import BASELINES
 from fslm.steps.evaluate import scoring as scoring_modes
 from fslm.steps.evaluate.options import EvalOptions
 from fslm.steps.evaluate.stages import load_stage_stack, run_stages
+from fslm.trust import Trust
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 PerTask = float | Mapping[str, float] | None  # one value, or one per lm-eval task name (fslm_arc_easy: 0.3)
@@ -81,9 +82,6 @@ class FslmLM(TemplateLM):
         **_: Any,  # lm-eval passes device etc.; the stack's manifest decides those
     ) -> None:
         super().__init__()
-        from fslm.stack import Stack
-        from fslm.trust import Trust
-
         if not isinstance(stack, Stack):
             # lm-eval's --trust_remote_code arrives here as a model_arg: the user's consent, never the manifest's.
             trust = Trust.from_user(remote_code=str(trust_remote_code).lower() in ("true", "1", "yes"))
