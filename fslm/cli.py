@@ -38,7 +38,7 @@ from fslm.events import Progress as ProgressEvent
 from fslm.options import comma_list
 from fslm.stack import Stack, StageResult, Trace
 from fslm.stackdir import StackDir as Layout
-from fslm.steps.distill import DistillOptions
+from fslm.steps.distill import DistillOptions, DistillResult
 from fslm.steps.distill import distill as distill_step
 from fslm.steps.evaluate import EvalOptions, evaluate
 from fslm.steps.evaluate.harness import TASKS_DIR
@@ -456,32 +456,7 @@ def distill(
     chosen = DistillOptions.pick({**locals(), "teacher": teacher})
     with EventView() as view:
         r = distill_step(dataset, stack, out_path, chosen, on_event=view)
-    dropped = ", ".join(f"{n} {k}" for k, n in r.filtered.items() if n) or "none"
-    rate = (
-        f"{(r.selected - r.resumed) / r.seconds:.2f} records/s, {r.output_tokens / r.seconds:.1f} tokens/s"
-        if r.seconds
-        else "-"
-    )
-    out.print(
-        f"{r.written_records} of {r.selected} records written to {r.out} ({r.written} chains; rejected: {dropped}; "
-        f"lost: {r.lost}); {r.resumed} resumed, {r.teacher_calls} teacher calls, {r.cache_hits} cache hits; {rate}"
-    )
-    c = r.checks
-    if c.get("checked_records"):
-        out.print(
-            f"teacher answers checked: {c['teacher_blind_correct']} of {c['checked_records']} right blind "
-            f"({c['teacher_blind_accuracy']:.0%}); {c['correct_after_hint']} of {c['retried_with_hint']} right after a hint"
-        )
-    if c.get("leak_rate_all_intermediate") is not None:
-        rates = ", ".join(f"{k} {v['rate']:.0%}" for k, v in c["leaks"].items())
-        out.print(f"earlier-stage targets that contain the reference: {c['leak_rate_all_intermediate']:.1%} ({rates})")
-    pointing = c.get("option_references") or {}
-    if pointing.get("chains"):
-        out.print(
-            f"chains whose earlier stages point at the options: {pointing['chains']} of {pointing['of']} "
-            f"({pointing['in_written_rows']} of them written)"
-        )
-    out.print(f"manifest: {r.manifest}")
+    print_distill_result(r)
 
 
 @app.command("check-contamination")
@@ -582,6 +557,36 @@ def export(
         f"Exported to {result.directory}: base ({manifest['base']['quant']}) + "
         f"{len(manifest['adapters'])} adapter(s) ({', '.join(manifest['adapters']) or 'none'})"
     )
+
+
+def print_distill_result(r: DistillResult) -> None:
+    """What a distill run wrote, what its checks found, and where its manifest is."""
+    dropped = ", ".join(f"{n} {k}" for k, n in r.filtered.items() if n) or "none"
+    rate = (
+        f"{(r.selected - r.resumed) / r.seconds:.2f} records/s, {r.output_tokens / r.seconds:.1f} tokens/s"
+        if r.seconds
+        else "-"
+    )
+    out.print(
+        f"{r.written_records} of {r.selected} records written to {r.out} ({r.written} chains; rejected: {dropped}; "
+        f"lost: {r.lost}); {r.resumed} resumed, {r.teacher_calls} teacher calls, {r.cache_hits} cache hits; {rate}"
+    )
+    c = r.checks
+    if c.get("checked_records"):
+        out.print(
+            f"teacher answers checked: {c['teacher_blind_correct']} of {c['checked_records']} right blind "
+            f"({c['teacher_blind_accuracy']:.0%}); {c['correct_after_hint']} of {c['retried_with_hint']} right after a hint"
+        )
+    if c.get("leak_rate_all_intermediate") is not None:
+        rates = ", ".join(f"{k} {v['rate']:.0%}" for k, v in c["leaks"].items())
+        out.print(f"earlier-stage targets that contain the reference: {c['leak_rate_all_intermediate']:.1%} ({rates})")
+    pointing = c.get("option_references") or {}
+    if pointing.get("chains"):
+        out.print(
+            f"chains whose earlier stages point at the options: {pointing['chains']} of {pointing['of']} "
+            f"({pointing['in_written_rows']} of them written)"
+        )
+    out.print(f"manifest: {r.manifest}")
 
 
 def print_eval_table(results: dict[str, Any]) -> None:

@@ -142,12 +142,12 @@ class StackDir:
     def gguf(self) -> Path:
         return self.root / GGUF
 
+    def gguf_adapter(self, name: str) -> Path:
+        return self.gguf / f"{name}.lora.gguf"
+
     @property
     def gguf_manifest(self) -> Path:
         return self.gguf / GGUF_MANIFEST
-
-    def gguf_adapter(self, name: str) -> Path:
-        return self.gguf / f"{name}.lora.gguf"
 
     def export_problem(self, config: StackConfig | None = None) -> str | None:
         """Why the GGUF export cannot run the stack as it is now, or None when it can: a readable manifest made for

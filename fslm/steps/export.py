@@ -16,12 +16,13 @@ llama.cpp expects, applied alike to a base weight, its bias and the LoRA B matri
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -303,9 +304,7 @@ def write_base_gguf(model_dir: Path, out: Path, quant: str, tokenizer_from: Path
     arch = cfg.get("model_type", "unknown")
     if arch not in GGUF_ARCH:
         raise unsupported(arch, str(model_dir))
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    w = gguf.GGUFWriter(str(tmp), GGUF_ARCH[arch])
-    try:
+    with _gguf_file(out, arch) as w:
         w.add_type(gguf.GGUFType.MODEL)
         w.add_name(model_dir.name)
         n_head, n_kv = _hyperparameters(w, cfg, arch, model_dir)
@@ -325,17 +324,7 @@ def write_base_gguf(model_dir: Path, out: Path, quant: str, tokenizer_from: Path
         # type for the header, the second encodes them again and writes them in the same order.
         for name, data, raw in _gguf_tensors(model_dir, arch, quant, name_of, n_head, n_kv):
             w.add_tensor_info(name, data.shape, data.dtype, data.nbytes, raw_dtype=raw)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for _, data, _ in _gguf_tensors(model_dir, arch, quant, name_of, n_head, n_kv):
-            w.write_tensor_data(data)
-        w.close()
-        os.replace(tmp, out)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
+        _write(w, (data for _, data, _ in _gguf_tensors(model_dir, arch, quant, name_of, n_head, n_kv)))
 
 
 def _gguf_tensors(
@@ -360,17 +349,35 @@ def _gguf_tensors(
         yield "output.weight", encoded, raw
 
 
-def _finish(writer: Any, tmp: Path, out: Path) -> None:
+@contextlib.contextmanager
+def _gguf_file(out: Path, arch: str) -> Iterator[Any]:
+    """A GGUFWriter over a temporary sibling of `out`, moved onto `out` once the block has written it (`_write`);
+    on any failure nothing is left behind."""
+    import gguf
+
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    writer = gguf.GGUFWriter(str(tmp), GGUF_ARCH[arch])
     try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        yield writer
         writer.close()
         os.replace(tmp, out)
     except BaseException:
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _write(writer: Any, tensors: Iterable[np.ndarray] | None = None) -> None:
+    """Header, metadata, then the tensors: the writer's own (add_tensor), or `tensors` streamed one at a time in the
+    order their infos were added (add_tensor_info)."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    if tensors is None:
+        writer.write_tensors_to_file()
+        return
+    writer.write_ti_data_to_file()
+    for data in tensors:
+        writer.write_tensor_data(data)
 
 
 # --- adapters ---------------------------------------------------------------------------------------------------
@@ -427,23 +434,20 @@ def write_adapter_gguf(adapter_dir: Path, base_cfg: dict[str, Any], out: Path, d
             if name is None:
                 raise FslmError(f"{weights}: LoRA on {module!r} has no llama.cpp tensor name ({arch} base)")
             pairs.setdefault(name, {})[ab[0]] = st.get_tensor(key).float().numpy()
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    w = gguf.GGUFWriter(str(tmp), GGUF_ARCH[arch])
-    w.add_type(gguf.GGUFType.ADAPTER)
-    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-    w.add_name(f"{adapter_dir.name} LoRA")
     np_dtype = np.float16 if dtype == "f16" else np.float32
-    for name in sorted(pairs):
-        ab = pairs[name]
-        if set(ab) != {"A", "B"}:
-            w.close()
-            tmp.unlink(missing_ok=True)
-            raise FslmError(f"{weights}: {name} has only lora_{''.join(ab)}")
-        b = llamacpp_rows(arch, name, ab["B"], n_head, n_kv)
-        w.add_tensor(f"{name}.lora_a", ab["A"].astype(np_dtype))
-        w.add_tensor(f"{name}.lora_b", b.astype(np_dtype))
-    _finish(w, tmp, out)
+    with _gguf_file(out, arch) as w:
+        w.add_type(gguf.GGUFType.ADAPTER)
+        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        w.add_name(f"{adapter_dir.name} LoRA")
+        for name in sorted(pairs):
+            ab = pairs[name]
+            if set(ab) != {"A", "B"}:
+                raise FslmError(f"{weights}: {name} has only lora_{''.join(ab)}")
+            b = llamacpp_rows(arch, name, ab["B"], n_head, n_kv)
+            w.add_tensor(f"{name}.lora_a", ab["A"].astype(np_dtype))
+            w.add_tensor(f"{name}.lora_b", b.astype(np_dtype))
+        _write(w)
     return {"r": r, "alpha": alpha, "tensors": 2 * len(pairs)}
 
 
@@ -528,7 +532,7 @@ def export_gguf(
     step = on_step or (lambda _: None)
     base = _export_base(ref, config.base, out, quant, step)
     adapter_dtype = "f32" if base["quant"] == "f32" else "f16"
-    adapters = _export_adapters(stack_dir, config, out, _gguf_heads(out / BASE_FILE), adapter_dtype, step)
+    adapters = _export_adapters(stack_dir, config, _gguf_heads(out / BASE_FILE), adapter_dtype, step)
     manifest = {
         "format": "gguf",
         "architecture": arch,
@@ -581,18 +585,13 @@ def _base_entry(quant: str, source: str, model: str, stamp: list[list[Any]] | No
 
 
 def _export_adapters(
-    stack_dir: StackDir,
-    config: Any,
-    out: Path,
-    base_cfg: dict[str, Any],
-    dtype: str,
-    step: Callable[[str], None],
+    stack_dir: StackDir, config: Any, base_cfg: dict[str, Any], dtype: str, step: Callable[[str], None]
 ) -> dict[str, Any]:
     """`<stage>.lora.gguf` for every stage with a PEFT adapter (a stale one of a stage without is removed); returns
     their manifest entries."""
     adapters: dict[str, Any] = {}
     for stage in config.stages:
-        target = out / adapter_file(stage.name)
+        target = stack_dir.gguf / adapter_file(stage.name)
         src = stack_dir.adapter(stage.name)
         if not (src / "adapter_model.safetensors").is_file():
             target.unlink(missing_ok=True)  # a stale adapter from an earlier export would be wrong now

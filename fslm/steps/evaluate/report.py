@@ -59,8 +59,11 @@ def results_json(
 
 def report_markdown(results: dict[str, Any]) -> str:
     """report.md: the accuracy table, then what only some rows have, the stack rows, tuning and the paired tests."""
-    lines = [*_accuracy_table(results), *_other_metrics(results), *_stack_rows(results), *_tuning(results)]
-    lines += _paired(results)
+    lines = [*_accuracy_table(results), *_other_metrics(results), *_stack_rows(results)]
+    if results.get("tuning"):
+        lines += _tuning(results["tuning"])
+    if results.get("paired"):
+        lines += _paired(results["paired"], results.get("paired_settings", {}))
     if results["contamination_warnings"]:
         lines += ["", "**Contamination warnings:**", ""] + [f"- {w}" for w in results["contamination_warnings"]]
     versions = ", ".join(f"{k} {v}" for k, v in results["versions"].items())
@@ -137,11 +140,9 @@ def _stack_rows(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _tuning(results: dict[str, Any]) -> list[str]:
-    if not results.get("tuning"):
-        return []
+def _tuning(tuning: dict[str, Any]) -> list[str]:
     lines = ["", "Tuning (dev splits only; never the test items):", ""]
-    for t, v in results["tuning"].items():
+    for t, v in tuning.items():
         lines.append(
             f"- {t}: {v['parameter']} = {v['value']} (dev accuracy {v['dev_accuracy']:.3f} on {v['n']} items of "
             f"{v['split']})"
@@ -149,10 +150,7 @@ def _tuning(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _paired(results: dict[str, Any]) -> list[str]:
-    if not results.get("paired"):
-        return []
-    settings = results.get("paired_settings", {})
+def _paired(rows: list[dict[str, Any]], settings: dict[str, Any]) -> list[str]:
     return [
         "",
         "## Paired differences",
@@ -160,7 +158,7 @@ def _paired(results: dict[str, Any]) -> list[str]:
         f"Same items for both systems; 95 % paired bootstrap interval ({settings.get('bootstrap_resamples')} "
         f"resamples, seed {settings.get('seed')}); McNemar's test ({settings.get('test')}).",
         "",
-        *markdown_table(results["paired"]),
+        *markdown_table(rows),
     ]
 
 
