@@ -12,7 +12,6 @@ training, passes `local=True`: the manifest's server does not have them, so its 
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 from pathlib import Path
@@ -27,12 +26,7 @@ from fslm.trust import check_trust
 
 log = logging.getLogger("fslm")
 AUTO = "auto"
-# name -> the class, imported only when chosen (PyTorch takes seconds to import)
-BACKENDS = {
-    "torch": "fslm.backends.pytorch:TorchBackend",
-    "openai": "fslm.backends.openai:OpenAIBackend",
-    "llamacpp": "fslm.backends.llamacpp:LlamaCppBackend",
-}
+BACKENDS = ("torch", "openai", "llamacpp")
 
 
 def choose_backend(
@@ -91,5 +85,19 @@ def create_backend(
     if name not in BACKENDS:
         raise FslmError(f"unknown backend {name!r} (available: {', '.join(BACKENDS)})")
     check_trust(settings, code=True, server=name == "openai")
-    module, cls = BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module), cls).from_settings(settings, stack_dir, **options)
+    return _backend_class(name).from_settings(settings, stack_dir, **options)
+
+
+def _backend_class(name: str) -> type[Backend]:
+    """A backend's class, its module imported only when it is chosen (PyTorch's takes seconds to import)."""
+    if name == "llamacpp":
+        from fslm.backends.llamacpp import LlamaCppBackend
+
+        return LlamaCppBackend
+    if name == "openai":
+        from fslm.backends.openai import OpenAIBackend
+
+        return OpenAIBackend
+    from fslm.backends.pytorch import TorchBackend
+
+    return TorchBackend

@@ -38,7 +38,7 @@ from fslm.stack import SYSTEMS, Stack
 from fslm.stackdir import BASELINES
 from fslm.steps.evaluate import scoring as scoring_modes
 from fslm.steps.evaluate.options import EvalOptions
-from fslm.steps.evaluate.stages import load_stage_stack, run_stages
+from fslm.steps.evaluate.stages import load_stage_stack, resolve, run_stages
 from fslm.trust import Trust
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
@@ -105,7 +105,7 @@ class FslmLM(TemplateLM):
         if system in BASELINES:
             self.stack.load_baseline(system)
         if stages is None and stage_backend and self.stack.dir is not None:
-            stages = load_stage_stack(self.stack.dir, stage_backend, self.stack)
+            stages = load_stage_stack(self.stack.dir, resolve(self.stack.dir, stage_backend), self.stack)
         self.stages = stages if stages is not None else self.stack
         # stage generation: the fast backends take many prompts per call; torch keeps the scoring batch (memory)
         fast = self.stages.backend is not self.stack.backend

@@ -18,7 +18,6 @@ from fslm.stackdir import StackDir
 from fslm.steps.export import refresh
 
 log = logging.getLogger("fslm")
-STAGE_BACKENDS = ("auto", "torch", "llamacpp", "openai")
 # llama.cpp's context for stage generation: every stage prompt + its new tokens fits easily (a stage prompt is a few
 # hundred tokens), and the model's own 8192 would hold a KV cache 2x bigger for nothing (docs/eval.md, memory).
 LLAMACPP_CONTEXT = 4096
@@ -44,18 +43,18 @@ def quantised_base_warning(stack_dir: StackDir) -> str | None:
 
 
 def load_stage_stack(stack_dir: StackDir, backend: str, scoring: Stack | None = None) -> Stack:
-    """The Stack that generates stages 1..N-1 on `backend` (auto or a name). torch: `scoring` itself (one model in
-    memory); llama.cpp: on an export refreshed first, with a KV cache of LLAMACPP_CONTEXT cells at most."""
-    name = resolve(stack_dir, backend)
-    if name == "torch":
-        return scoring if scoring is not None else Stack.load(stack_dir.root, backend="torch")
-    if name != "llamacpp":
-        return Stack.load(stack_dir.root, backend=name)
-    refresh(stack_dir.root)
-    warning = quantised_base_warning(stack_dir)
-    if warning:
-        log.warning(warning)
-    return Stack.load(stack_dir.root, backend="llamacpp", n_ctx=min(LLAMACPP_CONTEXT, _trained_context(stack_dir)))
+    """The Stack that generates stages 1..N-1 on `backend` (a name `resolve` gave). torch: `scoring` itself (one
+    model in memory); llama.cpp: on an export refreshed first, with a KV cache of LLAMACPP_CONTEXT cells at most."""
+    if backend == "torch" and scoring is not None:
+        return scoring
+    options: dict[str, Any] = {}
+    if backend == "llamacpp":
+        refresh(stack_dir.root)
+        warning = quantised_base_warning(stack_dir)
+        if warning:
+            log.warning(warning)
+        options["n_ctx"] = min(LLAMACPP_CONTEXT, _trained_context(stack_dir))
+    return Stack.load(stack_dir.root, backend=backend, **options)
 
 
 def _trained_context(stack_dir: StackDir) -> int:
