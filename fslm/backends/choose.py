@@ -2,9 +2,9 @@
 
 `auto` is one rule for every caller (`fslm serve`, the stages of `fslm eval`, train's student outputs):
 - the manifest's own choice when it names one besides PyTorch (`base.backend: openai` or `llamacpp`);
-- else llama.cpp when the base architecture exports to GGUF, llama-cpp-python is installed, and the export in
-  DIR/gguf/ is current, or the caller refreshes it before loading (`refresh=True`: eval and train export first;
-  serve does not, and says why it passes over a stale export);
+- else llama.cpp when the export in DIR/gguf/ is current, or, for a caller that refreshes the export before loading
+  (`refresh=True`: eval and train export first), when the base architecture exports to GGUF and llama-cpp-python is
+  installed (serve does not export, and says why it passes over a stale export);
 - else PyTorch.
 A caller that needs this directory's adapters as they are now, such as train's student outputs right after
 training, passes `local=True`: the manifest's server does not have them, so its choice does not count.
@@ -45,10 +45,8 @@ def choose_backend(
     config = config or stack_dir.load()
     if config.base.backend != "torch" and not local:
         return config.base.backend
-    if not llamacpp_runs(stack_dir, config):
-        return "torch"
     if refresh:
-        return "llamacpp"
+        return "llamacpp" if llamacpp_runs(stack_dir, config) else "torch"
     problem = stack_dir.export_problem(config)
     if problem is None:
         return "llamacpp"
