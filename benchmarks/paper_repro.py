@@ -115,11 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     from fslm.config import ServerSettings
     from fslm.errors import FslmError
     from fslm.files import atomic_write_text, sha256_file
-    from fslm.quickstart import train_all
     from fslm.stackdir import StackDir
     from fslm.steps.distill import DistillOptions, distill
     from fslm.steps.evaluate import EvalOptions, evaluate
     from fslm.steps.init import InitOptions, init
+    from fslm.steps.quickstart import train_all
     from fslm.steps.train import TrainOptions
     from fslm.teachers import TeacherSpec
 

@@ -96,7 +96,8 @@ def main() -> None:
 
     from fslm.stack import Stack
     from fslm.steps.init import InitOptions, init
-    from fslm.steps.serve import ServeOptions, create_app
+    from fslm.web.app import create_app
+    from fslm.web.options import ServeOptions
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:

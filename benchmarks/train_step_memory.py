@@ -92,8 +92,10 @@ def _child(args: argparse.Namespace) -> dict:
 
     from fslm.distilled import read_distilled
     from fslm.stack import Stack
-    from fslm.steps.train import lora_config
-    from fslm.steps.train_data import PadCollator, build_examples, target_token_loss
+    from fslm.steps.train.batches import PadCollator
+    from fslm.steps.train.examples import build_examples
+    from fslm.steps.train.loss import target_token_loss
+    from fslm.steps.train.trainer import lora_config
 
     torch.manual_seed(0)
     stack = Stack.load(args.stack, backend="torch")

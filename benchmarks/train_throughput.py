@@ -89,7 +89,7 @@ def main() -> None:
     from fslm.stackdir import SINGLE
     from fslm.steps.init import InitOptions, init
     from fslm.steps.train import TrainOptions, train
-    from fslm.steps.train_data import build_examples, split_validation
+    from fslm.steps.train.examples import build_examples, split_validation
 
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "stack"

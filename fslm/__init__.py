@@ -9,7 +9,8 @@ The pipeline in Python, one function per step (each takes paths and one options 
     print(fslm.Stack.load("s").run("Give three tips for staying healthy.").answer)
     fslm.evaluate("s", "report", fslm.EvalOptions(data_dir="data", tasks=["arc_easy"]))
     fslm.export("s")                                            # GGUF for llama.cpp
-    app = fslm.create_app(fslm.Stack.load("s"))                 # OpenAI-compatible server (FastAPI)
+    fslm.serve("s")                                             # OpenAI-compatible server, until interrupted
+    app = fslm.create_app(fslm.Stack.load("s"))                 # ... or its FastAPI app, to serve yourself
 
 The step functions and their options are imported on first use, so `import fslm` stays light.
 """
@@ -44,8 +45,9 @@ _LAZY = {
     "EvalOptions": "fslm.steps.evaluate",
     "export": "fslm.steps.export",
     "ExportOptions": "fslm.steps.export",
-    "create_app": "fslm.steps.serve",
-    "ServeOptions": "fslm.steps.serve",
+    "serve": "fslm.steps.serve",
+    "ServeOptions": "fslm.web.options",
+    "create_app": "fslm.web.app",
 }
 
 __all__ = [

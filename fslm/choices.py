@@ -4,16 +4,20 @@ A record keeps its question, its options and the gold label. Its instruction is 
 the evaluation puts it to the model (the same `doc_to_text` as fslm's lm-eval tasks), and its reference is the gold
 answer in exactly the form the evaluation scores it: the option text for ARC, OpenBookQA and SciQ (scored as a
 continuation), the letter for MMLU. So a stack trained on these records answers at evaluation time in the form it
-was trained on. The rows are parsed by the same functions the evaluation tasks use (`fslm.tasks.utils`).
+was trained on. The rows are parsed by the same readers the evaluation tasks use (`fslm.benchmark_files`).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from fslm import benchmark_files as files
 
 LETTERS = "ABCDEFGH"
 
@@ -28,18 +32,13 @@ class ChoiceFormat:
     answer: str  # "text": the gold option's text is the answer; "letter": its letter
 
 
-def _formats() -> dict[str, ChoiceFormat]:
-    from fslm.tasks import utils
-
-    return {
-        "arc": ChoiceFormat("arc", utils.arc_rows, utils.arc_text, "text"),
-        "openbookqa": ChoiceFormat("openbookqa", utils.openbookqa_rows, lambda d: d["question_stem"], "text"),
-        "sciq": ChoiceFormat("sciq", utils.sciq_rows, utils.arc_text, "text"),
-        "mmlu": ChoiceFormat("mmlu", utils.mmlu_rows, utils.mmlu_text, "letter"),
-    }
-
-
-CHOICE_FORMATS = ("arc", "openbookqa", "sciq", "mmlu")
+FORMATS: dict[str, ChoiceFormat] = {
+    "arc": ChoiceFormat("arc", files.arc_rows, files.arc_text, "text"),
+    "openbookqa": ChoiceFormat("openbookqa", files.openbookqa_rows, lambda d: d["question_stem"], "text"),
+    "sciq": ChoiceFormat("sciq", files.sciq_rows, files.arc_text, "text"),
+    "mmlu": ChoiceFormat("mmlu", files.mmlu_rows, files.mmlu_text, "letter"),
+}
+CHOICE_FORMATS = tuple(FORMATS)
 
 
 def detect(path: Path) -> str | None:
@@ -63,9 +62,6 @@ def detect(path: Path) -> str | None:
     if suffix == ".json" and '"distractor1"' in head and '"correct_answer"' in head:
         return "sciq"
     if suffix == ".csv" and path.stem.endswith(("_test", "_val", "_dev")):
-        import csv
-        import io
-
         first_row = next(csv.reader(io.StringIO(head)), [])
         if len(first_row) == 6 and first_row[5].strip() in ("A", "B", "C", "D"):
             return "mmlu"
@@ -74,7 +70,7 @@ def detect(path: Path) -> str | None:
 
 def read_choice_rows(path: Path, fmt: str) -> list[dict[str, Any]]:
     """(instruction, choices, gold, reference, answer_format) per question of one file."""
-    spec = _formats()[fmt]
+    spec = FORMATS[fmt]
     out = []
     for row in spec.rows(path):
         choices = [str(c) for c in row["choices"]]

@@ -29,18 +29,32 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
-from fslm import heap
-from fslm.config import ServerSettings
+from fslm import heap, models
+from fslm.config import ServerSettings, load_config
+from fslm.contamination import BenchmarkIndex
+from fslm.data import read_dataset
 from fslm.errors import FslmError
 from fslm.events import Progress as ProgressEvent
-from fslm.quickstart import QuickstartOptions
-from fslm.stack import StageResult, Trace
-from fslm.steps.distill import DistillOptions
-from fslm.steps.evaluate import EvalOptions
+from fslm.options import comma_list
+from fslm.stack import Stack, StageResult, Trace
+from fslm.stackdir import StackDir as Layout
+from fslm.steps.distill import DistillOptions, DistillResult
+from fslm.steps.distill import distill as distill_step
+from fslm.steps.evaluate import EvalOptions, evaluate
+from fslm.steps.evaluate.harness import TASKS_DIR
+from fslm.steps.evaluate.stats import METRICS, compare_runs, format_p
 from fslm.steps.export import ExportOptions
+from fslm.steps.export import export as export_step
 from fslm.steps.init import InitOptions
+from fslm.steps.init import init as init_step
+from fslm.steps.quickstart import QuickstartOptions
+from fslm.steps.quickstart import quickstart as quickstart_step
+from fslm.steps.serve import serve as serve_step
 from fslm.steps.train import TrainOptions
+from fslm.steps.train import train as train_step
 from fslm.teachers import TeacherSpec
+from fslm.trust import Trust, grant
+from fslm.web.options import ServeOptions, default_allowed_hosts
 
 app = typer.Typer(
     name="fslm",
@@ -93,7 +107,7 @@ def flag(model: type[BaseModel], field: str, *decls: str, **kwargs: Any) -> Any:
     if default is PydanticUndefined:
         default = ...
     elif isinstance(default, (list, tuple)):
-        default = ",".join(map(str, default))
+        default = ",".join(map(str, default)) if default else None  # empty: a repeatable option, given or not
     return typer.Option(default, *decls, help=info.description, **kwargs)
 
 
@@ -162,8 +176,6 @@ ApiKeyEnv = Annotated[
 
 def _grant(remote_code: bool = False, servers: list[str] | None = None, api_key_env: str | None = None) -> None:
     """The user's consent for this command: its flags plus $FSLM_TRUSTED_SERVERS / $FSLM_TRUSTED_KEY_ENVS."""
-    from fslm.config import Trust, grant
-
     grant(Trust.from_user(remote_code, tuple(servers or ()), api_key_env))
 
 
@@ -176,8 +188,6 @@ def init(
     force: bool = flag(InitOptions, "force"),
 ) -> None:
     """Create a stack directory: stack.yaml, adapters/, README.md."""
-    from fslm.steps.init import init as init_step
-
     config = init_step(directory, InitOptions.build(recipe=recipe, base=base, force=force)).config
     out.print(
         f"Created stack [bold]{config.name}[/] in {directory} "
@@ -190,9 +200,6 @@ def init(
 @friendly
 def info(directory: StackDir) -> None:
     """Show a stack's base model, stages, adapters and parameter counts."""
-    from fslm import models
-    from fslm.stackdir import StackDir as Layout
-
     layout = Layout(directory)
     config = layout.load()
     ref = models.resolve(config.base.model, directory)
@@ -262,9 +269,6 @@ def run(
     api_key_env: ApiKeyEnv = None,
 ) -> None:
     """Answer an instruction through every stage and show the trace."""
-    from fslm.config import load_config
-    from fslm.stack import Stack
-
     _grant(trust_remote_code, allow_server, api_key_env)
     if not instruction.strip():
         raise FslmError("the instruction is empty")
@@ -326,8 +330,6 @@ def train(
 
     Runs under tcmalloc when it is installed (less memory; FSLM_ALLOCATOR=system keeps glibc's malloc).
     """
-    from fslm.steps.train import train as train_step
-
     _grant(trust_remote_code)
     if processes > 1 and "LOCAL_RANK" not in os.environ:
         raise typer.Exit(launch(strip_processes(sys.argv[2:]), processes))
@@ -444,8 +446,6 @@ def distill(
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Teacher-written training targets for every stage of a stack (resumable: rerun the same command)."""
-    from fslm.steps.distill import distill as distill_step
-
     _grant(trust_remote_code)
     server = None
     if teacher_url:
@@ -456,6 +456,111 @@ def distill(
     chosen = DistillOptions.pick({**locals(), "teacher": teacher})
     with EventView() as view:
         r = distill_step(dataset, stack, out_path, chosen, on_event=view)
+    print_distill_result(r)
+
+
+@app.command("check-contamination")
+@friendly
+def check_contamination(
+    train: Annotated[Path, typer.Argument(help="Training data: distilled JSONL or any dataset fslm distill reads.")],
+    data_dir: Annotated[Path, typer.Option(help="Benchmark data directory (test splits, see docs/distill.md).")],
+    strict: Annotated[bool, typer.Option(help="Exit 2 when any training instruction is in a test split.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+) -> None:
+    """Count training instructions that appear (normalised) in a benchmark test split."""
+    dataset = read_dataset(train)
+    report = BenchmarkIndex.load(data_dir).check((r.id, r.instruction, r.input) for r in dataset.records)
+    if as_json:
+        sys.stdout.write(json.dumps({"train": str(train), **report.to_dict()}) + "\n")
+    else:
+        table = Table("test split", "items", "training instructions found in it")
+        for split, n in report.per_split.items():
+            table.add_row(split, str(report.split_sizes[split]), str(n))
+        out.print(table)
+        if report.missing:
+            err.print(f"[yellow]not found under {data_dir}:[/] {', '.join(report.missing)}")
+        out.print(report.summary())
+    if strict and report.total:
+        raise FslmError(f"{train}: {report.summary()}")
+
+
+@app.command()
+@friendly
+def serve(
+    directory: StackDir,
+    host: str = flag(ServeOptions, "host"),
+    port: int = flag(ServeOptions, "port", min=0, max=65535),
+    api_key: str | None = flag(ServeOptions, "api_key", envvar="FSLM_API_KEY"),
+    max_queue: int = flag(ServeOptions, "max_queue", min=1),
+    max_batch: int = flag(ServeOptions, "max_batch", min=1),
+    max_tokens: int = flag(ServeOptions, "max_tokens", min=1),
+    max_body: int = flag(ServeOptions, "max_body", min=1),
+    timeout: float = flag(ServeOptions, "timeout", min=0.1),
+    cors_origin: list[str] | None = flag(ServeOptions, "cors_origins", "--cors-origin"),
+    backend: str | None = flag(ServeOptions, "backend"),
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Accept requests whose Host header names this host (repeat; default: 127.0.0.1, localhost, ::1 "
+            "and --host; * accepts any). Guards against DNS rebinding."
+        ),
+    ] = None,
+    trust_remote_code: TrustRemoteCode = False,
+    allow_server: AllowServer = None,
+    api_key_env: ApiKeyEnv = None,
+) -> None:
+    """Serve the stack: OpenAI-compatible API (/v1/chat/completions), per-stage streaming, and a web page at /."""
+    _grant(trust_remote_code, allow_server, api_key_env)
+    config = load_config(directory)  # validate before the (slow) model load
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        err.print(f"[yellow]warning:[/] serving on {host} without --api-key: anyone who can reach it can use it")
+    if host in ("0.0.0.0", "::", "") and not allowed_host:
+        err.print(
+            "[yellow]note:[/] requests must name this machine as 127.0.0.1/localhost; add --allowed-host NAME for "
+            "each host name clients use to reach it (Host header check, against DNS rebinding)"
+        )
+    given = {
+        "api_key": api_key or None,
+        "cors_origins": tuple(cors_origin or ()),
+        "allowed_hosts": (*default_allowed_hosts(host), *(allowed_host or ())),
+    }
+    options = ServeOptions.pick({**locals(), **given})
+    with err.status(f"loading {config.base.model}") as status:
+
+        def serving(event: ProgressEvent) -> None:
+            status.stop()
+            url = event.info["url"]
+            err.print(f"backend: {event.info['backend']}")
+            err.print(f"serving [bold]{config.name}[/] on {url} (OpenAI base_url {url}v1)")
+
+        serve_step(directory, options, on_event=serving)
+
+
+@app.command()
+@friendly
+def export(
+    directory: StackDir,
+    format: str = flag(ExportOptions, "format", "--format"),
+    quant: str | None = flag(ExportOptions, "quant"),
+    trust_remote_code: TrustRemoteCode = False,
+) -> None:
+    """Write DIR/gguf/: the base model and one GGUF LoRA adapter per stage, for `fslm run --backend llamacpp`."""
+    _grant(trust_remote_code)
+    with err.status("exporting") as status:
+        result = export_step(
+            directory,
+            ExportOptions.build(format=format, quant=quant),
+            on_event=lambda e: status.update(f"exporting {e.task}"),
+        )
+    manifest = result.manifest
+    out.print(
+        f"Exported to {result.directory}: base ({manifest['base']['quant']}) + "
+        f"{len(manifest['adapters'])} adapter(s) ({', '.join(manifest['adapters']) or 'none'})"
+    )
+
+
+def print_distill_result(r: DistillResult) -> None:
+    """What a distill run wrote, what its checks found, and where its manifest is."""
     dropped = ", ".join(f"{n} {k}" for k, n in r.filtered.items() if n) or "none"
     rate = (
         f"{(r.selected - r.resumed) / r.seconds:.2f} records/s, {r.output_tokens / r.seconds:.1f} tokens/s"
@@ -484,134 +589,6 @@ def distill(
     out.print(f"manifest: {r.manifest}")
 
 
-@app.command("check-contamination")
-@friendly
-def check_contamination(
-    train: Annotated[Path, typer.Argument(help="Training data: distilled JSONL or any dataset fslm distill reads.")],
-    data_dir: Annotated[Path, typer.Option(help="Benchmark data directory (test splits, see docs/distill.md).")],
-    strict: Annotated[bool, typer.Option(help="Exit 2 when any training instruction is in a test split.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
-) -> None:
-    """Count training instructions that appear (normalised) in a benchmark test split."""
-    from fslm.contamination import BenchmarkIndex
-    from fslm.data import read_dataset
-
-    dataset = read_dataset(train)
-    report = BenchmarkIndex.load(data_dir).check((r.id, r.instruction, r.input) for r in dataset.records)
-    if as_json:
-        sys.stdout.write(json.dumps({"train": str(train), **report.to_dict()}) + "\n")
-    else:
-        table = Table("test split", "items", "training instructions found in it")
-        for split, n in report.per_split.items():
-            table.add_row(split, str(report.split_sizes[split]), str(n))
-        out.print(table)
-        if report.missing:
-            err.print(f"[yellow]not found under {data_dir}:[/] {', '.join(report.missing)}")
-        out.print(report.summary())
-    if strict and report.total:
-        raise FslmError(f"{train}: {report.summary()}")
-
-
-@app.command()
-@friendly
-def serve(
-    directory: StackDir,
-    host: Annotated[str, typer.Option(help="Address to bind; the default serves this machine only.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
-    api_key: Annotated[
-        str | None, typer.Option(envvar="FSLM_API_KEY", help="Require Authorization: Bearer KEY (env FSLM_API_KEY).")
-    ] = None,
-    max_queue: Annotated[int, typer.Option(min=1, help="Requests in flight before answering 503.")] = 64,
-    max_batch: Annotated[int, typer.Option(min=1, help="Most requests generated together at one stage.")] = 32,
-    max_tokens: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for.")] = 4096,
-    max_body: Annotated[int, typer.Option(min=1, help="Largest request body in bytes (413 beyond).")] = 1 << 20,
-    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a request may take, queueing included.")] = 300.0,
-    cors_origin: Annotated[
-        list[str] | None, typer.Option(help="Allow browser calls from this origin (repeat).")
-    ] = None,
-    backend: Annotated[
-        str | None,
-        typer.Option(
-            help="Backend: torch, llamacpp or openai (default: llamacpp when the GGUF export is current and the "
-            "manifest says torch, else the manifest's base.backend)."
-        ),
-    ] = None,
-    allowed_host: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Accept requests whose Host header names this host (repeat; default: 127.0.0.1, localhost, ::1 "
-            "and --host; * accepts any). Guards against DNS rebinding."
-        ),
-    ] = None,
-    trust_remote_code: TrustRemoteCode = False,
-    allow_server: AllowServer = None,
-    api_key_env: ApiKeyEnv = None,
-) -> None:
-    """Serve the stack: OpenAI-compatible API (/v1/chat/completions), per-stage streaming, and a web page at /."""
-    from fslm.config import load_config
-    from fslm.stack import Stack
-    from fslm.steps.serve import ServeOptions, default_allowed_hosts
-    from fslm.steps.serve import serve as run_server
-
-    _grant(trust_remote_code, allow_server, api_key_env)
-    config = load_config(directory)  # validate before the (slow) model load
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        err.print(f"[yellow]warning:[/] serving on {host} without --api-key: anyone who can reach it can use it")
-    if host in ("0.0.0.0", "::", "") and not allowed_host:
-        err.print(
-            "[yellow]note:[/] requests must name this machine as 127.0.0.1/localhost; add --allowed-host NAME for "
-            "each host name clients use to reach it (Host header check, against DNS rebinding)"
-        )
-    if backend is None and config.base.backend == "torch":  # the fast path whenever the export is current
-        from fslm.stackdir import StackDir as Layout
-
-        problem = Layout(directory).export_problem(config)
-        if problem is None:
-            backend = "llamacpp"
-        elif problem != "no GGUF export":
-            err.print(f"[yellow]warning:[/] not serving the GGUF export ({problem}); re-run fslm export to use it")
-    with err.status(f"loading {config.base.model}"):
-        stack = Stack.load(directory, backend=backend)
-    err.print(f"backend: {stack.backend.name}")
-    options = ServeOptions(
-        api_key=api_key or None,
-        max_body=max_body,
-        max_queue=max_queue,
-        max_batch=max_batch,
-        max_tokens=max_tokens,
-        timeout=timeout,
-        cors_origins=tuple(cors_origin or ()),
-        allowed_hosts=(*default_allowed_hosts(host), *(allowed_host or ())),
-    )
-    err.print(f"serving [bold]{config.name}[/] on http://{host}:{port}/ (OpenAI base_url http://{host}:{port}/v1)")
-    run_server(stack, host=host, port=port, options=options)
-
-
-@app.command()
-@friendly
-def export(
-    directory: StackDir,
-    format: str = flag(ExportOptions, "format", "--format"),
-    quant: str | None = flag(ExportOptions, "quant"),
-    trust_remote_code: TrustRemoteCode = False,
-) -> None:
-    """Write DIR/gguf/: the base model and one GGUF LoRA adapter per stage, for `fslm run --backend llamacpp`."""
-    from fslm.steps.export import export as export_step
-
-    _grant(trust_remote_code)
-    with err.status("exporting") as status:
-        result = export_step(
-            directory,
-            ExportOptions.build(format=format, quant=quant),
-            on_event=lambda e: status.update(f"exporting {e.task}"),
-        )
-    manifest = result.manifest
-    out.print(
-        f"Exported to {result.directory}: base ({manifest['base']['quant']}) + "
-        f"{len(manifest['adapters'])} adapter(s) ({', '.join(manifest['adapters']) or 'none'})"
-    )
-
-
 def print_eval_table(results: dict[str, Any]) -> None:
     tasks = results["tasks"]
     table = Table("system", *tasks, "s/query")
@@ -627,7 +604,6 @@ def print_eval_table(results: dict[str, Any]) -> None:
 
 
 def print_paired(rows: list[dict[str, Any]], title: str) -> None:
-    from fslm.steps.eval_stats import format_p
 
     table = Table("task", "metric", "A", "B", "n", "A − B (95% CI)", "A only / B only", "McNemar p", title=title)
     for r in rows:
@@ -692,8 +668,6 @@ def eval_cmd(
     precision: str = flag(EvalOptions, "precision"),
 ) -> None:
     """Score base model vs single adapter vs stack on offline benchmarks (lm-evaluation-harness)."""
-    from fslm.steps.evaluate import evaluate
-
     _grant(trust_remote_code)
     options = EvalOptions.pick(locals())
     with EventView() as view:
@@ -717,9 +691,6 @@ def eval_compare_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ) -> None:
     """Paired comparison of two eval runs on the items both scored (matched by item id)."""
-    from fslm.options import comma_list
-    from fslm.steps.eval_stats import METRICS, compare_runs
-
     metrics = comma_list(metric)
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
@@ -751,8 +722,7 @@ def eval_compare_cmd(
 @friendly
 def lm_eval_cmd(ctx: typer.Context) -> None:
     """lm-evaluation-harness's own CLI with fslm's model (`--model fslm`) and offline tasks (fslm_*) registered."""
-    import fslm.steps.lm_eval_model  # noqa: F401  registers --model fslm
-    from fslm.steps.evaluate import TASKS_DIR
+    import fslm.steps.evaluate.lm_eval_model  # noqa: F401  registers --model fslm (imports lm-eval: only here)
 
     argv = list(ctx.args)
     if argv and argv[0] not in ("run", "ls", "validate", "-h", "--help"):
@@ -782,8 +752,6 @@ def quickstart(
     filters: str = flag(QuickstartOptions, "filters"),
 ) -> None:
     """The whole pipeline on the embedded model, offline, in minutes: init, distill, train, run, eval."""
-    from fslm.quickstart import quickstart as quickstart_step
-
     options = QuickstartOptions.pick(locals())
     with EventView() as view:
         result = quickstart_step(out_dir, options, on_event=view)

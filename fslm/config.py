@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import ipaddress
-import os
+import io
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from fslm.errors import FslmError
+from fslm.files import atomic_write_text
+from fslm.prompts import template_variables
+from fslm.trust import DEFAULT_API_KEY_ENV, TRUST_FIELDS
 
 MANIFEST = "stack.yaml"
 FORMAT_VERSION = 1
-# The environment variable that holds an OpenAI-compatible server's key unless the user names another.
-DEFAULT_API_KEY_ENV = "FSLM_API_KEY"
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 # Variables every stage template may use, besides the outputs of the stages it reads.
 BUILTIN_VARIABLES = ("instruction", "input")
@@ -174,8 +169,6 @@ class StackConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_stage_graph(self) -> StackConfig:
-        from fslm.prompts import template_variables  # local: prompts imports config
-
         seen: list[str] = []
         for i, stage in enumerate(self.stages):
             if stage.name in seen:
@@ -187,7 +180,7 @@ class StackConfig(_Strict):
             known = set(BUILTIN_VARIABLES) | set(stage.reads)
             try:
                 used = template_variables(stage.template)
-            except SyntaxError as e:  # jinja2's TemplateSyntaxError subclasses nothing useful; see prompts
+            except SyntaxError as e:  # a broken template: prompts.template_variables names the line
                 raise ValueError(f"stages[{i}].template: {e}") from None
             unknown = sorted(used - known)
             if unknown:
@@ -270,7 +263,7 @@ def parse_config(text: str, source: str = MANIFEST) -> StackConfig:
         where = f"{source}:{line}" if line else source
         more = f" (and {len(e.errors()) - 1} more problem(s))" if len(e.errors()) > 1 else ""
         raise FslmError(f"{where}: {_format_loc(loc)}: {msg}{more}") from None
-    for key in _TRUST_FIELDS:
+    for key in TRUST_FIELDS:
         loc = ("base", *key.split("."))
         line = _yaml_line(root, loc) if _has_path(data, loc) else None
         config.base._origin[key] = f"{source}:{line}" if line else source
@@ -304,8 +297,6 @@ def dump_yaml(data: Any) -> str:
 
 def save_config(config: StackConfig, directory: str | Path) -> Path:
     """Write DIR/stack.yaml atomically (a reader never sees half a manifest)."""
-    from fslm.files import atomic_write_text
-
     path = Path(directory) / MANIFEST
     atomic_write_text(path, dump_config(config))
     return path
@@ -314,11 +305,7 @@ def save_config(config: StackConfig, directory: str | Path) -> Path:
 def update_config(directory: str | Path, edit: Any) -> StackConfig:
     """Change DIR/stack.yaml in place, keeping the user's comments and layout (round-trip YAML), validated before it
     is written atomically. `edit` receives the document as nested mappings and lists and changes it."""
-    import io
-
-    from ruamel.yaml import YAML
-
-    from fslm.files import atomic_write_text
+    from ruamel.yaml import YAML  # only here: the rest of fslm reads YAML with PyYAML
 
     path = Path(directory) / MANIFEST
     load_config(directory)  # the file as it is must be valid (names file, line and field otherwise)
@@ -353,153 +340,6 @@ def _list_presenter(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
 
 _LiteralDumper.add_representer(str, _str_presenter)
 _LiteralDumper.add_representer(list, _list_presenter)
-
-
-# --- trust: what a manifest may ask for only when the user agrees ---------------------------------------
-
-# A stack directory is data someone else may have written. Three manifest fields could make fslm do something the
-# user never asked for: run Python code shipped with the model, send every prompt to a server elsewhere, or send the
-# value of an environment variable of the manifest's choosing there as an API key. Each needs the user's consent:
-# a CLI flag, a `Trust` passed to `Stack.load`, or (servers and key variables only) the user's own environment.
-TRUSTED_SERVERS_ENV = "FSLM_TRUSTED_SERVERS"  # URLs (or origins) the user trusts, separated by spaces or commas
-TRUSTED_KEY_ENVS_ENV = "FSLM_TRUSTED_KEY_ENVS"  # environment variable names a manifest may name as api_key_env
-_TRUST_FIELDS = ("trust_remote_code", "server.url", "server.api_key_env")
-_LOOPBACK_NAMES = {"localhost"}
-
-
-@dataclass(frozen=True)
-class Trust:
-    """What the user (never the manifest) allows: remote code, servers beyond this machine, API key variables.
-
-    remote_code: let transformers run Python code shipped with the model (`trust_remote_code: true`).
-    servers: URLs or origins (scheme://host:port) stages may be sent to besides this machine.
-    api_key_env: read the server's API key from this variable, whatever the manifest names.
-    api_key_envs: variables a manifest may name as `api_key_env`.
-    """
-
-    remote_code: bool = False
-    servers: tuple[str, ...] = ()
-    api_key_env: str | None = None
-    api_key_envs: tuple[str, ...] = ()
-
-    @classmethod
-    def from_user(
-        cls, remote_code: bool = False, servers: tuple[str, ...] | list[str] = (), api_key_env: str | None = None
-    ) -> Trust:
-        """The CLI flags plus the user's environment (FSLM_TRUSTED_SERVERS, FSLM_TRUSTED_KEY_ENVS)."""
-        return cls(
-            remote_code=remote_code,
-            servers=(*servers, *_env_list(TRUSTED_SERVERS_ENV)),
-            api_key_env=api_key_env or None,
-            api_key_envs=_env_list(TRUSTED_KEY_ENVS_ENV),
-        )
-
-    def allows_server(self, url: str) -> bool:
-        return is_loopback_url(url) or any(_origin(url) == _origin(s) for s in self.servers if _origin(s))
-
-    def key_env(self, server: ServerSettings) -> str:
-        """The variable the API key is read from: the user's choice, else the manifest's (checked by check_trust)."""
-        return self.api_key_env or server.api_key_env
-
-
-_TRUST: ContextVar[Trust | None] = ContextVar("fslm_trust", default=None)
-
-
-def current_trust() -> Trust:
-    """The trust in force: the innermost `trusting(...)`, else only what the user's environment lists."""
-    return _TRUST.get() or Trust.from_user()
-
-
-@contextmanager
-def trusting(trust: Trust | None) -> Iterator[Trust]:
-    """Run a block with `trust` in force (None: leave the current trust as it is)."""
-    if trust is None:
-        yield current_trust()
-        return
-    token = _TRUST.set(trust)
-    try:
-        yield trust
-    finally:
-        _TRUST.reset(token)
-
-
-def grant(trust: Trust) -> None:
-    """Put `trust` in force for the rest of the current context (the CLI runs each command in a context of its own)."""
-    _TRUST.set(trust)
-
-
-def check_trust(base: BaseModelSettings, *, code: bool = True, server: bool = False) -> None:
-    """Raise FslmError naming each trust-sensitive field the settings ask for without the user's consent.
-
-    code: the settings are about to load a model or tokenizer; server: about to send requests to base.server.
-    """
-    trust = current_trust()
-    problems = []
-    origin = base._origin
-
-    def where(key: str) -> str:
-        return f"{origin[key]}: " if key in origin else ""
-
-    if code and base.trust_remote_code and not trust.remote_code:
-        problems.append(
-            f"{where('trust_remote_code')}base.trust_remote_code: the manifest asks to run Python code shipped with "
-            "the model; fslm runs it only with --trust-remote-code (Python: Stack.load(..., trust=Trust(remote_code=True)))"
-        )
-    if server:
-        s = base.server or ServerSettings()
-        if not trust.allows_server(s.url):
-            problems.append(
-                f"{where('server.url')}base.server.url: the manifest sends every prompt to {s.url}, which is not this "
-                f"machine; allow it with --allow-server {s.url} (or list it in ${TRUSTED_SERVERS_ENV})"
-            )
-        if (
-            trust.api_key_env is None
-            and s.api_key_env != DEFAULT_API_KEY_ENV
-            and s.api_key_env not in trust.api_key_envs
-        ):
-            problems.append(
-                f"{where('server.api_key_env')}base.server.api_key_env: the manifest asks to send the value of "
-                f"${s.api_key_env} as the API key; allow it with --api-key-env {s.api_key_env} "
-                f"(or list it in ${TRUSTED_KEY_ENVS_ENV})"
-            )
-    if problems:
-        raise FslmError("; ".join(problems))
-
-
-def is_loopback_url(url: str) -> bool:
-    """True when the URL's host is this machine (localhost or a loopback address)."""
-    try:
-        host = urlsplit(url).hostname
-    except ValueError:
-        return False
-    return host is not None and is_loopback_host(host)
-
-
-def is_loopback_host(host: str) -> bool:
-    host = host.strip("[]").lower()
-    if host in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _origin(url: str) -> tuple[str, str, int | None] | None:
-    """(scheme, host, port) with the scheme's default port filled in; None for something that is not a URL."""
-    try:
-        parts = urlsplit(url.strip())
-        port = parts.port
-    except ValueError:
-        return None
-    if not parts.scheme or not parts.hostname:
-        return None
-    default = {"http": 80, "https": 443}.get(parts.scheme.lower())
-    return parts.scheme.lower(), parts.hostname.lower(), port if port is not None else default
-
-
-def _env_list(name: str) -> tuple[str, ...]:
-    return tuple(x for x in re.split(r"[\s,]+", os.environ.get(name, "")) if x)
 
 
 def _has_path(data: Any, loc: tuple[str, ...]) -> bool:

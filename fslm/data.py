@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fslm.choices import CHOICE_FORMATS, detect, read_choice_rows
 from fslm.errors import FslmError
 from fslm.files import sha256_file
 
 # Instruction formats, then the multiple-choice benchmark formats (fslm.choices).
-FORMATS = ("auto", "alpaca", "self-instruct", "gsm8k", "arc", "openbookqa", "sciq", "mmlu")
+FORMATS = ("auto", "alpaca", "self-instruct", "gsm8k", *CHOICE_FORMATS)
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".tsv")
 # Any surrogate: a byte that was not UTF-8 (decoded with surrogateescape: U+DC80..U+DCFF) or a lone surrogate
 # escape in JSON ("\ud800"), which json accepts but which cannot be written back as UTF-8.
@@ -172,18 +173,10 @@ def read_dataset(
         if on_bad is not None:
             on_bad(row)
 
-    from fslm.choices import CHOICE_FORMATS, detect, read_choice_rows
-
     chosen = format
     if chosen == "auto":
         chosen = detect(files[0]) or "auto"
-    rows: list[tuple[str, int, Any]] = []  # (file, line, row)
-    for f in files:
-        current[0] = str(f)
-        if chosen in CHOICE_FORMATS:
-            rows += [(str(f), n, row) for n, row in enumerate(read_choice_rows(f, chosen), 1)]
-        else:
-            rows += [(str(f), line, row) for line, row in _raw_rows(f, report)]
+    rows = _read_rows(files, chosen, report, current)
     total = len(rows) + len(bad)  # rows that could not even be decoded count as rows too
     if chosen == "auto":
         chosen = _detect(next((r for _, _, r in rows if isinstance(r, dict)), {}))
@@ -193,6 +186,39 @@ def read_dataset(
         input_field if input_field is not None else fields.input,
         output_field if output_field is not None else fields.output,
     )
+    records, duplicates = _records(rows, chosen, fields, report, current)
+    bad.sort(key=lambda b: (b.file, b.line))
+    if not records:
+        raise FslmError(f"{path}: no usable records ({total} rows, {len(bad)} bad)")
+    if limit is not None and limit < len(records):
+        keep = sorted(random.Random(seed).sample(range(len(records)), limit))
+        records = [records[i] for i in keep]
+    return Dataset(path, files_sha256(files), chosen, fields, total, records, bad, duplicates, limit, seed)
+
+
+def _read_rows(
+    files: list[Path], chosen: str, report: Callable[[int, str], None], current: list[str]
+) -> list[tuple[str, int, Any]]:
+    """(file, line, row) of every file in order: a multiple-choice format's questions, else the raw JSON/CSV rows
+    (`current[0]` names the file being read, for `report`)."""
+    rows: list[tuple[str, int, Any]] = []
+    for f in files:
+        current[0] = str(f)
+        if chosen in CHOICE_FORMATS:
+            rows += [(str(f), n, row) for n, row in enumerate(read_choice_rows(f, chosen), 1)]
+        else:
+            rows += [(str(f), line, row) for line, row in _raw_rows(f, report)]
+    return rows
+
+
+def _records(
+    rows: list[tuple[str, int, Any]],
+    chosen: str,
+    fields: FieldMap,
+    report: Callable[[int, str], None],
+    current: list[str],
+) -> tuple[list[DatasetRecord], int]:
+    """The rows as records, the first of each instruction kept; and how many duplicates were skipped."""
     records: list[DatasetRecord] = []
     seen: set[str] = set()
     duplicates = 0
@@ -213,13 +239,7 @@ def read_dataset(
             continue
         seen.add(rid)
         records.append(rec)
-    bad.sort(key=lambda b: (b.file, b.line))
-    if not records:
-        raise FslmError(f"{path}: no usable records ({total} rows, {len(bad)} bad)")
-    if limit is not None and limit < len(records):
-        keep = sorted(random.Random(seed).sample(range(len(records)), limit))
-        records = [records[i] for i in keep]
-    return Dataset(path, files_sha256(files), chosen, fields, total, records, bad, duplicates, limit, seed)
+    return records, duplicates
 
 
 def dataset_files(path: Path) -> list[Path]:

@@ -7,9 +7,8 @@ needed 1 GB of activations leaves most of that resident for the next one (docs/t
 
 `prefer_huge_pages()` bounds the same growth within a phase: PyTorch's CPU allocator then page-aligns each large
 tensor and marks it for transparent huge pages (`madvise(MADV_HUGEPAGE)`; PyTorch's `THP_MEM_ALLOC_ENABLE`), and
-far less of what a training step frees stays resident. Measured on three answer-stage training steps of the
-embedded model (4 x 395 tokens, gradient checkpointing; benchmarks/train_step_memory.py): 3,453 MiB peak RSS with
-glibc's defaults, 1,818 MiB with it, 21.1 vs 22.4 s a step (docs/train.md, "Memory").
+far less of what a training step frees stays resident, at about the same speed (docs/train.md, "Memory", has the
+figures of benchmarks/train_step_memory.py).
 
 `preload_allocator()` goes further for the commands that train: it restarts them under tcmalloc, which reuses what
 a step frees instead of keeping it (below).
@@ -89,9 +88,7 @@ def preload_allocator(argv: Sequence[str]) -> None:
     """Restart a training command under tcmalloc when it is installed (Linux; `FSLM_ALLOCATOR` chooses).
 
     Why: glibc's heap keeps most of what a training step frees, and no setting of it both bounds that and keeps
-    the step's speed; tcmalloc reuses freed blocks. Measured on three answer-stage steps of the embedded model
-    (benchmarks/train_step_memory.py): peak RSS 1,818-2,145 MiB over runs with glibc and huge pages, 1,360-1,363 MiB
-    with tcmalloc (255 MiB of it live tensors), and its steps are no slower (docs/train.md, "Memory"). A malloc can
+    the step's speed; tcmalloc reuses freed blocks, and its steps are no slower (docs/train.md, "Memory"). A malloc can
     only be chosen before a process starts, so the command re-executes itself once with `LD_PRELOAD`; `argv` is the
     command line after the program name.
     """

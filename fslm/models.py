@@ -1,7 +1,7 @@
 """Model loading, in one place for the whole project: aliases, the embedded GGUF, local directories, hub ids.
 
 Weights come only from safetensors or GGUF; `trust_remote_code` stays off unless the stack asks for it *and* the
-user agrees (`--trust-remote-code`, `fslm.config.Trust`): a manifest alone never runs code.
+user agrees (`--trust-remote-code`, `fslm.trust.Trust`): a manifest alone never runs code.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fslm.config import BaseModelSettings, check_trust
+from fslm.config import BaseModelSettings
 from fslm.errors import FslmError
+from fslm.files import atomic_replace_dir, recover_dir
+from fslm.trust import check_trust
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,9 @@ ALIASES: dict[str, EmbeddedGGUF] = {
 }
 DEFAULT_BASE = "smollm2-135m-instruct"
 
+# HF model_type -> llama.cpp architecture name (general.architecture): the bases `fslm export` writes as GGUF, and so
+# the ones the llama.cpp backend can run.
+GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "gpt_neox": "gptneox"}
 # LoRA target modules per architecture: every linear layer of attention and MLP, written out explicitly.
 LORA_TARGETS: dict[str, list[str]] = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -161,8 +166,6 @@ def cache_root() -> Path:
 
 def gguf_cache_dir(ref: BaseRef, settings: BaseModelSettings) -> Path:
     """Where the de-quantised copy of a GGUF file lives (keyed by file identity and dtype)."""
-    from fslm.files import recover_dir
-
     st = Path(ref.location).stat()
     path = cache_root() / "gguf" / f"{Path(ref.location).stem}-{st.st_size}-{st.st_mtime_ns}-{settings.dtype}"
     recover_dir(path)  # a kill while the cache was being replaced must not cost the next load the de-quantising
@@ -172,7 +175,7 @@ def gguf_cache_dir(ref: BaseRef, settings: BaseModelSettings) -> Path:
 def load_base(ref: BaseRef, settings: BaseModelSettings) -> tuple[Any, Any]:
     """(model, tokenizer) for a resolved reference.
 
-    A GGUF file is de-quantised by transformers once (~15 s for the embedded model) and kept as safetensors in
+    A GGUF file is de-quantised by transformers once (README.md says how long) and kept as safetensors in
     the fslm cache ($FSLM_CACHE, default ~/.cache/fslm); later loads take well under a second.
     """
     ref = _prefer_cache(ref, settings)
@@ -249,8 +252,6 @@ def _load(ref: BaseRef, settings: BaseModelSettings) -> tuple[Any, Any]:
 
 def _save_cache(model: Any, tokenizer: Any, target: Path) -> bool:
     """Best effort: a cache we cannot write only costs time on the next load."""
-    from fslm.files import atomic_replace_dir
-
     staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         model.save_pretrained(staging, safe_serialization=True)

@@ -1,7 +1,8 @@
-"""The base of every step's options object: typed fields that own their defaults and help text.
+"""The base of every step's options object and of its result: `step(paths, Options, on_event=None) -> Result`.
 
-The CLI builds its flags from these fields (default and help come from here, written once), and `build` turns a
-validation error into one line naming the flag, like any other bad input.
+Options are typed fields that own their defaults and help text: the CLI builds its flags from them (default and help
+come from here, written once), and `build` turns a validation error into one line naming the flag, like any other
+bad input. A Result is what the step did, as typed fields the caller reads (and the CLI prints).
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ class Options(BaseModel):
             flag = "--" + where.split(".")[0].replace("_", "-")
             msg = err["msg"].removeprefix("Value error, ")
             raise FslmError(f"{flag}: {msg}") from None
+
+
+class Result(BaseModel):
+    """The base of every step's result."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
 
 
 def comma_list(value: Any) -> Any:

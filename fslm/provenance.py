@@ -11,6 +11,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from fslm.errors import FslmError
+from fslm.files import atomic_write_text
+
 # The libraries whose version can change a number fslm reports.
 PACKAGES = (
     "fslm",
@@ -49,8 +52,6 @@ class Ledger:
     settings is refused: the ledger must describe one experiment."""
 
     def __init__(self, path: str | Path, settings: dict[str, Any]) -> None:
-        from fslm.errors import FslmError
-
         self.path = Path(path)
         self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
         if self.data.get("settings") not in (None, settings):
@@ -78,7 +79,5 @@ class Ledger:
         return bool(self.data["steps"].get(name, {}).get("finished"))
 
     def save(self) -> None:
-        from fslm.files import atomic_write_text
-
         self.data["updated"] = now()
         atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n")

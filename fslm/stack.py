@@ -1,29 +1,35 @@
 """The `Stack`: one base model, one adapter per stage, stages chained through their text.
 
-Every pipeline step (run, distill, train, eval, serve) takes a `Stack`; none loads models its own way.
+Run, serve, eval and train load a stack directory with `Stack.load` (fslm.backends.choose says where it runs). One
+function decides a stage's prompt text, `render_prompt`, which training uses too, and one method runs a stage for a
+batch of rows, `run_stage`: the whole stack (`run_batch`), a baseline's direct answer (`answer`), eval's chains and
+the server's scheduler all go through it. The baselines (the bare base, `single`, `multitask`) are views of the
+same stack: one pseudo-stage, `direct_stage`, that answers from the instruction alone.
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
-from fslm.backends import Backend, create_backend
-from fslm.config import StackConfig, StageConfig, Trust, check_trust, load_config, trusting
+from fslm.backends import Backend, TextCallback
+from fslm.backends.choose import choose_backend, create_backend
+from fslm.config import GenerationSettings, StackConfig, StageConfig
 from fslm.errors import FslmError
 from fslm.prompts import render_user_message, stage_variables
 from fslm.stackdir import StackDir
+from fslm.trust import Trust, trusting
 
 # How a loaded stack can answer: the bare base, a baseline adapter answering directly, or the whole stack.
 SYSTEMS = ("base", "single", "multitask", "stack")
 # The baselines' user message: the instruction (and input) alone, no intermediate stages.
 DIRECT_TEMPLATE = "Instruction: {{ instruction }}\n{% if input %}Input: {{ input }}\n{% endif %}"
 
-_KEEP = object()
+_OWN = object()  # "the stage's own adapter" (None already means the bare base)
 
 
 @dataclass
@@ -62,6 +68,19 @@ class Trace:
         return {"instruction": self.instruction, "input": self.input, "stages": stages, "answer": self.answer}
 
 
+class StageInput(Protocol):
+    """What a stage prompt is rendered from: a `Trace`, or any row with the same three fields."""
+
+    @property
+    def instruction(self) -> str: ...
+
+    @property
+    def input(self) -> str | None: ...
+
+    @property
+    def outputs(self) -> Mapping[str, str]: ...
+
+
 Item = str | tuple[str, str | None] | Mapping[str, Any]
 StageCallback = Callable[[int, StageResult], None]  # (row, finished stage)
 TextStream = Callable[[int, str, str], None]  # (row, stage name, text delta)
@@ -77,18 +96,21 @@ class Stack:
         self.attach_adapters()
 
     @classmethod
-    def load(cls, directory: str | Path, backend: str | None = None, *, trust: Trust | None = None) -> Stack:
-        """Load a stack directory; `backend` overrides the manifest's `base.backend`.
+    def load(
+        cls, directory: str | Path, backend: str | None = None, *, trust: Trust | None = None, **options: Any
+    ) -> Stack:
+        """Load a stack directory on `backend`: a backend name, `auto` (fslm.backends.choose decides) or None (the
+        manifest's `base.backend`). `options` go to the backend (llama.cpp: `n_ctx`).
 
         The manifest is untrusted: remote code, a server other than this machine, or an API key variable it names
         are refused (FslmError) unless `trust` (or the `trusting(...)` block around the call, e.g. the CLI's flags,
         or the user's FSLM_TRUSTED_SERVERS / FSLM_TRUSTED_KEY_ENVS) allows them.
         """
-        config = load_config(directory)
-        name = backend or config.base.backend
+        stack_dir = StackDir(directory)
+        config = stack_dir.load()
         with trusting(trust):
-            check_trust(config.base, code=True, server=name == "openai")  # before any slow load
-            return cls(config, create_backend(name, config.base, directory), directory)
+            name = choose_backend(stack_dir, backend or config.base.backend, config=config)
+            return cls(config, create_backend(name, config.base, directory, **options), directory)
 
     @property
     def directory(self) -> Path | None:
@@ -110,7 +132,7 @@ class Stack:
     def load_baseline(self, name: str) -> str:
         """Attach a baseline adapter (`single`, `multitask`) of the stack directory; returns its adapter name.
 
-        A baseline answers directly: `direct_prompt(instruction, input)` with `backend.generate(.., name, ..)`.
+        A baseline answers directly: `direct_stage` run with this adapter.
         """
         if self.dir is None:
             raise FslmError(f"baseline {name!r}: this stack was not loaded from a directory")
@@ -119,22 +141,12 @@ class Stack:
             self.backend.add_adapter(name, path)
         return name
 
-    def direct_prompt(self, instruction: str, input: str | None = None) -> str:
-        """The prompt of a system that answers without intermediate stages (the single and multitask baselines).
-
-        The final stage's role as the system message and a plain user message holding only the instruction and
-        input. It does not reuse the final stage's template with empty earlier outputs: that template asks for
-        notes the baseline never has.
-        """
-        user = render_user_message(DIRECT_TEMPLATE, stage_variables(instruction, input, {}, []))
-        return self.backend.format_prompt(self.config.final_stage.role, user)
-
     # --- prompts ------------------------------------------------------------------------------------
 
     def render_prompt(
         self, stage: StageConfig | str, instruction: str, input: str | None = None, outputs: Mapping[str, str] = {}
     ) -> str:
-        """The exact prompt text of a stage; training uses this too, so train and inference never drift."""
+        """The exact prompt text of a stage: the one place that decides it, for run, serve, eval and training."""
         stage = self.config.stage(stage) if isinstance(stage, str) else stage
         missing = [r for r in stage.reads if r not in outputs]
         if missing:
@@ -142,7 +154,49 @@ class Stack:
         user = render_user_message(stage.template, stage_variables(instruction, input, dict(outputs), stage.reads))
         return self.backend.format_prompt(stage.role, user)
 
+    def direct_stage(self, name: str = "direct") -> StageConfig:
+        """The one step of a system that answers without intermediate stages (the bare base, the single and
+        multitask baselines): the final stage's role and decoding, and a user message holding only the instruction
+        and input. It does not reuse the final stage's template with empty earlier outputs: that template asks for
+        notes the baseline never has."""
+        final = self.config.final_stage
+        return final.model_copy(update={"name": name, "template": DIRECT_TEMPLATE, "reads": [], "training": None})
+
+    def direct_prompt(self, instruction: str, input: str | None = None) -> str:
+        """The prompt of `direct_stage`."""
+        return self.render_prompt(self.direct_stage(), instruction, input)
+
     # --- running ------------------------------------------------------------------------------------
+
+    def run_stage(
+        self,
+        stage: StageConfig | str,
+        rows: Sequence[StageInput],
+        *,
+        adapter: str | None | object = _OWN,
+        settings: GenerationSettings | None = None,
+        on_text: TextCallback | None = None,
+    ) -> list[StageResult]:
+        """One stage for a batch of rows in one `backend.generate` call: the one place a stage runs.
+
+        adapter: the stage's own by default (`stage_adapter`); None runs the bare base model.
+        settings: how it decodes (default: the stage's own generation settings).
+        on_text(row, delta): its text as it is generated (as far as the backend streams).
+        """
+        stage = self.config.stage(stage) if isinstance(stage, str) else stage
+        chosen = self.stage_adapter(stage.name) if adapter is _OWN else cast("str | None", adapter)
+        prompts = [self.render_prompt(stage, r.instruction, r.input, r.outputs) for r in rows]
+        if not prompts:
+            return []
+        start = time.perf_counter()
+        completions = self.backend.generate(
+            prompts, chosen, settings or stage.generation, label=stage.name, on_text=on_text
+        )
+        seconds = time.perf_counter() - start
+        return [
+            StageResult(stage.name, chosen, prompt, c.text, c.prompt_tokens, c.output_tokens, seconds)
+            for prompt, c in zip(prompts, completions, strict=True)
+        ]
 
     def run(
         self,
@@ -167,36 +221,18 @@ class Stack:
         adapters: Mapping[str, str | None] | None = None,
         stages: int | None = None,
         on_text: TextStream | None = None,
+        overrides: Mapping[str, Any] | None = None,
     ) -> list[Trace]:
         """Run each stage once for the whole batch (left-padded).
 
         adapters: per-stage override of the adapter to use (None = bare base), for ablations and baselines.
         stages: run only the first N stages (eval scores the last one itself).
         on_text: receives each stage's text as it is generated (as far as the backend streams).
+        overrides: generation settings every stage runs with instead of its own (eval's budget, temperature, seed).
         """
         traces = [_to_trace(item, i) for i, item in enumerate(items)]
-        if not traces:
-            return []
-        adapters = dict(adapters or {})
-        for stage in self.config.stages[:stages]:
-            adapter = adapters.get(stage.name, _KEEP)
-            adapter = self.stage_adapter(stage.name) if adapter is _KEEP else adapter
-            settings = stage.generation
-            if max_new_tokens is not None:
-                settings = settings.model_copy(update={"max_new_tokens": max_new_tokens})
-            prompts = [self.render_prompt(stage, t.instruction, t.input, t.outputs) for t in traces]
-            start = time.perf_counter()
-            stream = None
-            if on_text is not None:
-                stream = functools.partial(_stream_to, on_text, stage.name)
-            completions = self.backend.generate(prompts, adapter, settings, label=stage.name, on_text=stream)
-            seconds = time.perf_counter() - start
-            for i, (trace, prompt, c) in enumerate(zip(traces, prompts, completions, strict=True)):
-                result = StageResult(stage.name, adapter, prompt, c.text, c.prompt_tokens, c.output_tokens, seconds)
-                trace.stages.append(result)
-                if on_stage is not None:
-                    on_stage(i, result)
-        return traces
+        update = {**(overrides or {}), **({} if max_new_tokens is None else {"max_new_tokens": max_new_tokens})}
+        return self._chain(self.config.stages[:stages], traces, adapters or {}, update, on_stage, on_text)
 
     def answer(
         self,
@@ -207,8 +243,8 @@ class Stack:
         max_new_tokens: int | None = None,
         on_text: TextStream | None = None,
     ) -> list[Trace]:
-        """Answer with one of SYSTEMS: the whole stack, or one direct step (the final stage's role, the instruction
-        alone) on the bare base or a baseline adapter (`single`, `multitask`)."""
+        """Answer with one of SYSTEMS: the whole stack, or one direct step (`direct_stage`) on the bare base or a
+        baseline adapter (`single`, `multitask`)."""
         if system == "stack":
             return self.run_batch(items, on_stage=on_stage, max_new_tokens=max_new_tokens, on_text=on_text)
         if system not in SYSTEMS:
@@ -217,19 +253,30 @@ class Stack:
         if not traces:
             return []
         adapter = None if system == "base" else self.load_baseline(system)
-        settings = self.config.final_stage.generation
-        if max_new_tokens is not None:
-            settings = settings.model_copy(update={"max_new_tokens": max_new_tokens})
-        prompts = [self.direct_prompt(t.instruction, t.input) for t in traces]
-        stream = functools.partial(_stream_to, on_text, system) if on_text is not None else None
-        start = time.perf_counter()
-        completions = self.backend.generate(prompts, adapter, settings, label=system, on_text=stream)
-        seconds = time.perf_counter() - start
-        for i, (trace, prompt, c) in enumerate(zip(traces, prompts, completions, strict=True)):
-            result = StageResult(system, adapter, prompt, c.text, c.prompt_tokens, c.output_tokens, seconds)
-            trace.stages.append(result)
-            if on_stage is not None:
-                on_stage(i, result)
+        update = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+        return self._chain([self.direct_stage(system)], traces, {system: adapter}, update, on_stage, on_text)
+
+    def _chain(
+        self,
+        stages: Sequence[StageConfig],
+        traces: list[Trace],
+        adapters: Mapping[str, str | None],
+        update: Mapping[str, Any],
+        on_stage: StageCallback | None,
+        on_text: TextStream | None,
+    ) -> list[Trace]:
+        """`stages` in order over the traces, each one `run_stage` for the whole batch."""
+        if not traces:
+            return traces
+        for stage in stages:
+            settings = stage.generation.model_copy(update=dict(update)) if update else stage.generation
+            stream = functools.partial(_stream_to, on_text, stage.name) if on_text is not None else None
+            adapter = adapters.get(stage.name, _OWN)
+            results = self.run_stage(stage, traces, adapter=adapter, settings=settings, on_text=stream)
+            for i, (trace, result) in enumerate(zip(traces, results, strict=True)):
+                trace.stages.append(result)
+                if on_stage is not None:
+                    on_stage(i, result)
         return traces
 
 

@@ -15,12 +15,13 @@ the direct answer) are adapters of the same directory, kept beside the stages an
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from fslm.config import MANIFEST, StackConfig, StageTraining, load_config, save_config, update_config
 from fslm.errors import FslmError
-from fslm.files import recover_dir
+from fslm.files import recover_dir, sha256_file
 
 ADAPTERS = "adapters"
 GGUF = "gguf"
@@ -141,20 +142,16 @@ class StackDir:
     def gguf(self) -> Path:
         return self.root / GGUF
 
+    def gguf_adapter(self, name: str) -> Path:
+        return self.gguf / f"{name}.lora.gguf"
+
     @property
     def gguf_manifest(self) -> Path:
         return self.gguf / GGUF_MANIFEST
 
-    def gguf_adapter(self, name: str) -> Path:
-        return self.gguf / f"{name}.lora.gguf"
-
     def export_problem(self, config: StackConfig | None = None) -> str | None:
         """Why the GGUF export cannot run the stack as it is now, or None when it can: a readable manifest made for
         this base model, the base file, and for every trained stage its exported file, made from today's weights."""
-        import json
-
-        from fslm.files import sha256_file
-
         config = config or self.load()
         if not self.gguf_manifest.is_file():
             return "no GGUF export"

@@ -20,6 +20,8 @@ from pydantic import Field
 
 from fslm import models
 from fslm.backends import Backend
+from fslm.backends.choose import create_backend
+from fslm.backends.openai import OpenAIClient
 from fslm.config import BaseModelSettings, GenerationSettings, ServerSettings
 from fslm.errors import FslmError
 from fslm.options import Options
@@ -141,8 +143,6 @@ class BackendTeacher:
 
 def torch_teacher(model: str, base: BaseModelSettings, stack_dir: str | Path | None, batch_size: int = 8):
     """The teacher on PyTorch, loaded like any stage base (`create_backend("torch")`)."""
-    from fslm.backends import create_backend
-
     settings = base.model_copy(update={"model": model, "backend": "torch"})
     ref = models.resolve(model, stack_dir)
     backend = create_backend("torch", settings, stack_dir)
@@ -153,16 +153,11 @@ def llamacpp_teacher(
     model: str, base: BaseModelSettings, stack_dir: str | Path | None, batch_size: int = 8, context: int = 4096
 ):
     """The teacher on llama.cpp: a .gguf file (or a GGUF alias), tokenised and prompted by its HF tokenizer."""
-    try:
-        from fslm.backends.llamacpp import LlamaCppBackend
-    except ImportError:
-        raise FslmError("the llamacpp teacher needs llama-cpp-python: pip install llama-cpp-python") from None
     ref = models.resolve(model, stack_dir)
     if ref.kind != "gguf":
         raise FslmError(f"{model}: the llamacpp teacher needs a .gguf file or a GGUF alias (got {ref.kind})")
     settings = base.model_copy(update={"model": model, "backend": "llamacpp"})
-    tokenizer = models.load_tokenizer(ref, settings)
-    backend = LlamaCppBackend.from_gguf(ref.location, tokenizer, prompt_format=settings.prompt_format, n_ctx=context)
+    backend = create_backend("llamacpp", settings, stack_dir, gguf=ref.location, n_ctx=context)
     return BackendTeacher(backend, ref, model, batch_size, {"n_ctx": context})
 
 
@@ -170,8 +165,6 @@ class OpenAITeacher:
     """Any OpenAI-compatible server's chat endpoint, `concurrency` requests in flight, retried with backoff."""
 
     def __init__(self, server: ServerSettings, model: str) -> None:
-        from fslm.backends.openai import OpenAIClient
-
         self.client = OpenAIClient(server)
         self.model = model
         self.batch_size = max(1, 2 * server.concurrency)

@@ -13,7 +13,8 @@ from fslm.backends import Backend, Completion, cut_at_stop
 from fslm.config import GenerationSettings, LoraSettings, StackConfig, StageConfig
 from fslm.recipes import load_recipe
 from fslm.stack import Stack
-from fslm.steps.serve import ServeOptions, create_app
+from fslm.web.app import create_app
+from fslm.web.options import ServeOptions
 
 
 class FakeBackend(Backend):

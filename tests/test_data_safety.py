@@ -23,7 +23,8 @@ from fslm.files import exclusive
 from fslm.stackdir import StackDir
 from fslm.steps.distill import DistillOptions, distill_records
 from fslm.steps.init import InitOptions, init
-from fslm.steps.train import RunState, TrainOptions, _manifest_hash, train
+from fslm.steps.train import TrainOptions, train
+from fslm.steps.train.run_state import RunState, manifest_hash
 from fslm.teachers import TeacherOutput
 
 HOLD = "import sys, time; from fslm.files import exclusive\nwith exclusive(sys.argv[1], 'x'):\n    print('held', flush=True); time.sleep(60)"
@@ -130,7 +131,7 @@ def test_answers_paid_for_survive_a_failure_and_empty_ones_are_not_cached(tmp_pa
 
 def test_checkpoints_are_kept_without_fresh_and_resume_checks_the_manifest(tmp_path, stack_dir):
     layout = StackDir(stack_dir)
-    identity = {"data_sha256": "x", "names": ["intent"], "options": {}, "manifest": _manifest_hash(layout.load())}
+    identity = {"data_sha256": "x", "names": ["intent"], "options": {}, "manifest": manifest_hash(layout.load())}
     run = RunState(layout, identity)
     run.start(resume=False, fresh=False, is_main=True)
     checkpoint = layout.train_state / "intent" / "checkpoint-1"
@@ -141,7 +142,7 @@ def test_checkpoints_are_kept_without_fresh_and_resume_checks_the_manifest(tmp_p
     assert checkpoint.is_dir()
     text = layout.manifest.read_text().replace("max_new_tokens: 64", "max_new_tokens: 65", 1)
     layout.manifest.write_text(text)
-    edited = {**identity, "manifest": _manifest_hash(layout.load())}
+    edited = {**identity, "manifest": manifest_hash(layout.load())}
     with pytest.raises(FslmError, match=r"stack.yaml \(stages, prompts, LoRA settings\) differs"):
         RunState(layout, edited).start(resume=True, fresh=False, is_main=True)
     RunState(layout, edited).start(resume=False, fresh=True, is_main=True)

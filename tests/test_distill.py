@@ -18,8 +18,8 @@ from fslm.cli import app
 from fslm.config import GenerationSettings, load_config, update_config
 from fslm.data import read_dataset
 from fslm.steps.distill import DistillOptions, distill_records
-from fslm.steps.distill_filters import check_target, is_degenerate, trim_to_sentence
-from fslm.steps.distill_prompts import REFERENCE_NOTE
+from fslm.steps.distill.filters import check_target, is_degenerate, trim_to_sentence
+from fslm.steps.distill.prompts import REFERENCE_NOTE
 from fslm.steps.init import InitOptions, init
 from fslm.teachers import torch_teacher
 

@@ -13,8 +13,8 @@ from fslm.cli import app
 from fslm.config import load_config
 from fslm.data import DatasetRecord, read_dataset
 from fslm.steps.distill import DistillOptions, distill_records
-from fslm.steps.distill_checks import option_references
-from fslm.steps.distill_prompts import joint_messages, split_sections
+from fslm.steps.distill.checks import option_references
+from fslm.steps.distill.prompts import joint_messages, split_sections
 from fslm.steps.init import InitOptions, init
 from fslm.teachers import TeacherOutput
 

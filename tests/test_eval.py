@@ -56,7 +56,7 @@ def _count_generate(stack, monkeypatch) -> list[tuple[str, str | None, int]]:
 
 
 def test_loglikelihood_runs_earlier_stages_once_per_context(stack, monkeypatch):
-    from fslm.steps.lm_eval_model import FslmLM
+    from fslm.steps.evaluate.lm_eval_model import FslmLM
 
     calls = _count_generate(stack, monkeypatch)
     lm = FslmLM(stack, system="stack", stage_tokens=4)
@@ -79,7 +79,7 @@ def test_base_scores_equal_plain_transformers(stack, eval_stack):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fslm.config import load_config
-    from fslm.steps.lm_eval_model import FslmLM
+    from fslm.steps.evaluate.lm_eval_model import FslmLM
 
     pairs = [("Question: What is the capital of France?\nAnswer:", " Paris"), ("The sky is", " blue because")]
     pairs += [("Give three tips ", "for staying healthy.")]  # trailing space moves to the continuation
@@ -110,7 +110,7 @@ def test_base_scores_equal_plain_transformers(stack, eval_stack):
 
 
 def test_ablate_runs_that_stage_on_the_bare_base(stack, monkeypatch):
-    from fslm.steps.lm_eval_model import FslmLM
+    from fslm.steps.evaluate.lm_eval_model import FslmLM
 
     full = FslmLM(stack, system="stack", stage_tokens=4)
     assert full.adapters == {s: s for s in STAGES}
@@ -133,7 +133,7 @@ def test_ablate_runs_that_stage_on_the_bare_base(stack, monkeypatch):
 def test_generate_until_honours_until_and_max_gen_toks(stack, monkeypatch):
     from lm_eval.api.instance import Instance
 
-    from fslm.steps.lm_eval_model import FslmLM
+    from fslm.steps.evaluate.lm_eval_model import FslmLM
 
     lm = FslmLM(stack, system="base")
     ctx = "Question: What is the capital of France?\nAnswer:"
@@ -158,7 +158,7 @@ def test_generate_until_honours_until_and_max_gen_toks(stack, monkeypatch):
 
 
 def test_subset_is_fixed_by_seed(data_dir):
-    from fslm.tasks.utils import arc_easy
+    from fslm.steps.evaluate.tasks.utils import arc_easy
 
     def ids(seed):
         return arc_easy(data_dir=str(data_dir), subset=5, seed=seed)["test"]["id"]
@@ -210,8 +210,7 @@ def test_fslm_eval_writes_the_report(eval_stack, data_dir, tmp_path):
 def test_stack_options_keep_other_rows_and_stage_texts_resume(eval_stack, data_dir, tmp_path, monkeypatch):
     """A stack-only option (--stage-tokens) recomputes only the stack row; a stack row lost before it was saved
     (a kill) resumes from the stage texts its run had appended, generating none of them again."""
-    from fslm.steps import lm_eval_model
-    from fslm.steps.evaluate import EvalOptions, evaluate
+    from fslm.steps.evaluate import EvalOptions, evaluate, lm_eval_model
 
     report = tmp_path / "report"
     options = dict(tasks=["arc_easy"], data_dir=data_dir, limit=4, systems=["base", "stack"], stage_backend="torch")
@@ -261,7 +260,8 @@ def test_contamination_warning_when_training_data_overlaps(tmp_path, data_dir, e
     import shutil
 
     from fslm.config import StageTraining, load_config, save_config
-    from fslm.steps.evaluate import EvalOptions, contamination_warnings
+    from fslm.steps.evaluate import EvalOptions
+    from fslm.steps.evaluate.checks import contamination_warnings
 
     directory = tmp_path / "stack"
     shutil.copytree(eval_stack, directory)
@@ -300,7 +300,7 @@ def test_every_offline_task_is_scored(stack, eval_stack, tmp_path, monkeypatch):
     exactly 1/choices for any model, and anything else means the gold was misread. GSM8K's answers are replaced
     after the real generation ran: one right, one wrong, read the way its flexible-extract filter reads them."""
     from fslm.steps.evaluate import EvalOptions, evaluate
-    from fslm.steps.lm_eval_model import FslmLM
+    from fslm.steps.evaluate.lm_eval_model import FslmLM
 
     data = make_benchmark_dir(tmp_path / "data", every_task=True)
     generate_until = FslmLM.generate_until
@@ -331,7 +331,7 @@ def test_every_offline_task_is_scored(stack, eval_stack, tmp_path, monkeypatch):
     assert tasks["gsm8k"]["metric"] == "exact_match (flexible-extract)"
     # TruthfulQA mc2 per item: the probability mass on the true answers (its pairs' complementary labels give 0.5
     # on average whichever way the labels are read, so check each item against the base model's own scores).
-    from fslm.tasks.utils import truthfulqa, truthfulqa_text
+    from fslm.steps.evaluate.tasks.utils import truthfulqa, truthfulqa_text
 
     docs = truthfulqa(data_dir=str(data))["test"]
     expect_mc2 = []

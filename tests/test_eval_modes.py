@@ -12,7 +12,7 @@ import pytest
 from conftest import make_adapter, make_benchmark_dir, make_eval_stack
 
 from fslm.errors import FslmError
-from fslm.steps import eval_scoring
+from fslm.steps.evaluate import scoring as eval_scoring
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -115,7 +115,7 @@ CONTEXTS = [f"Question: what is {w}?\nAnswer:" for w in ("red", "blue")]
 
 
 def _lm(stack, **kwargs):
-    from fslm.steps.lm_eval_model import FslmLM
+    from fslm.steps.evaluate.lm_eval_model import FslmLM
 
     return FslmLM(stack, system="stack", stage_tokens=3, **kwargs)
 
@@ -190,8 +190,7 @@ def test_questions_are_grouped_by_document_not_by_context(stack):
 
 
 def test_eval_gate_tunes_on_dev_only_and_reports_pairs(eval_stack, data_dir, tmp_path, monkeypatch):
-    from fslm.steps import lm_eval_model
-    from fslm.steps.evaluate import EvalOptions, evaluate
+    from fslm.steps.evaluate import EvalOptions, evaluate, lm_eval_model
 
     seen: list[str] = []
     original = lm_eval_model.run_stages
@@ -276,7 +275,7 @@ def test_generative_metric_beside_acc(eval_stack, data_dir, tmp_path):
 
 
 def test_generative_answers_are_read_like_teacher_answers():
-    from fslm.tasks import generative
+    from fslm.steps.evaluate.tasks import generative
 
     doc = {"choices": ["carbon dioxide", "oxygen", "water", "dioxide"], "gold": 0}
     assert generative.text_answer(doc, ["Plants take in carbon dioxide."]) == {"gen": 1.0, "answered": 1.0}
@@ -294,9 +293,10 @@ def test_stages_on_llamacpp_with_agreement_check(eval_stack, data_dir, tmp_path)
     """auto = llama.cpp for a Llama base: the export is written first, stages generate there, the final stage scores
     on torch; the agreement check compares greedy stage text with PyTorch's."""
     pytest.importorskip("llama_cpp")
+    from fslm.backends.choose import export_is_current
     from fslm.stackdir import StackDir
-    from fslm.steps.eval_stages import export_is_current, quantised_base_warning, resolve
     from fslm.steps.evaluate import EvalOptions, evaluate
+    from fslm.steps.evaluate.stages import quantised_base_warning, resolve
 
     directory = tmp_path / "stack"
     shutil.copytree(eval_stack, directory)

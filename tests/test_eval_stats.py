@@ -8,7 +8,7 @@ import math
 import pytest
 
 from fslm.errors import FslmError
-from fslm.steps.eval_stats import bootstrap_interval, compare_runs, mcnemar, paired
+from fslm.steps.evaluate.stats import bootstrap_interval, compare_runs, mcnemar, paired
 
 # 20 items: 7 only A gets right, 2 only B, 5 both, 6 neither
 A = [1] * 7 + [0] * 2 + [1] * 5 + [0] * 6

@@ -21,11 +21,12 @@ from fake_backend import fake_stack, running
 from typer.testing import CliRunner
 
 from fslm.cli import app
-from fslm.config import Trust, load_config
+from fslm.config import load_config
 from fslm.data import read_dataset
 from fslm.errors import FslmError
 from fslm.stack import Stack
-from fslm.steps.serve import ServeOptions
+from fslm.trust import Trust
+from fslm.web.options import ServeOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -173,7 +174,7 @@ def test_flags_and_the_users_environment_allow_them(remote_stack, monkeypatch):
 
 
 def test_trust_checks_urls_by_host_not_by_text():
-    from fslm.config import is_loopback_url
+    from fslm.trust import is_loopback_url
 
     assert is_loopback_url("http://127.0.0.1:8000/v1") and is_loopback_url("http://[::1]:1/v1")
     assert is_loopback_url("http://localhost/v1") and is_loopback_url("http://127.9.9.9/")
@@ -277,7 +278,7 @@ def test_host_header_must_name_this_machine(fake, url):
 
 
 def test_cli_serve_allows_its_bind_address_and_given_hosts():
-    from fslm.steps.serve import default_allowed_hosts
+    from fslm.web.options import default_allowed_hosts
 
     assert default_allowed_hosts("127.0.0.1") == ("127.0.0.1", "localhost", "::1")
     assert default_allowed_hosts("192.168.1.5")[-1] == "192.168.1.5"
@@ -317,9 +318,9 @@ def test_a_500_names_nothing_and_the_log_has_the_details(fake, url, caplog, monk
     assert "disk on fire" in caplog.text  # the operator sees it
     fake.backend.fail = None
     # An exception in the HTTP layer itself: the same generic body.
-    import fslm.steps.serve
+    import fslm.web.app
 
-    monkeypatch.setattr(fslm.steps.serve, "usage", lambda *t: 1 / 0)
+    monkeypatch.setattr(fslm.web.app, "usage", lambda *t: 1 / 0)
     r = httpx.post(f"{url}/v1/chat/completions", json=CHAT)
     assert r.status_code == 500 and "ZeroDivision" not in r.text and r.json()["error"]["message"]
 
@@ -463,7 +464,7 @@ def eval_stack(tmp_path_factory) -> Path:
 
 
 def test_batch_size_in_model_args_wins_over_lm_evals_default(eval_stack):
-    from fslm.steps.lm_eval_model import FslmLM
+    from fslm.steps.evaluate.lm_eval_model import FslmLM
 
     lm_eval_adds = {"batch_size": 1, "max_batch_size": None, "device": None}  # what lm-eval 0.4.13 passes
     lm = FslmLM.create_from_arg_string(f"stack={eval_stack},system=base,batch_size=8", lm_eval_adds)

@@ -20,7 +20,8 @@ from fslm.stackdir import StackDir
 from fslm.steps import serve as serve_module
 from fslm.steps.export import export_gguf
 from fslm.steps.init import InitOptions, init
-from fslm.steps.serve import ServeOptions, create_app
+from fslm.web.app import create_app
+from fslm.web.options import ServeOptions
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def _served_backend(directory: Path, monkeypatch, *args: str) -> tuple[str | Non
         if close is not None:
             close()
 
-    monkeypatch.setattr(serve_module, "serve", fake_serve)
+    monkeypatch.setattr(serve_module, "run_server", fake_serve)
     result = CliRunner().invoke(app, ["serve", str(directory), *args])
     assert result.exit_code == 0, result.output
     return seen.get("backend"), result.output

@@ -50,7 +50,7 @@ def _evaluate(lm, data_dir: Path) -> dict:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from fslm.steps.evaluate import TASKS_DIR, quiet_lm_eval
+    from fslm.steps.evaluate.harness import TASKS_DIR, quiet_lm_eval
 
     manager = TaskManager(
         include_path=str(TASKS_DIR),
@@ -69,8 +69,8 @@ def test_base_system_scores_exactly_as_lm_eval_hflm(bos_model, tmp_path):
     from transformers import AutoTokenizer
 
     from fslm.stack import Stack
+    from fslm.steps.evaluate.lm_eval_model import FslmLM
     from fslm.steps.init import InitOptions, init
-    from fslm.steps.lm_eval_model import FslmLM
 
     tok = AutoTokenizer.from_pretrained(bos_model)
     assert tok.encode("Question: why?")[0] == tok.bos_token_id  # the premise: this tokenizer adds BOS

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from fslm.answers import answer_correct, chosen_option
 from fslm.cli import app
 from fslm.config import load_config
 from fslm.data import DatasetRecord, read_dataset
 from fslm.steps.distill import DistillOptions, distill_records
-from fslm.steps.distill_checks import answer_correct, chosen_option, leaks
-from fslm.steps.distill_prompts import HINT_NOTE, REFERENCE_NOTE
+from fslm.steps.distill.checks import leaks
+from fslm.steps.distill.prompts import HINT_NOTE, REFERENCE_NOTE
 from fslm.steps.init import InitOptions, init
 from fslm.teachers import TeacherOutput
 

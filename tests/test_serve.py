@@ -16,7 +16,8 @@ from conftest import free_port, llama_server, make_adapter, make_model_dir
 from fslm.config import load_config, save_config
 from fslm.stack import Stack
 from fslm.steps.init import InitOptions, init
-from fslm.steps.serve import ServeOptions, create_app
+from fslm.web.app import create_app
+from fslm.web.options import ServeOptions
 
 MAX_NEW = 6
 JSON = {"content-type": "application/json"}  # the server refuses other bodies (415)
@@ -436,7 +437,7 @@ def test_serving_a_stack_whose_stages_run_on_a_real_llama_cpp_server(tmp_path):
 def test_scheduler_merges_groups_and_never_starves(stack):
     """The batching policy itself: earliest stage first, but a job passed over 2 x stages times goes first."""
     from fslm.stack import Trace
-    from fslm.steps.serve_batching import Job, Scheduler
+    from fslm.web.scheduler import Job, Scheduler
 
     scheduler = Scheduler(stack)
     scheduler.close()  # stop the worker: this test drives the policy by hand

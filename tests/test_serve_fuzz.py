@@ -12,7 +12,7 @@ from fake_backend import fake_stack, running
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fslm.steps.serve import ServeOptions
+from fslm.web.options import ServeOptions
 
 PATHS = ["/v1/chat/completions", "/v1/stack/run", "/v1/stack/stream", "/v1/models", "/health", "/", "/nope"]
 

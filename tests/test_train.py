@@ -19,7 +19,7 @@ from fslm.files import sha256_file
 from fslm.stackdir import SINGLE
 from fslm.steps.init import InitOptions, init
 from fslm.steps.train import TrainOptions, train
-from fslm.steps.train_data import IGNORE_INDEX, build_examples, split_validation
+from fslm.steps.train.examples import IGNORE_INDEX, build_examples, split_validation
 
 runner = CliRunner()
 STAGES = ["intent", "plan", "reasoning", "answer"]

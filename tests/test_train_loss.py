@@ -16,8 +16,11 @@ from test_train import write_distilled
 from transformers import Trainer
 
 from fslm import Stack
-from fslm.steps.train import TrainOptions, _make_trainer, train
-from fslm.steps.train_data import IGNORE_INDEX, Examples, PadCollator, target_token_loss
+from fslm.steps.train import TrainOptions, train
+from fslm.steps.train.batches import PadCollator
+from fslm.steps.train.examples import IGNORE_INDEX, Examples
+from fslm.steps.train.loss import target_token_loss
+from fslm.steps.train.trainer import make_trainer
 
 
 def _examples(vocab: int, seed: int = 0) -> list[dict[str, list[int]]]:
@@ -79,7 +82,7 @@ def test_trainer_loss_equals_the_stock_trainer_loss(arch, tmp_path):
     model, pad_id = _lora_model(arch)
     rows = _examples(model.config.vocab_size, seed=3)
     examples = Examples(name="s", train=rows)
-    trainer = _make_trainer(model, examples, TrainOptions(max_steps=1), tmp_path / "out", [], pad_id)
+    trainer = make_trainer(model, examples, TrainOptions(max_steps=1), tmp_path / "out", [], pad_id)
     batch = PadCollator(pad_id)(rows)
     n = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
     assert n is not None  # the Trainer normalises by the target count: compare in that mode

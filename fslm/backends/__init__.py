@@ -158,18 +158,3 @@ BACKEND_CAPABILITIES = {
     "llamacpp": frozenset({GENERATE}),
     "openai": frozenset({GENERATE}),
 }
-BACKENDS = {
-    "torch": "fslm.backends.pytorch:TorchBackend",
-    "openai": "fslm.backends.openai:OpenAIBackend",
-    "llamacpp": "fslm.backends.llamacpp:LlamaCppBackend",
-}
-
-
-def create_backend(name: str, settings: Any, stack_dir: Path | str | None = None) -> Backend:
-    """Instantiate a backend by name; each backend class has `from_settings(settings, stack_dir)`."""
-    import importlib
-
-    if name not in BACKENDS:
-        raise FslmError(f"unknown backend {name!r} (available: {', '.join(BACKENDS)})")
-    module, cls = BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module), cls).from_settings(settings, stack_dir)

@@ -12,6 +12,8 @@ Where the time goes is measured in docs/export.md; what keeps it on the matrix w
   same batches), so a stage batch shares each forward pass. Rows wait for room when the cache is full.
 - Sampling is native: greedy / temperature / top-p and the repetition penalty are llama.cpp's sampler chain, one
   per row, with the penalty over the whole context (transformers' semantics, so greedy text matches PyTorch's).
+  A sampled call with `GenerationSettings.seed` seeds its rows seed, seed + 1, ...: the same seed draws the same
+  text, as it does on PyTorch.
 - Each stage's shared prompt prefix (chat header, role, template text before the first variable) stays in the
   KV cache, per adapter, as its own sequence; a new row copies it (`llama_memory_seq_cp`, which in a unified
   cache only shares the cells) and evaluates just its own tokens.
@@ -27,7 +29,7 @@ import json
 import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,14 +40,14 @@ from fslm import models
 from fslm.backends import Backend, Completion, TextCallback, cut_at_stop, fit_to_context
 from fslm.config import BaseModelSettings, GenerationSettings
 from fslm.errors import FslmError
+from fslm.files import sha256_file
 from fslm.stackdir import GGUF as GGUF_DIR
 
 
 def default_threads() -> int:
     """All cores up to 4 (llama-cpp-python defaults to half of them, and more than 4 gains little for small models),
     or $FSLM_LLAMACPP_THREADS. On a machine that other work keeps busy, fewer threads are much faster: llama.cpp's
-    threads spin-wait for each other, and one descheduled thread stalls them all (2 threads under a load of 8 on 2
-    cores: 3 tok/s; 1 thread: 23 tok/s, the embedded model)."""
+    threads spin-wait for each other, and one descheduled thread stalls them all (docs/export.md, "Threads")."""
     wanted = os.environ.get("FSLM_LLAMACPP_THREADS", "").strip()
     if wanted.isdigit() and int(wanted) > 0:
         return int(wanted)
@@ -106,11 +108,12 @@ class LlamaCppBackend(Backend):
     ) -> None:
         """Load `gguf_path` into one llama.cpp context.
 
-        n_ctx: KV cells shared by all sequences (default: the model's training context, ~190 MiB for SmolLM2); one
-        sequence may use up to the training context. max_sequences: rows decoded together (more wait for a free slot).
+        n_ctx: KV cells shared by all sequences (default: the model's training context); one sequence may use up to
+        the training context. max_sequences: rows decoded together (more wait for a free slot).
         prefix_cache: keep each stage's shared prompt prefix in the KV cache across calls.
+        seed: the first seed of sampled rows whose settings carry none (`GenerationSettings.seed` wins).
         native_greedy: greedy rows also use llama.cpp's sampler chain (same tokens; by default greedy is an argmax
-        over llama.cpp's logits in numpy, which measured several times cheaper per token, docs/export.md).
+        over llama.cpp's logits in numpy, which is cheaper per token: docs/export.md).
         llama_params: fields of llama.cpp's llama_context_params or llama_model_params, e.g. type_k=0, type_v=0
         for an f32 KV cache (exactness checks) or flash_attn_type=0 (off; default: llama.cpp's auto).
         """
@@ -132,35 +135,7 @@ class LlamaCppBackend(Backend):
         self.max_sequences = max(1, max_sequences)
         self.prefix_slots = PREFIX_SLOTS if prefix_cache else 0
         self.native_greedy = native_greedy
-        model_params = lc.llama_model_default_params()  # after avoid_amx: without AMX buffers where they fault
-        context_params = lc.llama_context_default_params()
-        context_params.n_batch = context_params.n_ubatch = N_BATCH
-        context_params.n_threads = context_params.n_threads_batch = n_threads or default_threads()
-        # llama.cpp's own default (on where the device supports it). Measured here (2 cores, SmolLM2-135M): batched
-        # prompt evaluation 1.2-1.3x faster, and a batch of 32 rows in one unified KV cache 1.4x faster, because
-        # flash attention skips the cells a row's mask hides instead of multiplying through every live row's cells.
-        context_params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_AUTO
-        context_params.n_seq_max = self.max_sequences + self.prefix_slots
-        context_params.kv_unified = True  # one cell pool: a shared prefix is shared cells, any sequence may be long
-        context_params.no_perf = True
-        for key, value in llama_params.items():
-            target = _field_owner(key, context_params, model_params)
-            if target is None:
-                raise FslmError(
-                    f"unknown llama.cpp parameter {key!r} (not in llama_context_params or llama_model_params)"
-                )
-            setattr(target, key, value)
-        with _quiet_stderr():
-            self._model = lc.llama_model_load_from_file(str(path).encode(), model_params)
-        if not self._model:
-            raise FslmError(f"{path}: llama.cpp cannot load this GGUF file")
-        context_params.n_ctx = n_ctx or lc.llama_model_n_ctx_train(self._model)
-        with _quiet_stderr():
-            self._ctx = lc.llama_init_from_model(self._model, context_params)
-        if not self._ctx:
-            lc.llama_model_free(self._model)
-            self._model = None
-            raise FslmError(f"{path}: llama.cpp cannot create a context (n_ctx={context_params.n_ctx})")
+        self._open(path, n_ctx, n_threads, llama_params)
         self._mem = lc.llama_get_memory(self._ctx)
         self.n_ctx_train = int(lc.llama_model_n_ctx_train(self._model))
         self.n_vocab = int(lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self._model)))
@@ -177,6 +152,44 @@ class LlamaCppBackend(Backend):
         ref = weakref.ref(self)
         atexit.register(lambda: (b := ref()) is not None and b.close())
 
+    def _open(self, path: Path, n_ctx: int | None, n_threads: int | None, llama_params: dict[str, Any]) -> None:
+        """Load the model and create its one context (every row of every stage decodes in its unified KV cache)."""
+        lc = self._lc
+        model_params, context_params = self._params(n_threads, llama_params)
+        with _quiet_stderr():
+            self._model = lc.llama_model_load_from_file(str(path).encode(), model_params)
+        if not self._model:
+            raise FslmError(f"{path}: llama.cpp cannot load this GGUF file")
+        context_params.n_ctx = n_ctx or lc.llama_model_n_ctx_train(self._model)
+        with _quiet_stderr():
+            self._ctx = lc.llama_init_from_model(self._model, context_params)
+        if not self._ctx:
+            lc.llama_model_free(self._model)
+            self._model = None
+            raise FslmError(f"{path}: llama.cpp cannot create a context (n_ctx={context_params.n_ctx})")
+
+    def _params(self, n_threads: int | None, llama_params: dict[str, Any]) -> tuple[Any, Any]:
+        """llama.cpp's model and context parameters: its defaults, fslm's choices, then the caller's `llama_params`."""
+        lc = self._lc
+        model_params = lc.llama_model_default_params()  # after avoid_amx: without AMX buffers where they fault
+        context_params = lc.llama_context_default_params()
+        context_params.n_batch = context_params.n_ubatch = N_BATCH
+        context_params.n_threads = context_params.n_threads_batch = n_threads or default_threads()
+        # llama.cpp's own default (on where the device supports it): flash attention skips the cells a row's mask
+        # hides instead of multiplying through every live row's cells (docs/export.md has the figures).
+        context_params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_AUTO
+        context_params.n_seq_max = self.max_sequences + self.prefix_slots
+        context_params.kv_unified = True  # one cell pool: a shared prefix is shared cells, any sequence may be long
+        context_params.no_perf = True
+        for key, value in llama_params.items():
+            target = _field_owner(key, context_params, model_params)
+            if target is None:
+                raise FslmError(
+                    f"unknown llama.cpp parameter {key!r} (not in llama_context_params or llama_model_params)"
+                )
+            setattr(target, key, value)
+        return model_params, context_params
+
     @classmethod
     def from_gguf(
         cls, path: str | Path, tokenizer: Any, adapters: dict[str, str | Path] | None = None, **kwargs: Any
@@ -189,9 +202,17 @@ class LlamaCppBackend(Backend):
 
     @classmethod
     def from_settings(
-        cls, settings: BaseModelSettings, stack_dir: str | Path | None = None, **llama_kwargs: Any
+        cls,
+        settings: BaseModelSettings,
+        stack_dir: str | Path | None = None,
+        gguf: str | Path | None = None,
+        **llama_kwargs: Any,
     ) -> LlamaCppBackend:
-        """The exported stack in `stack_dir/gguf/` (base.gguf + manifest.json); adapters come via add_adapter."""
+        """The exported stack in `stack_dir/gguf/` (base.gguf + manifest.json; adapters come via add_adapter), or
+        the bare GGUF file `gguf` (a teacher: no export, no adapters), each with the HF tokenizer of the base."""
+        if gguf is not None:
+            tokenizer = models.load_tokenizer(models.resolve(settings.model, stack_dir), settings)
+            return cls(gguf, tokenizer, settings.prompt_format, **llama_kwargs)
         if stack_dir is None:
             raise FslmError("the llamacpp backend needs a stack directory with an export (fslm export DIR)")
         out = Path(stack_dir) / GGUF_DIR
@@ -240,8 +261,6 @@ class LlamaCppBackend(Backend):
             manifest = getattr(self, "manifest", {}).get("adapters", {}).get(name, {})
             weights = path / "adapter_model.safetensors"
             if manifest.get("source_sha256") and weights.is_file():
-                from fslm.files import sha256_file
-
                 if sha256_file(weights) != manifest["source_sha256"]:
                     raise FslmError(f"{weights}: changed since the GGUF export; re-run fslm export")
             path = gguf_file
@@ -287,7 +306,10 @@ class LlamaCppBackend(Backend):
         rows = [_Row(i, ids) for i, ids in enumerate(encoded)]
         try:
             prefix = self._shared_prefix(adapter, label, encoded)
-            self._decode_rows(rows, prefix, max_new, settings, on_text)
+            # A seeded call draws the same text every time (as on PyTorch); an unseeded one continues this
+            # backend's own sequence of seeds, so repeated calls draw anew.
+            seeds = self._seeds if settings.seed is None else itertools.count(settings.seed)
+            self._decode_rows(rows, prefix, max_new, settings, on_text, seeds)
         finally:
             for row in rows:
                 if row.sampler is not None:
@@ -311,6 +333,7 @@ class LlamaCppBackend(Backend):
         max_new: int,
         settings: GenerationSettings,
         on_text: TextCallback | None,
+        seeds: Iterator[int],
     ) -> None:
         """Admit rows while their prompt + output fit in the free KV cells, step all live rows together."""
         lc = self._lc
@@ -335,7 +358,7 @@ class LlamaCppBackend(Backend):
                     lc.llama_memory_seq_cp(self._mem, prefix.seq, row.seq, 0, reuse)  # type: ignore[union-attr]
                 row.n_past, row.todo = reuse, row.ids[reuse:]
                 if settings.temperature > 0 or self.native_greedy:
-                    row.sampler = self._sampler(settings, row.ids)
+                    row.sampler = self._sampler(settings, row.ids, seeds)
                 else:
                     row.greedy = _Greedy(settings.repetition_penalty, row.ids, self.n_vocab)
                 self._count_prompt(len(row.ids), len(row.ids) - reuse)
@@ -417,7 +440,7 @@ class LlamaCppBackend(Backend):
             return
         row.todo = [token]
 
-    def _sampler(self, settings: GenerationSettings, prompt: list[int]) -> Any:
+    def _sampler(self, settings: GenerationSettings, prompt: list[int], seeds: Iterator[int]) -> Any:
         """llama.cpp's sampler chain for one row: penalty, then greedy or temperature -> top-p -> random draw.
 
         The order is transformers' (repetition penalty, temperature, top-p). The penalty sampler counts the tokens
@@ -435,7 +458,7 @@ class LlamaCppBackend(Backend):
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(settings.temperature))
             if settings.top_p < 1.0:
                 lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(settings.top_p, 1))
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(next(self._seeds) % 0xFFFFFFFF))
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(next(seeds) % 0xFFFFFFFF))
         else:
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
         if penalty != 1.0:

@@ -23,8 +23,9 @@ from typing import Any
 
 from fslm import models
 from fslm.backends import Backend, Completion, TextCallback, fit_to_context
-from fslm.config import BaseModelSettings, GenerationSettings, ServerSettings, check_trust, current_trust
+from fslm.config import BaseModelSettings, GenerationSettings, ServerSettings
 from fslm.errors import FslmError
+from fslm.trust import check_trust, current_trust
 
 
 @dataclass

@@ -16,6 +16,7 @@ from fslm.backends import GENERATE, SCORE, TRAIN, Backend, Completion, TextCallb
 from fslm.config import BaseModelSettings, GenerationSettings
 from fslm.errors import FslmError
 from fslm.precision import autocast
+from fslm.precision import resolve as resolve_precision
 from fslm.stackdir import ADAPTER_WEIGHTS
 
 # peft (0.21) calls a transformers method deprecated in v5; the warning is noise for our users, not theirs to fix.
@@ -27,7 +28,7 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 # fills it with 2 questions, a 30-token lm-eval context with 8 or more.
 SHARED_TOKENS = 4096
 # Padded choice positions whose logits one batch holds (x 49k vocabulary x float32 = ~200 MB for SmolLM2): without
-# it, 25 short lm-eval questions fit the cache budget at once (peak RSS scoring 60 of them: 1.64 GB, with it 1.50).
+# it, many short lm-eval questions fit the cache budget at once and their logits dominate memory (docs/eval.md).
 CHOICE_POSITIONS = 1024
 
 
@@ -45,9 +46,7 @@ class TorchBackend(Backend):
 
     def set_precision(self, precision: str, purpose: str = "") -> str:
         """Run generate and score in `precision` (auto/bf16/fp32, resolved by fslm.precision); returns the choice."""
-        from fslm.precision import resolve
-
-        self.precision = resolve(precision, purpose)
+        self.precision = resolve_precision(precision, purpose)
         return self.precision
 
     @classmethod

@@ -16,31 +16,33 @@ llama.cpp expects, applied alike to a base weight, its bias and the LoRA B matri
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from fslm import models
+from fslm.backends.choose import export_is_current
 from fslm.config import load_config
 from fslm.errors import FslmError
 from fslm.events import EventHandler, Progress, emit
 from fslm.files import atomic_write_text, sha256_file
-from fslm.options import Options
+from fslm.models import GGUF_ARCH
+from fslm.options import Options, Result
 from fslm.provenance import versions
 from fslm.stackdir import StackDir
 
+log = logging.getLogger("fslm")
 BASE_FILE = "base.gguf"
 QUANTS = ("f32", "f16", "q8_0", "q4_1")
-# HF model_type -> llama.cpp architecture name (general.architecture)
-GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "gpt_neox": "gptneox"}
-SUPPORTED = tuple(GGUF_ARCH)
 SUPPORTED_TEXT = "llama (Llama, SmolLM2, TinyLlama), qwen2 (Qwen2, Qwen2.5), gpt_neox (Pythia, GPT-NeoX)"
 # Buffers some checkpoints carry that are not weights (rotary frequencies, GPT-NeoX's causal mask).
 NOT_WEIGHTS = ("rotary_emb.inv_freq", ".attention.bias", ".attention.masked_bias")
@@ -56,8 +58,10 @@ class ExportOptions(Options):
     )
 
 
-class ExportResult(BaseModel):
-    directory: Path  # DIR/gguf
+class ExportResult(Result):
+    """Where the export went (DIR/gguf) and its manifest.json."""
+
+    directory: Path
     manifest: dict[str, Any]
 
 
@@ -77,6 +81,14 @@ def export(
 
     manifest = export_gguf(stack, options.quant, on_step=step)
     return ExportResult(directory=StackDir(stack).gguf, manifest=manifest)
+
+
+def refresh(stack: str | Path) -> None:
+    """Export again when DIR/gguf/ is missing or older than an adapter: what the llama.cpp stages of `fslm eval` and
+    of train's student outputs run on (the base is rewritten only when its source changed)."""
+    if not export_is_current(StackDir(stack)):
+        log.info("exporting %s to GGUF for the llama.cpp backend", stack)
+        export(stack)
 
 
 def adapter_file(stage: str) -> str:
@@ -290,11 +302,9 @@ def write_base_gguf(model_dir: Path, out: Path, quant: str, tokenizer_from: Path
 
     cfg = _hf_config(model_dir)
     arch = cfg.get("model_type", "unknown")
-    if arch not in SUPPORTED:
+    if arch not in GGUF_ARCH:
         raise unsupported(arch, str(model_dir))
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    w = gguf.GGUFWriter(str(tmp), GGUF_ARCH[arch])
-    try:
+    with _gguf_file(out, arch) as w:
         w.add_type(gguf.GGUFType.MODEL)
         w.add_name(model_dir.name)
         n_head, n_kv = _hyperparameters(w, cfg, arch, model_dir)
@@ -314,17 +324,7 @@ def write_base_gguf(model_dir: Path, out: Path, quant: str, tokenizer_from: Path
         # type for the header, the second encodes them again and writes them in the same order.
         for name, data, raw in _gguf_tensors(model_dir, arch, quant, name_of, n_head, n_kv):
             w.add_tensor_info(name, data.shape, data.dtype, data.nbytes, raw_dtype=raw)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for _, data, _ in _gguf_tensors(model_dir, arch, quant, name_of, n_head, n_kv):
-            w.write_tensor_data(data)
-        w.close()
-        os.replace(tmp, out)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
+        _write(w, (data for _, data, _ in _gguf_tensors(model_dir, arch, quant, name_of, n_head, n_kv)))
 
 
 def _gguf_tensors(
@@ -349,17 +349,35 @@ def _gguf_tensors(
         yield "output.weight", encoded, raw
 
 
-def _finish(writer: Any, tmp: Path, out: Path) -> None:
+@contextlib.contextmanager
+def _gguf_file(out: Path, arch: str) -> Iterator[Any]:
+    """A GGUFWriter over a temporary sibling of `out`, moved onto `out` once the block has written it (`_write`);
+    on any failure nothing is left behind."""
+    import gguf
+
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    writer = gguf.GGUFWriter(str(tmp), GGUF_ARCH[arch])
     try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        yield writer
         writer.close()
         os.replace(tmp, out)
     except BaseException:
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _write(writer: Any, tensors: Iterable[np.ndarray] | None = None) -> None:
+    """Header, metadata, then the tensors: the writer's own (add_tensor), or `tensors` streamed one at a time in the
+    order their infos were added (add_tensor_info)."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    if tensors is None:
+        writer.write_tensors_to_file()
+        return
+    writer.write_ti_data_to_file()
+    for data in tensors:
+        writer.write_tensor_data(data)
 
 
 # --- adapters ---------------------------------------------------------------------------------------------------
@@ -398,7 +416,7 @@ def write_adapter_gguf(adapter_dir: Path, base_cfg: dict[str, Any], out: Path, d
     if cfg.get("use_rslora"):
         alpha *= math.sqrt(r)
     arch = base_cfg.get("architecture", "llama")
-    if arch not in SUPPORTED:
+    if arch not in GGUF_ARCH:
         raise unsupported(arch, str(adapter_dir))
     n_head = int(base_cfg["num_attention_heads"])
     n_kv = int(base_cfg.get("num_key_value_heads") or n_head)
@@ -416,23 +434,20 @@ def write_adapter_gguf(adapter_dir: Path, base_cfg: dict[str, Any], out: Path, d
             if name is None:
                 raise FslmError(f"{weights}: LoRA on {module!r} has no llama.cpp tensor name ({arch} base)")
             pairs.setdefault(name, {})[ab[0]] = st.get_tensor(key).float().numpy()
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    w = gguf.GGUFWriter(str(tmp), GGUF_ARCH[arch])
-    w.add_type(gguf.GGUFType.ADAPTER)
-    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-    w.add_name(f"{adapter_dir.name} LoRA")
     np_dtype = np.float16 if dtype == "f16" else np.float32
-    for name in sorted(pairs):
-        ab = pairs[name]
-        if set(ab) != {"A", "B"}:
-            w.close()
-            tmp.unlink(missing_ok=True)
-            raise FslmError(f"{weights}: {name} has only lora_{''.join(ab)}")
-        b = llamacpp_rows(arch, name, ab["B"], n_head, n_kv)
-        w.add_tensor(f"{name}.lora_a", ab["A"].astype(np_dtype))
-        w.add_tensor(f"{name}.lora_b", b.astype(np_dtype))
-    _finish(w, tmp, out)
+    with _gguf_file(out, arch) as w:
+        w.add_type(gguf.GGUFType.ADAPTER)
+        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        w.add_name(f"{adapter_dir.name} LoRA")
+        for name in sorted(pairs):
+            ab = pairs[name]
+            if set(ab) != {"A", "B"}:
+                raise FslmError(f"{weights}: {name} has only lora_{''.join(ab)}")
+            b = llamacpp_rows(arch, name, ab["B"], n_head, n_kv)
+            w.add_tensor(f"{name}.lora_a", ab["A"].astype(np_dtype))
+            w.add_tensor(f"{name}.lora_b", b.astype(np_dtype))
+        _write(w)
     return {"r": r, "alpha": alpha, "tensors": 2 * len(pairs)}
 
 
@@ -510,18 +525,37 @@ def export_gguf(
         raise FslmError(f"--quant {quant!r}: choose one of {', '.join(QUANTS)}")
     ref = models.resolve(config.base.model, stack_dir.root)
     arch = models.architecture(ref)
-    if arch not in SUPPORTED:
+    if arch not in GGUF_ARCH:
         raise unsupported(arch, config.base.model)
     out = stack_dir.gguf
     out.mkdir(parents=True, exist_ok=True)
     step = on_step or (lambda _: None)
+    base = _export_base(ref, config.base, out, quant, step)
+    adapter_dtype = "f32" if base["quant"] == "f32" else "f16"
+    adapters = _export_adapters(stack_dir, config, _gguf_heads(out / BASE_FILE), adapter_dtype, step)
+    manifest = {
+        "format": "gguf",
+        "architecture": arch,
+        "base": base,
+        "adapters": adapters,
+        "adapter_dtype": adapter_dtype,
+        "versions": versions(("gguf", "llama_cpp_python")),
+    }
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    return manifest
 
+
+def _export_base(
+    ref: models.BaseRef, settings: Any, out: Path, quant: str | None, step: Callable[[str], None]
+) -> dict[str, Any]:
+    """DIR/gguf/base.gguf: linked when the shipped GGUF already has the type asked for, kept when the last export
+    wrote it at this type from the same source files, else written; returns its manifest entry."""
     base_path = out / BASE_FILE
     shipped_type = _gguf_file_type(Path(ref.location)) if ref.kind == "gguf" else None
     tmp_link = base_path.with_name(f".{BASE_FILE}.{os.getpid()}.tmp")
     # f16 by default, even over a quantised GGUF base: llama.cpp then multiplies the very weights PyTorch de-quantised
-    # in f16, not Q4 weights by 8-bit-quantised activations, so the fast path writes PyTorch's text (greedy chains of
-    # the embedded stack: 81 % identical vs 0 % on Q4_1), and batched prompts run 2x faster (docs/export.md).
+    # in f16, not Q4 weights by 8-bit-quantised activations, so the fast path writes PyTorch's text, and batched
+    # prompts run faster (docs/export.md, "Base weights", has the figures).
     quant = quant or "f16"
     if ref.kind == "gguf" and quant == shipped_type:
         step(f"base: linking {Path(ref.location).name} ({shipped_type})")
@@ -531,52 +565,42 @@ def export_gguf(
         except OSError:
             shutil.copyfile(ref.location, tmp_link)
         os.replace(tmp_link, base_path)
-        quant = shipped_type or "unknown"
-        base_source = ref.location
-        base_stamp = None
+        return _base_entry(shipped_type or "unknown", ref.location, settings.model, None)
+    source = _base_source(ref, settings)
+    stamp = _source_stamp(source, ref)
+    if _written_base(out, base_path, quant, str(source), stamp):
+        # eval and train's student outputs export before every llama.cpp run: the same base is not written again
+        # (every weight read as float32 costs time and memory; docs/export.md)
+        step(f"base: reusing {BASE_FILE} ({quant}, written from {source})")
     else:
-        source = _base_source(ref, config.base)
-        stamp = _source_stamp(source, ref)
-        if _written_base(out, base_path, quant, str(source), stamp):
-            # training's student phase and eval export before every llama.cpp run: rewriting the base each time cost
-            # ~10 s and 0.8 GB (every weight read as float32) for the same bytes
-            step(f"base: reusing {BASE_FILE} ({quant}, written from {source})")
-        else:
-            step(f"base: writing {quant} GGUF from {source}")
-            tokenizer_from = Path(ref.location) if ref.kind == "gguf" else None
-            write_base_gguf(source, base_path, quant, tokenizer_from=tokenizer_from)
-        base_source = str(source)
-        base_stamp = stamp
-    base_cfg = _gguf_heads(base_path)
+        step(f"base: writing {quant} GGUF from {source}")
+        tokenizer_from = Path(ref.location) if ref.kind == "gguf" else None
+        write_base_gguf(source, base_path, quant, tokenizer_from=tokenizer_from)
+    return _base_entry(quant, str(source), settings.model, stamp)
 
-    adapter_dtype = "f32" if quant == "f32" else "f16"
+
+def _base_entry(quant: str, source: str, model: str, stamp: list[list[Any]] | None) -> dict[str, Any]:
+    """The manifest's `base`: the file, its type, what it was written from (the stamp: what a reuse compares)."""
+    return {"file": BASE_FILE, "quant": quant, "source": source, "model": model, "source_stamp": stamp}
+
+
+def _export_adapters(
+    stack_dir: StackDir, config: Any, base_cfg: dict[str, Any], dtype: str, step: Callable[[str], None]
+) -> dict[str, Any]:
+    """`<stage>.lora.gguf` for every stage with a PEFT adapter (a stale one of a stage without is removed); returns
+    their manifest entries."""
     adapters: dict[str, Any] = {}
     for stage in config.stages:
-        target = out / adapter_file(stage.name)
+        target = stack_dir.gguf / adapter_file(stage.name)
         src = stack_dir.adapter(stage.name)
         if not (src / "adapter_model.safetensors").is_file():
             target.unlink(missing_ok=True)  # a stale adapter from an earlier export would be wrong now
             continue
         step(f"adapter: {stage.name}")
-        info = write_adapter_gguf(src, base_cfg, target, adapter_dtype)
+        info = write_adapter_gguf(src, base_cfg, target, dtype)
         adapters[stage.name] = {
             "file": target.name,
             "source_sha256": sha256_file(src / "adapter_model.safetensors"),
             **info,
         }
-    manifest = {
-        "format": "gguf",
-        "architecture": arch,
-        "base": {
-            "file": BASE_FILE,
-            "quant": quant,
-            "source": base_source,
-            "model": config.base.model,
-            "source_stamp": base_stamp,
-        },
-        "adapters": adapters,
-        "adapter_dtype": adapter_dtype,
-        "versions": versions(("gguf", "llama_cpp_python")),
-    }
-    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-    return manifest
+    return adapters

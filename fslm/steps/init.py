@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import Field
@@ -11,7 +10,7 @@ from fslm import models
 from fslm.card import write_model_card
 from fslm.config import StackConfig, dump_yaml, parse_config
 from fslm.errors import FslmError
-from fslm.options import Options
+from fslm.options import Options, Result
 from fslm.recipes import DEFAULT_RECIPE, load_recipe
 from fslm.stackdir import StackDir
 
@@ -24,8 +23,9 @@ class InitOptions(Options):
     force: bool = Field(False, description="Overwrite an existing stack.yaml.")
 
 
-@dataclass
-class InitResult:
+class InitResult(Result):
+    """The new stack directory and its manifest."""
+
     directory: Path
     config: StackConfig
 
@@ -67,4 +67,4 @@ def init(directory: str | Path, options: InitOptions | None = None) -> InitResul
     stack_dir.adapters.mkdir(parents=True, exist_ok=True)
     stack_dir.save(config)
     write_model_card(root, config)
-    return InitResult(root, config)
+    return InitResult(directory=root, config=config)
