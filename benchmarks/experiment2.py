@@ -421,10 +421,13 @@ def probe_train(stack: Any, data: Path, batch_size: int, steps: int = 3) -> dict
     from peft import get_peft_model
 
     from fslm.distilled import read_distilled
+    from fslm.errors import FslmError
     from fslm.stack import Stack
     from fslm.stackdir import MULTITASK, SINGLE
-    from fslm.steps.train import lora_config
-    from fslm.steps.train_data import PadCollator, build_examples, target_token_loss
+    from fslm.steps.train.batches import PadCollator
+    from fslm.steps.train.examples import build_examples
+    from fslm.steps.train.loss import target_token_loss
+    from fslm.steps.train.trainer import lora_config
 
     loaded = Stack.load(stack.root, backend="torch")
     records, _ = read_distilled(data)
@@ -434,6 +437,8 @@ def probe_train(stack: Any, data: Path, batch_size: int, steps: int = 3) -> dict
         lengths[name] = {"examples_per_record": round(len(examples) / max(len(records), 1), 2),
                          "tokens_per_example": round(sum(len(e["input_ids"]) for e in examples) / max(len(examples), 1), 1)}  # fmt: skip
     examples = build_examples(loaded, records, [], loaded.config.final_stage.name).train
+    if not examples:
+        raise FslmError(f"{data}: the teacher probe kept no record to time training on; raise --plan-questions")
     batch_examples = sorted(examples, key=lambda e: -len(e["input_ids"]))[:batch_size]
     while len(batch_examples) < batch_size:  # fewer records than a batch: repeat them
         batch_examples += batch_examples[: batch_size - len(batch_examples)]

@@ -102,9 +102,9 @@ class _ScriptedJointTeacher:
 def test_experiment2_mc_regime_plan_run_and_publish(tmp_path, monkeypatch):
     """Regime A on a tiny model with a scripted joint teacher: the plan prints every step's hours, the run distils
     all three sources (options only in the answer call), trains and evaluates every system, then publishes."""
-    import fslm.teachers
+    import fslm.steps.distill.run as distill_run
 
-    monkeypatch.setattr(fslm.teachers, "make_teacher", lambda *a, **k: _ScriptedJointTeacher())
+    monkeypatch.setattr(distill_run, "make_teacher", lambda *a, **k: _ScriptedJointTeacher())
     model_dir = make_model_dir(tmp_path, "llama", chat=True, context=2048)
     data_dir = _mc_data(tmp_path / "bench")
     out = tmp_path / "run"
