@@ -108,6 +108,7 @@ class StageTraining(BaseModel):
     train_loss: float | None = None
     val_loss: float | None = None
     seconds: float | None = None
+    prompt: str | None = None  # the prompt form the adapter was trained on (PROMPT_FORMS; None: full)
     versions: dict[str, str] = Field(default_factory=dict)
 
 
@@ -143,6 +144,11 @@ class StackConfig(_Strict):
     recipe: str | None = None
     base: BaseModelSettings = Field(default_factory=BaseModelSettings)
     lora: LoraSettings
+    prompt: Literal["full", "compact"] = Field(
+        "full",
+        description="The prompt form `fslm train` trains new adapters on: full (each stage's role and template) or "
+        "compact (the stage's name, the instruction and the earlier stages' text). Each adapter records its own.",
+    )
     stages: list[StageConfig] = Field(min_length=1)
     # Training records of the baseline adapters beside the stages (adapters/single/, adapters/multitask/).
     baselines: dict[str, StageTraining] = Field(default_factory=dict)

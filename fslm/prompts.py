@@ -43,6 +43,22 @@ def stage_variables(instruction: str, input: str | None, outputs: dict[str, str]
     return variables
 
 
+# How a stage's prompt is written. full: the stage's role as the system message and its template as the user
+# message, what a bare base model needs to know its task. compact: an adapter trained on it has learned its role, so
+# the prompt holds only the stage's name (which tells a multitask adapter the step), the instruction, the input and
+# the earlier stages' text, each under its name: ~half the prompt tokens of a stack query (docs/train.md).
+PROMPT_FORMS = ("full", "compact")
+
+
+def compact_user_message(instruction: str, input: str | None, outputs: dict[str, str], reads: list[str]) -> str:
+    """The compact form's user message: the instruction, the input, then `Name: text` per earlier stage read."""
+    parts = [instruction.strip()]
+    if input and input.strip():
+        parts.append(input.strip())
+    parts += [f"{name.replace('_', ' ').capitalize()}: {outputs[name].strip()}" for name in reads]
+    return "\n\n".join(parts)
+
+
 def wrap_prompt(tokenizer: Any, system: str, user: str, fmt: str) -> str:
     """Turn (system, user) into the model's prompt text, ending where the assistant's answer begins."""
     if not uses_chat_template(tokenizer, fmt):

@@ -20,7 +20,7 @@ from fslm.backends import Backend, TextCallback
 from fslm.backends.choose import choose_backend, create_backend
 from fslm.config import GenerationSettings, StackConfig, StageConfig
 from fslm.errors import FslmError
-from fslm.prompts import render_user_message, stage_variables
+from fslm.prompts import compact_user_message, render_user_message, stage_variables
 from fslm.stackdir import StackDir
 from fslm.trust import Trust, trusting
 
@@ -122,6 +122,7 @@ class Stack:
         """Attach every trained stage's adapter by its stage name (the directory decides which are trained)."""
         if self.dir is None:
             return
+        self.config = self.dir.load()  # training may have written new records (each adapter's prompt form) since
         for name in self.dir.trained_stages(self.config):
             self.backend.add_adapter(name, self.dir.adapter(name))
 
@@ -144,15 +145,40 @@ class Stack:
     # --- prompts ------------------------------------------------------------------------------------
 
     def render_prompt(
-        self, stage: StageConfig | str, instruction: str, input: str | None = None, outputs: Mapping[str, str] = {}
+        self,
+        stage: StageConfig | str,
+        instruction: str,
+        input: str | None = None,
+        outputs: Mapping[str, str] = {},
+        *,
+        form: str | None = None,
     ) -> str:
-        """The exact prompt text of a stage: the one place that decides it, for run, serve, eval and training."""
+        """The exact prompt text of a stage: the one place that decides it, for run, serve, eval and training.
+
+        form: `full` or `compact` (fslm.prompts.PROMPT_FORMS); default: the form the stage's own adapter was trained
+        on (`prompt_form`), full on the bare base."""
         stage = self.config.stage(stage) if isinstance(stage, str) else stage
         missing = [r for r in stage.reads if r not in outputs]
         if missing:
             raise FslmError(f"stage {stage.name!r} reads {', '.join(missing)}, which has no output yet")
+        if form is None:
+            form = "full" if is_direct(stage) else self.prompt_form(self.stage_adapter(stage.name))
+        if form == "compact":
+            user = compact_user_message(instruction, input, dict(outputs), stage.reads)
+            # a direct answer speaks as the final stage, as the full form's direct prompt takes its role
+            name = self.config.final_stage.name if is_direct(stage) else stage.name
+            return self.backend.format_prompt(name, user)
         user = render_user_message(stage.template, stage_variables(instruction, input, dict(outputs), stage.reads))
         return self.backend.format_prompt(stage.role, user)
+
+    def prompt_form(self, adapter: str | None) -> str:
+        """The prompt form `adapter` (a stage or a baseline) was trained on, as its training record says; `full` for
+        the bare base and for adapters trained before the forms existed."""
+        if adapter is None or self.dir is None:
+            return "full"
+        names = set(self.config.stage_names) | set(self.config.baselines)
+        record = self.dir.training(self.config, adapter) if adapter in names else None
+        return (record.prompt if record is not None else None) or "full"
 
     def direct_stage(self, name: str = "direct") -> StageConfig:
         """The one step of a system that answers without intermediate stages (the bare base, the single and
@@ -162,9 +188,9 @@ class Stack:
         final = self.config.final_stage
         return final.model_copy(update={"name": name, "template": DIRECT_TEMPLATE, "reads": [], "training": None})
 
-    def direct_prompt(self, instruction: str, input: str | None = None) -> str:
+    def direct_prompt(self, instruction: str, input: str | None = None, form: str = "full") -> str:
         """The prompt of `direct_stage`."""
-        return self.render_prompt(self.direct_stage(), instruction, input)
+        return self.render_prompt(self.direct_stage(), instruction, input, form=form)
 
     # --- running ------------------------------------------------------------------------------------
 
@@ -185,7 +211,8 @@ class Stack:
         """
         stage = self.config.stage(stage) if isinstance(stage, str) else stage
         chosen = self.stage_adapter(stage.name) if adapter is _OWN else cast("str | None", adapter)
-        prompts = [self.render_prompt(stage, r.instruction, r.input, r.outputs) for r in rows]
+        form = self.prompt_form(chosen)
+        prompts = [self.render_prompt(stage, r.instruction, r.input, r.outputs, form=form) for r in rows]
         if not prompts:
             return []
         start = time.perf_counter()
@@ -278,6 +305,11 @@ class Stack:
                 if on_stage is not None:
                     on_stage(i, result)
         return traces
+
+
+def is_direct(stage: StageConfig) -> bool:
+    """Whether `stage` is `Stack.direct_stage`'s pseudo-stage (the instruction alone, nothing read)."""
+    return stage.template == DIRECT_TEMPLATE and not stage.reads
 
 
 def _stream_to(on_text: TextStream, stage: str, row: int, delta: str) -> None:

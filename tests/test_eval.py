@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import make_benchmark_dir, make_eval_stack
 
+from fslm.files import sha256_file
+
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -397,3 +399,30 @@ def test_eval_ablate_rows_and_resume_after_sigkill(eval_stack, data_dir, tmp_pat
         # the ablated stage's LoRA weights are not used, so not counted
         assert row["parameters_per_query"] < full["parameters_per_query"]
     assert data["systems"]["stack-ablate-answer"]["earlier_stage_runs"] == full["earlier_stage_runs"] == 4
+
+
+def test_split_dev_scores_the_dev_file_and_never_the_test_one(eval_stack, tmp_path):
+    """`--split dev` chooses settings without touching test: it scores the dev file (hashed as such), and a task
+    without a dev split is one clear error."""
+    from typer.testing import CliRunner
+
+    from fslm.cli import app
+
+    bench = make_benchmark_dir(tmp_path / "bench")
+    dev = bench / "arc" / "ARC-Easy-Dev.jsonl"
+    rows = [json.loads(line) for line in (bench / "arc" / "ARC-Easy-Test.jsonl").read_text().splitlines()][:5]
+    for row in rows:
+        row["id"] = "dev-" + row["id"]
+    dev.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = tmp_path / "report"
+    args = ["eval", str(eval_stack), "--tasks", "arc_easy", "--data-dir", str(bench), "--limit", "10"]
+    args += ["--systems", "base", "--out", str(report), "--split", "dev"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((report / "results.json").read_text())
+    assert data["split"] == "dev" and data["data_hashes"]["arc_easy"] == {"arc/ARC-Easy-Dev.jsonl": sha256_file(dev)}
+    assert data["systems"]["base"]["tasks"]["arc_easy"]["n"] == 5  # the dev file's 5 items, not the test file's 14
+    assert set(data["systems"]["base"]["items"]["arc_easy"]["ids"]) == {r["id"] for r in rows}
+    assert "of the dev split" in (report / "report.md").read_text()
+    bad = CliRunner().invoke(app, [*args[:3], "mmlu", *args[4:]])
+    assert bad.exit_code == 2 and "mmlu/val/*_val.csv: not found" in bad.output  # its dev split is absent here

@@ -91,14 +91,17 @@ def contamination_warnings(directory: Path, options: EvalOptions) -> list[str]:
     return warnings
 
 
-def task_hashes(data_dir: Path, task: str) -> dict[str, str]:
+def task_hashes(data_dir: Path, task: str, split: str = "test") -> dict[str, str]:
     """The evaluated files of a task, hashed: {file: sha256}, or for many files (MMLU) {glob: one hash over them}."""
-    paths = sorted(data_dir.glob(FILES[task]))
+    files = FILES if split == "test" else DEV_FILES
+    if task not in files:
+        raise FslmError(f"--split {split}: task {task} has none (tasks with one: {', '.join(files)})")
+    paths = sorted(data_dir.glob(files[task]))
     if not paths:
-        raise FslmError(f"{data_dir / FILES[task]}: not found (task {task}; see the data README for the layout)")
+        raise FslmError(f"{data_dir / files[task]}: not found (task {task}; see the data README for the layout)")
     if len(paths) == 1:
         return {str(paths[0].relative_to(data_dir)): sha256_file(paths[0])}
-    return {FILES[task]: _hash_together(paths)}
+    return {files[task]: _hash_together(paths)}
 
 
 def hash_files(data_dir: Path, pattern: str, task: str) -> str:

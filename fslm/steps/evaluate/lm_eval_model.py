@@ -253,8 +253,10 @@ class FslmLM(TemplateLM):
         return self._loglikelihood_tokens(new_reqs)
 
     def _final_prompt(self, context: str, outputs: Mapping[str, str] | None) -> str:
+        """The answering prompt in the form the scoring adapter was trained on (the bare base: full)."""
         stage = self._answering_stage(outputs is None)
-        return self.stack.render_prompt(stage, context.strip(), None, outputs or {})
+        form = self.stack.prompt_form(self.final_adapter)
+        return self.stack.render_prompt(stage, context.strip(), None, outputs or {}, form=form)
 
     def _answering_stage(self, direct: bool = False) -> Any:
         """The stage that answers: the final one after the chain, or (a baseline, the direct path) the stack's

@@ -24,6 +24,10 @@ class EvalOptions(Options):
     )
     systems: list[str] = Field(["base", "single", "stack"], description=f"Comma-separated: {', '.join(SYSTEMS)}.")
     limit: int | None = Field(100, ge=1, description="Items per task (a seeded random subset).")
+    split: Literal["test", "dev"] = Field(
+        "test",
+        description="The split scored: test, or dev to choose settings (prompt forms, budgets) without touching test.",
+    )
     seed: int = Field(1234, description="Seed of the subset and of lm-eval.")
     ablate: bool = Field(False, description="Add one stack row per stage, that stage on the bare base.")
     batch_size: int = Field(

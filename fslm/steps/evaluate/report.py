@@ -77,7 +77,8 @@ def _accuracy_table(results: dict[str, Any]) -> list[str]:
     lines = [
         f"# fslm eval: {results['stack']}",
         "",
-        f"Zero-shot accuracy ± stderr on a seeded subset (limit {results['limit']}, seed {results['seed']}), "
+        f"Zero-shot accuracy ± stderr on a seeded subset of the {results.get('split', 'test')} split "
+        f"(limit {results['limit']}, seed {results['seed']}), "
         f"scored in {results.get('pinned', {}).get('compute', 'float32')}.",
         "",
         head,

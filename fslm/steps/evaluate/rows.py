@@ -47,6 +47,7 @@ def setup(directory: Path, options: EvalOptions, stage_backend: str, data_hashes
     return {
         "precision": resolve_precision(options.precision, "eval scoring"),
         "tasks": options.tasks,
+        **({"split": options.split} if options.split != "test" else {}),  # test rows keep their earlier keys
         "limit": options.limit,
         "seed": options.seed,
         "batch_size": options.batch_size,

@@ -67,8 +67,8 @@ class _Evaluation:
         self.stack_dir = StackDir(directory)
         has_stack = any(s == "stack" for s, _ in rows)
         stage_backend = resolve(self.stack_dir, options.stage_backend) if has_stack else "none"
-        data_hashes = {t: task_hashes(options.data_dir, t) for t in options.tasks}
-        self.warnings = contamination_warnings(directory, options)
+        data_hashes = {t: task_hashes(options.data_dir, t, options.split) for t in options.tasks}
+        self.warnings = contamination_warnings(directory, options) if options.split == "test" else []
         for w in self.warnings:
             log.warning(w)
         self.setup = setup(directory, options, stage_backend, data_hashes)
@@ -79,7 +79,7 @@ class _Evaluation:
         self.loaded: Stack | None = None
         self.runner: Stack | None = None
         self.tuning = self._saved_tuning()
-        self.manager = task_manager(options, "test", options.limit)
+        self.manager = task_manager(options, options.split, options.limit)
         self.gen_tasks = [t for t in options.tasks if options.generative and t in GENERATIVE]
         if options.generative and not self.gen_tasks:
             log.warning(

@@ -1,7 +1,8 @@
 """Training examples for `fslm train`: distilled records -> tokenised, prompt-masked examples per stage.
 
 Each example is the stage prompt exactly as `Stack.render_prompt` renders it at inference (earlier stages' outputs replaced
-by their distilled targets), followed by the stage's target text and EOS. Only the target tokens carry a loss.
+by their distilled targets), in the prompt form being trained (full or compact, recorded with the adapter so inference
+renders the same), followed by the stage's target text and EOS. Only the target tokens carry a loss.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def build_examples(
     max_length: int | None = None,
     inputs: dict[str, dict[str, str]] | None = None,
     mix: bool = False,
+    form: str = "full",
 ) -> Examples:
     """Tokenise the examples of one stage or baseline: prompt ids (label -100) + target ids + EOS.
 
@@ -81,11 +83,11 @@ def build_examples(
     out = Examples(name)
     if name == MULTITASK:
         for stage in stack.config.stages[:-1]:
-            part = build_examples(stack, records, val_records, stage.name, max_length)
+            part = build_examples(stack, records, val_records, stage.name, max_length, form=form)
             out.train += part.train
             out.val += part.val
             out.problems += part.problems
-        direct = build_examples(stack, records, val_records, SINGLE, max_length)
+        direct = build_examples(stack, records, val_records, SINGLE, max_length, form=form)
         out.train += direct.train
         out.val += direct.val
         out.problems += direct.problems
@@ -110,13 +112,13 @@ def build_examples(
                 out.problems.append(Problem(r.line, f"target {', '.join(map(repr, empty))} is empty"))
                 continue
             if name in BASELINES:
-                prompts = [stack.direct_prompt(r.instruction, r.input)]
+                prompts = [stack.direct_prompt(r.instruction, r.input, form=form)]
             else:
                 versions = [r.targets]
                 if inputs is not None:
                     student = {**r.targets, **inputs.get(r.id, {})}
                     versions = [r.targets, student] if mix else [student]
-                prompts = [stack.render_prompt(name, r.instruction, r.input, outputs=v) for v in versions]
+                prompts = [stack.render_prompt(name, r.instruction, r.input, outputs=v, form=form) for v in versions]
             target_ids = tok(r.targets[target_of], add_special_tokens=False)["input_ids"] + [eos]
             for prompt in dict.fromkeys(prompts):  # mix: a student chain equal to the teacher's counts once
                 prompt_ids = backend.encode(prompt)

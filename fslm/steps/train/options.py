@@ -20,6 +20,11 @@ class TrainOptions(Options):
         False,
         description="Train only the multitask baseline (adapters/multitask/): every stage's targets + the answer.",
     )
+    prompt: Literal["full", "compact"] | None = Field(
+        None,
+        description="The prompt form the adapters train on (recorded with each; run, serve and eval then use it): "
+        "full (role and template) or compact (stage name, instruction, earlier stages); default: stack.yaml's prompt.",
+    )
     answer_inputs: Literal["auto", "student", "teacher", "mix"] = Field(
         "auto",
         description="What the final stage reads in training: student (the trained earlier stages' own outputs), "

@@ -104,6 +104,7 @@ class _Training:
         self.directory, self.data, self.options, self.names = directory, data, options, names
         self.state, self.on_event, self.is_main = state, on_event, state.is_main_process
         self.config = directory.load()
+        self.form = options.prompt or self.config.prompt  # the prompt form every adapter of this call trains on
         self.stack = loaded if loaded is not None else Stack.load(directory.root, backend="torch")
         self.backend = self.stack.backend
         self.backend.require(TRAIN, "training")
@@ -127,7 +128,10 @@ class _Training:
         how many bad records were skipped. Every process sees the same data and stops on the same bad record; only
         the main one prints warnings."""
         data, options = self.data, self.options
-        examples = {n: build_examples(self.stack, data.train, data.val, n, options.max_length) for n in self.names}
+        examples = {
+            n: build_examples(self.stack, data.train, data.val, n, options.max_length, form=self.form)
+            for n in self.names
+        }
         problems = {n: e.problems for n, e in examples.items()}
         skipped = report_problems(data.path, problems, data.problems, options.strict, quiet=not self.is_main)
         for n, e in examples.items():
@@ -190,7 +194,9 @@ class _Training:
                 where,
             )
         processes, lora = self.state.num_processes, self.config.lora
-        training, history = fit(trainer, examples, resume_from, self.data.path, self.data.sha, options, processes, lora)
+        training, history = fit(
+            trainer, examples, resume_from, self.data.path, self.data.sha, options, processes, lora, self.form
+        )
         self._annotate(name, training, precision, student)
         target = self._save(name, model, training)
         del trainer
@@ -271,8 +277,9 @@ def _on_policy_examples(
     if not state.is_main_process:
         outputs, summary = student_outputs(directory, records, options.student_backend, stack)
     base = backend.release_adapters()
+    form = options.prompt or stack.config.prompt
     ex = build_examples(
-        stack, data.train, data.val, final, options.max_length, inputs=outputs, mix=inputs_from == "mix"
+        stack, data.train, data.val, final, options.max_length, inputs=outputs, mix=inputs_from == "mix", form=form
     )
     if not ex.train:
         raise FslmError(f"no usable training examples for {final!r} on the student's outputs")

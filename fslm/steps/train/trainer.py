@@ -141,8 +141,10 @@ def fit(
     options: TrainOptions,
     processes: int,
     lora: Any,
+    prompt_form: str = "full",
 ) -> tuple[StageTraining, list[dict[str, Any]]]:
-    """Train, take the validation loss, and write down everything needed to reproduce the adapter."""
+    """Train, take the validation loss, and write down everything needed to reproduce the adapter (with the prompt
+    form it trained on, which inference then renders)."""
     start = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     val_loss = None
@@ -168,6 +170,7 @@ def fit(
         train_loss=_final_train_loss(history),
         val_loss=val_loss,
         seconds=round(seconds, 2),
+        prompt=prompt_form,
         versions=versions(("fslm", "torch", "transformers", "peft", "accelerate")),
         val_examples=len(ex.val),
         skipped_records=len({p.line for p in ex.problems}),
