@@ -152,3 +152,39 @@ def test_experiment2_mc_regime_plan_run_and_publish(tmp_path, monkeypatch):
     assert (publish_root / "docs" / "results" / "exp2-mc" / "summary.md").is_file()
     assert (publish_root / "data" / "exp2-mc" / "train.jsonl").read_text() == (out / "train.jsonl").read_text()
     assert (publish_root / "data" / "exp2-mc" / "distilled-openbookqa_train.jsonl.manifest.json").is_file()
+
+
+def test_diagnosis_reads_the_stacks_chains_and_rescoring_them_reproduces_the_eval(tmp_path):
+    """benchmarks/exp2_diagnosis.py on a tiny evaluated stack: the chain statistics and traces come from the eval's
+    stage log, and scoring the answer stage after those very chains gives back the eval's own accuracy (so the
+    ceiling's two figures are comparable with the eval's)."""
+    from conftest import make_eval_stack
+    from typer.testing import CliRunner
+
+    from fslm.cli import app
+
+    diagnosis = load_benchmark("exp2_diagnosis")
+    stack = make_eval_stack(tmp_path / "stack")
+    data_dir = make_benchmark_dir(tmp_path / "bench")
+    report = tmp_path / "eval"
+    args = ["eval", str(stack), "--tasks", "arc_easy", "--data-dir", str(data_dir), "--limit", "6"]
+    r = CliRunner().invoke(app, [*args, "--systems", "stack", "--out", str(report), "--stage-tokens", "3"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "diag"
+    assert (
+        diagnosis.main(["--stack", str(stack), "--eval", str(report), "--data-dir", str(data_dir), "--out", str(out)])
+        == 0
+    )
+    result = json.loads((out / "diagnosis.json").read_text())["tasks"]["arc_easy"]
+    assert result["names"]["chains"] == 6 and 0 <= result["names"]["name_gold"] <= 1
+    shown = result["traces"]["right"] + result["traces"]["wrong"]
+    assert shown and all("intent" in t and "reasoning" in t for t in shown)
+
+    from fslm.steps.evaluate.lm_eval_model import FslmLM
+
+    results, chains = diagnosis.read_eval(report)
+    items = diagnosis.task_items(data_dir, "arc_easy")
+    chosen = [(c, items[c]) for c in chains]
+    lm = FslmLM(stack=str(stack), system="stack")
+    task = results["systems"]["stack"]["tasks"]["arc_easy"]
+    assert diagnosis.answer_accuracy(lm, chosen, chains) == round(task["accuracy"], 4)

@@ -1,0 +1,209 @@
+"""Experiment 2's diagnosis: why the stack scores what it scores, read off its own chains and a teacher's.
+
+    python benchmarks/exp2_diagnosis.py --stack runs/exp2-mc/stack --eval runs/exp2-mc/eval --data-dir DATA \\
+        --out OUT [--teacher TEACHER.gguf --ceiling 200] [--traces 3]
+
+From the eval's stage log (`EVAL/systems/stack.stages.jsonl`: every chain the stack wrote for a test question) and
+its per-item correctness (`EVAL/results.json`), for each multiple-choice task evaluated:
+
+- **names gold**: how often the student's earlier stages name the gold option's text (and how often a wrong
+  option's), and the stack's accuracy on each side: does the answer stage follow its own reasoning?
+- **ceiling** (with --teacher): on the first --ceiling items, the teacher writes the earlier stages blind (joint
+  mode, options hidden: what the student would have to write) and the student's answer stage scores the options
+  after *those* notes, beside its score after its own chain on the same items: how much a better chain would be
+  worth to this answer stage;
+- **traces**: a few chains the stack got right and wrong, as text.
+
+Writes OUT/diagnosis.json and OUT/diagnosis.md; the teacher's notes are cached in OUT/teacher-notes.jsonl (resumable).
+Test items are only read here, never trained or tuned on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+TASK_ROWS = {  # task -> (test file under the data dir, reader, question text as the eval poses it)
+    "arc_easy": ("arc/ARC-Easy-Test.jsonl", "arc_rows", "arc_text"),
+    "arc_challenge": ("arc/ARC-Challenge-Test.jsonl", "arc_rows", "arc_text"),
+    "openbookqa": ("openbookqa/test.tsv", "openbookqa_rows", None),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--stack", type=Path, required=True)
+    p.add_argument("--eval", type=Path, required=True, help="the fslm eval report folder of the stack's row")
+    p.add_argument("--data-dir", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--teacher", default=None, help="teacher GGUF for the ceiling (omit to skip it)")
+    p.add_argument("--teacher-batch", type=int, default=16)
+    p.add_argument("--ceiling", type=int, default=200, help="items per task for the ceiling")
+    p.add_argument("--traces", type=int, default=3, help="right and wrong chains shown per task")
+    return p.parse_args(argv)
+
+
+def task_items(data_dir: Path, task: str) -> dict[str, dict[str, Any]]:
+    """Question text (as the eval poses it) -> {id, choices, gold} for one multiple-choice test set."""
+    from fslm import benchmark_files
+
+    rel, reader, text = TASK_ROWS[task]
+    rows = getattr(benchmark_files, reader)(data_dir / rel)
+    pose = getattr(benchmark_files, text) if text else (lambda r: r["question_stem"])
+    return {pose(r).strip(): {"id": r["id"], "choices": r["choices"], "gold": r["gold"]} for r in rows}
+
+
+def names(text: str, option: str) -> bool:
+    from fslm.data import normalise
+
+    option = normalise(option)
+    return bool(option) and f" {option} " in f" {normalise(text)} "
+
+
+def chain_stats(chains: dict[str, dict[str, str]], items: dict[str, dict], correct: dict[str, float]) -> dict:
+    """Shares of chains that name the gold / a wrong option, and the stack's accuracy on each side."""
+    rows = []
+    for context, outputs in chains.items():
+        item = items.get(context)
+        if item is None or item["id"] not in correct:
+            continue
+        notes = " ".join(outputs.values())
+        gold = item["choices"][item["gold"]]
+        wrong = [c for i, c in enumerate(item["choices"]) if i != item["gold"]]
+        rows.append((names(notes, gold), any(names(notes, w) for w in wrong), correct[item["id"]]))
+
+    def acc(selected: list[tuple]) -> float | None:
+        return round(sum(r[2] for r in selected) / len(selected), 4) if selected else None
+
+    gold_named = [r for r in rows if r[0]]
+    return {
+        "chains": len(rows),
+        "name_gold": round(len(gold_named) / len(rows), 4) if rows else None,
+        "name_a_wrong_option": round(sum(r[1] for r in rows) / len(rows), 4) if rows else None,
+        "accuracy_when_gold_named": acc(gold_named),
+        "accuracy_when_not": acc([r for r in rows if not r[0]]),
+    }
+
+
+def read_eval(eval_dir: Path) -> tuple[dict, dict[str, dict[str, str]]]:
+    results = json.loads((eval_dir / "results.json").read_text())
+    log = eval_dir / "systems" / "stack.stages.jsonl"
+    chains = {}
+    for line in log.read_text(encoding="utf-8").splitlines() if log.is_file() else []:
+        row = json.loads(line)
+        if row.get("chain") in (None, 0):  # the greedy chain (sampled ones are numbered)
+            chains[row["context"].strip()] = row["outputs"]
+    return results, chains
+
+
+def teacher_notes(args: argparse.Namespace, config: Any, task: str, items: list[tuple[str, dict]]) -> dict:
+    """The teacher's blind earlier stages for these questions (cached by question in OUT/teacher-notes.jsonl)."""
+    from fslm.data import DatasetRecord
+    from fslm.files import JsonlLog
+    from fslm.steps.distill.prompts import joint_messages, split_sections
+    from fslm.teachers import TeacherSpec, make_teacher
+
+    log = JsonlLog(args.out / "teacher-notes.jsonl").open()
+    known = {r["context"]: r["outputs"] for r in log.rows}
+    todo = [(c, item) for c, item in items if c not in known]
+    if todo:
+        spec = TeacherSpec(backend="llamacpp", model=args.teacher, batch_size=args.teacher_batch)
+        teacher = make_teacher(spec, config.base, args.stack)
+        settings = config.final_stage.generation.model_copy(update={"max_new_tokens": 320, "repetition_penalty": 1.0})
+        for i in range(0, len(todo), args.teacher_batch):
+            chunk = todo[i : i + args.teacher_batch]
+            records = [DatasetRecord(c, None, None, task, 0, 0) for c, _ in chunk]
+            outs = teacher.generate([joint_messages(config, r) for r in records], settings, label="joint")
+            rows = []
+            for (context, _), out in zip(chunk, outs, strict=True):
+                sections = split_sections(out.text, config)
+                earlier = {s.name: sections.targets.get(s.name, "") for s in config.stages[:-1]}
+                rows.append({"task": task, "context": context, "outputs": earlier, "ok": sections.problem is None})
+            log.append(rows)
+            known.update((r["context"], r["outputs"]) for r in rows)
+        teacher.backend.close()
+    log.close()
+    return known
+
+
+def answer_accuracy(lm: Any, items: list[tuple[str, dict]], outputs: dict[str, dict[str, str]]) -> float:
+    """The answer stage's accuracy (acc: the most likely option) after the given earlier-stage texts."""
+    pairs = [(context, " " + choice) for context, item in items for choice in item["choices"]]
+    scores = lm._score(pairs, {c: outputs[c] for c, _ in items})
+    right, k = 0, 0
+    for _, item in items:
+        n = len(item["choices"])
+        mine = [s for s, _ in scores[k : k + n]]
+        right += int(max(range(n), key=mine.__getitem__) == item["gold"])
+        k += n
+    return round(right / len(items), 4)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from fslm.config import load_config
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    results, chains = read_eval(args.eval)
+    stack_row = results["systems"]["stack"]
+    config = load_config(args.stack)
+    report: dict[str, Any] = {"eval": str(args.eval.name), "tasks": {}}
+    lines = ["# Experiment 2: diagnosis", ""]
+    lm = None
+    for task in [t for t in results["tasks"] if t in TASK_ROWS]:
+        items = task_items(args.data_dir, task)
+        per_item = stack_row["items"][task]
+        correct = dict(zip(per_item["ids"], per_item["acc"], strict=True))
+        mine = {c: o for c, o in chains.items() if c in items}
+        entry: dict[str, Any] = {"names": chain_stats(mine, items, correct)}
+        if args.teacher:
+            from fslm.steps.evaluate.lm_eval_model import FslmLM
+
+            lm = lm or FslmLM(stack=str(args.stack), system="stack")
+            chosen = [(c, items[c]) for c in list(mine)[: args.ceiling]]
+            notes = teacher_notes(args, config, task, chosen)
+            entry["ceiling"] = {
+                "items": len(chosen),
+                "answer_after_student_chain": answer_accuracy(lm, chosen, mine),
+                "answer_after_teacher_chain": answer_accuracy(lm, chosen, notes),
+            }
+        entry["traces"] = traces(mine, items, correct, args.traces)
+        report["tasks"][task] = entry
+        lines += task_lines(task, entry)
+    (args.out / "diagnosis.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "diagnosis.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def traces(chains: dict, items: dict, correct: dict, n: int) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {"right": [], "wrong": []}
+    for context, outputs in chains.items():
+        item = items[context]
+        side = "right" if correct.get(item["id"]) else "wrong"
+        if item["id"] in correct and len(out[side]) < n:
+            out[side].append({"id": item["id"], "question": context, "gold": item["choices"][item["gold"]], **outputs})
+    return out
+
+
+def task_lines(task: str, entry: dict) -> list[str]:
+    s = entry["names"]
+    lines = [f"## {task}", "", f"{s['chains']} chains: the earlier stages name the gold option in {s['name_gold']}, a "
+             f"wrong option in {s['name_a_wrong_option']}; stack accuracy {s['accuracy_when_gold_named']} when the "
+             f"gold is named, {s['accuracy_when_not']} when not.", ""]  # fmt: skip
+    if "ceiling" in entry:
+        c = entry["ceiling"]
+        lines += [f"Ceiling on {c['items']} items: the answer stage scores {c['answer_after_student_chain']} after "
+                  f"its own chain, {c['answer_after_teacher_chain']} after the teacher's blind chain.", ""]  # fmt: skip
+    for side in ("right", "wrong"):
+        for t in entry["traces"][side]:
+            lines += [f"**{side}** `{t['id']}`: {t['question']!r} (gold: {t['gold']})", ""]
+            lines += [f"- {k}: {v!r}" for k, v in t.items() if k not in ("id", "question", "gold")] + [""]
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())
