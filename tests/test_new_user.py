@@ -1,0 +1,125 @@
+"""Issue 33: what a new user hits trying every documented command, each through the CLI as the user types it.
+
+1 `fslm lm-eval --model hf` works beside `--model fslm` (and scores alike); 2 every training step learns; 3 a half
+adapter folder is an error for run and a warning for info; 4 the baselines run on llama.cpp after an export; 5 a
+distill run that keeps nothing says why and what to try; 6 serve on a taken port; 7 the train table in a log;
+8 base model and server errors name stack.yaml's line; 9 one line instead of a traceback; 10 FSLM_DATA_DIR for
+eval; 11 one bad line of a training file; 12 lock files go with their run; 13 quickstart's help and the README agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fslm.cli import app
+from fslm.steps.init import InitOptions, init
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {
+    **os.environ,
+    "PYTHONPATH": str(ROOT),
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+}
+STAGES = ("intent", "plan", "reasoning", "answer")
+runner = CliRunner()
+
+
+def invoke(*args, env: dict[str, str] | None = None):
+    return runner.invoke(app, [str(a) for a in args], env=env)
+
+
+def fslm(*args, env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """`fslm ARGS` in a process of its own (bytes arguments pass as given)."""
+    argv = [a if isinstance(a, bytes) else str(a) for a in args]
+    return subprocess.run(
+        [sys.executable, "-m", "fslm", *argv], capture_output=True, env={**ENV, **(env or {})}, timeout=300, **kwargs
+    )
+
+
+def one_error_line(output: str, exit_code: int, *needles: str) -> str:
+    """Exit 2, no traceback, exactly one `error:` line, naming each needle; returns that line."""
+    assert exit_code == 2, output
+    assert "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, output
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models on a shared, busy CPU: one thread avoids OpenMP spin-waiting."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def stack_dir(tmp_path, tiny_llama) -> Path:
+    directory = tmp_path / "stack"
+    init(directory, InitOptions(base=str(tiny_llama)))
+    return directory
+
+
+def distilled(path: Path, n: int = 4, bad_line: int | None = None) -> Path:
+    """A distilled JSONL of n records; `bad_line` (1-based) gets a Latin-1 byte in its instruction."""
+    lines = []
+    for i in range(n):
+        row = {"id": f"r{i}", "instruction": f"Explain idea {i}.", "targets": {s: f"{s} of idea {i}." for s in STAGES}}
+        line = json.dumps(row).encode()
+        if bad_line == i + 1:
+            line = line.replace(b"Explain", b"Expl\xe9in")
+        lines.append(line)
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def arc_rows(path: Path, n: int = 4) -> Path:
+    rows = []
+    for i in range(n):
+        choices = [{"text": t, "label": "ABCD"[k]} for k, t in enumerate(("iron", "wood", "glass", "stone"))]
+        rows.append({"id": f"q{i}", "question": {"stem": f"Which material is magnetic ({i})?", "choices": choices},
+                     "answerKey": "A"})  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# --- 12. lock files go with their run -------------------------------------------------------------------------
+
+
+def test_lock_files_go_with_their_run_and_a_dead_holders_does_not_block(tmp_path, stack_dir):
+    data = arc_rows(tmp_path / "a.jsonl", 2)
+    out = tmp_path / "d.jsonl"
+    dead = json.dumps({"pid": 999_999_999, "host": socket.gethostname(), "started": "long ago"})
+    locks = [out.with_name("d.jsonl.lock"), out.with_name("d.jsonl.cache.jsonl.lock"), stack_dir / ".fslm-train.lock"]
+    for lock in locks:
+        lock.write_text(dead)  # left by a killed run
+    args = ["distill", data, "--stack", stack_dir, "--out", out, "--max-new-tokens", "2", "--filters", "none"]
+    r = invoke(*args, "--reference", "shown")  # kept or not, the run itself ends
+    assert r.exit_code in (0, 2) and "in use by another fslm run" not in r.output, r.output
+    r = invoke(*args)  # a different run on the same output: refused, under the lock
+    one_error_line(r.output, r.exit_code, "different distill run")
+    good = distilled(tmp_path / "good.jsonl")
+    r = invoke("train", stack_dir, "--data", good, "--stages", "intent", "--max-steps", "1", "--val-fraction", "0")
+    assert r.exit_code == 0, r.output
+    r = invoke("train", stack_dir, "--data", tmp_path / "missing.jsonl")  # fails before the lock
+    assert r.exit_code == 2
+    bad = distilled(tmp_path / "bad.jsonl", n=1)
+    bad.write_text(bad.read_text().replace('"intent"', '"elsewhere"'))  # no target for intent: fails under the lock
+    r = invoke("train", stack_dir, "--data", bad, "--stages", "intent", "--max-steps", "1", "--val-fraction", "0")
+    assert r.exit_code == 2, r.output
+    assert [lock for lock in locks if lock.exists()] == []
