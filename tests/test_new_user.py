@@ -98,6 +98,33 @@ def arc_rows(path: Path, n: int = 4) -> Path:
     return path
 
 
+# --- 2. every training step learns ----------------------------------------------------------------------------
+
+
+def test_two_steps_change_the_adapter_twice(tmp_path, stack_dir):
+    """The default warm-up (0.05 of 2 steps: 1 step) gave step 1 a learning rate of 0: lora_B stayed all zeros."""
+    from safetensors.torch import load_file
+
+    data = distilled(tmp_path / "d.jsonl")
+    args = ["train", stack_dir, "--data", data, "--stages", "intent", "--max-steps", "2", "--batch-size", "1"]
+    r = invoke(*args, "--save-steps", "1", "--keep-checkpoints", "--val-fraction", "0")
+    assert r.exit_code == 0, r.output
+    checkpoints = stack_dir / ".fslm-train" / "intent"
+
+    def lora_b(path: Path) -> dict:
+        return {k: v for k, v in load_file(path / "adapter_model.safetensors").items() if "lora_B" in k}
+
+    fresh = {k: 0 * v for k, v in lora_b(checkpoints / "checkpoint-1").items()}  # PEFT starts B at zero
+    after = [lora_b(checkpoints / f"checkpoint-{n}") for n in (1, 2)]
+    final = lora_b(stack_dir / "adapters" / "intent")
+    assert any(v.abs().max() > 0 for v in after[0].values()), "step 1 did not change lora_B"
+    assert any((after[1][k] - after[0][k]).abs().max() > 0 for k in fresh), "step 2 did not change lora_B"
+    assert all((final[k] == after[1][k]).all() for k in fresh)
+    history = json.loads((checkpoints / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    rates = {h["step"]: h["learning_rate"] for h in history if "learning_rate" in h}
+    assert rates[1] > 0 and rates[2] > 0, rates
+
+
 # --- 12. lock files go with their run -------------------------------------------------------------------------
 
 
