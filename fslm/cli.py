@@ -210,17 +210,19 @@ def info(directory: StackDir) -> None:
         f"{base_params / 1e6:.1f} M parameters, {config.base.dtype}"
     )
     table = Table("#", "stage", "reads", "adapter", "adapter params", "max new tokens", "val loss")
-    total = 0
+    total, problems = 0, []
     for i, s in enumerate(config.stages, 1):
+        problem = layout.adapter_problem(s.name)
         weights = layout.weights(s.name)
-        n = models.safetensors_parameters(weights) if weights.is_file() else 0
+        n = models.safetensors_parameters(weights) if layout.is_trained(s.name) and weights.is_file() else 0
         total += n
+        problems += [problem] if problem else []
         val = s.training.val_loss if s.training and s.training.val_loss is not None else None
         table.add_row(
             str(i),
             s.name,
             ", ".join(s.reads) or "-",
-            f"adapters/{s.name}" if n else "none (base)",
+            "broken (see below)" if problem else f"adapters/{s.name}" if n else "none (base)",
             f"{n / 1e6:.2f} M" if n else "-",
             str(s.generation.max_new_tokens),
             f"{val:.3f}" if val is not None else "-",
@@ -230,6 +232,8 @@ def info(directory: StackDir) -> None:
     for name, t in config.baselines.items():
         val = f", val loss {t.val_loss:.3f}" if t.val_loss is not None else ""
         out.print(f"baseline {name}: adapters/{name} ({t.examples or '?'} examples, {t.steps or '?'} steps{val})")
+    for problem in problems:
+        err.print(f"[yellow]warning:[/] {problem}", highlight=False, soft_wrap=True)
 
 
 def print_stage(r: StageResult, prompts: bool = False) -> None:

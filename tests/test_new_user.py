@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import make_adapter
 from typer.testing import CliRunner
 
 from fslm.cli import app
@@ -123,6 +124,22 @@ def test_two_steps_change_the_adapter_twice(tmp_path, stack_dir):
     history = json.loads((checkpoints / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
     rates = {h["step"]: h["learning_rate"] for h in history if "learning_rate" in h}
     assert rates[1] > 0 and rates[2] > 0, rates
+
+
+# --- 3. half an adapter folder --------------------------------------------------------------------------------
+
+
+def test_half_an_adapter_folder_is_an_error_for_run_and_a_warning_for_info(stack_dir, tiny_llama):
+    make_adapter(tiny_llama, "llama", stack_dir / "adapters" / "plan", seed=1)
+    (stack_dir / "adapters" / "plan" / "adapter_config.json").unlink()
+    r = invoke("run", stack_dir, "Give one tip.", "--max-new-tokens", "2")
+    one_error_line(r.output, r.exit_code, str(stack_dir / "adapters" / "plan"), "adapter_config.json")
+    r = invoke("info", stack_dir)
+    assert r.exit_code == 0, r.output
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in r.stdout.splitlines() if line.startswith("│")]
+    plan = next(row for row in rows if row[1] == "plan")
+    assert plan[3] != "adapters/plan" and plan[4] == "-", plan  # not listed as trained, no parameters counted
+    assert "warning:" in r.output and "adapter_config.json" in r.output
 
 
 # --- 12. lock files go with their run -------------------------------------------------------------------------
