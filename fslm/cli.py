@@ -549,7 +549,7 @@ def export(
     quant: str | None = flag(ExportOptions, "quant"),
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
-    """Write DIR/gguf/: the base model and one GGUF LoRA adapter per stage, for `fslm run --backend llamacpp`."""
+    """Write DIR/gguf/: the base model and one GGUF LoRA adapter per stage and baseline, for `--backend llamacpp`."""
     _grant(trust_remote_code)
     with err.status("exporting") as status:
         result = export_step(

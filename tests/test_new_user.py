@@ -142,6 +142,20 @@ def test_half_an_adapter_folder_is_an_error_for_run_and_a_warning_for_info(stack
     assert "warning:" in r.output and "adapter_config.json" in r.output
 
 
+# --- 4. baselines on llama.cpp --------------------------------------------------------------------------------
+
+
+def test_the_single_baseline_runs_on_llamacpp_after_an_export(stack_dir, tiny_llama):
+    make_adapter(tiny_llama, "llama", stack_dir / "adapters" / "single", seed=4)
+    r = invoke("export", stack_dir, "--quant", "f32")
+    assert r.exit_code == 0, r.output
+    args = ["run", stack_dir, "Give one tip.", "--backend", "llamacpp", "--system", "single", "--json"]
+    r = invoke(*args, "--max-new-tokens", "3")
+    assert r.exit_code == 0, r.output
+    trace = json.loads(r.stdout)
+    assert [(s["name"], s["adapter"]) for s in trace["stages"]] == [("single", "single")]
+
+
 # --- 12. lock files go with their run -------------------------------------------------------------------------
 
 
