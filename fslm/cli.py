@@ -462,6 +462,9 @@ def distill(
     with EventView() as view:
         r = distill_step(dataset, stack, out_path, chosen, on_event=view)
     print_distill_result(r)
+    why = r.nothing_kept(chosen)
+    if why:  # a run that keeps nothing is no success: say why and what to try, exit 2
+        raise FslmError(why)
 
 
 @app.command("check-contamination")

@@ -156,6 +156,19 @@ def test_the_single_baseline_runs_on_llamacpp_after_an_export(stack_dir, tiny_ll
     assert [(s["name"], s["adapter"]) for s in trace["stages"]] == [("single", "single")]
 
 
+# --- 5. a distill run that keeps nothing ----------------------------------------------------------------------
+
+
+def test_a_distill_run_that_keeps_nothing_says_why_and_what_to_try(tmp_path, stack_dir):
+    data = arc_rows(tmp_path / "ARC-Easy-Train.jsonl")
+    out = tmp_path / "d.jsonl"
+    r = invoke("distill", data, "--stack", stack_dir, "--out", out, "--max-new-tokens", "3", "--filters", "none")
+    line = one_error_line(r.output, r.exit_code, "0 of 4", "wrong", "--options answer", "--reference hint-on-retry")
+    assert "--teacher-model" in line and "--overwrite" in line
+    assert "0 of 4 records written" in r.stdout  # the summary is still there
+    assert "A run that keeps nothing" in (ROOT / "docs" / "distill.md").read_text()
+
+
 # --- 12. lock files go with their run -------------------------------------------------------------------------
 
 
