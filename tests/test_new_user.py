@@ -169,6 +169,19 @@ def test_a_distill_run_that_keeps_nothing_says_why_and_what_to_try(tmp_path, sta
     assert "A run that keeps nothing" in (ROOT / "docs" / "distill.md").read_text()
 
 
+# --- 6. serve on a port already taken -------------------------------------------------------------------------
+
+
+def test_serve_on_a_taken_port_is_one_error_line(stack_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = invoke("serve", stack_dir, "--port", port)
+    one_error_line(r.output, r.exit_code, f"--port {port}", "127.0.0.1")
+    assert "serving" not in r.output
+
+
 # --- 12. lock files go with their run -------------------------------------------------------------------------
 
 
