@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 from typer.core import TyperGroup
 
@@ -67,6 +67,16 @@ out = Console()  # results (stdout)
 err = Console(stderr=True)  # progress, warnings, errors (stderr)
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def print_table(table: Table) -> None:
+    """A result table on stdout. Not on a terminal (a log, a pipe), rich assumes 80 columns and crops every cell to
+    fit; there the table is printed at its natural width instead, so each row says in full what it is about."""
+    if out.is_terminal:
+        out.print(table)
+        return
+    natural = out.measure(table, options=out.options.update_width(1_000)).maximum
+    Console(width=max(out.width, natural), highlight=False).print(table)
 
 
 def _say_error(e: FslmError) -> None:
@@ -227,7 +237,7 @@ def info(directory: StackDir) -> None:
             str(s.generation.max_new_tokens),
             f"{val:.3f}" if val is not None else "-",
         )
-    out.print(table)
+    print_table(table)
     out.print(f"resident parameters: {(base_params + total) / 1e6:.1f} M (base + {len(config.stages)} stages)")
     for name, t in config.baselines.items():
         val = f", val loss {t.val_loss:.3f}" if t.val_loss is not None else ""
@@ -344,7 +354,9 @@ def train(
         result = train_step(directory, data, options, on_event=view)
     if not main_process:
         return
-    table = Table("adapter", "examples", "val", "epochs", "steps", "train loss", "val loss", "tok/s", "seconds")
+    # the adapter's name is what tells the rows apart: never cropped, even in a narrow terminal
+    adapter = Column("adapter", no_wrap=True, min_width=max((len(f"adapters/{n}") for n in result.adapters), default=0))
+    table = Table(adapter, "examples", "val", "epochs", "steps", "train loss", "val loss", "tok/s", "seconds")
     for name, r in result.adapters.items():
         t = r.training
         extra = t.model_extra or {}
@@ -359,7 +371,7 @@ def train(
             f"{extra.get('tokens_per_second') or 0:,.0f}",
             f"{t.seconds:.1f}",
         )
-    out.print(table)
+    print_table(table)
     if not result.adapters:
         out.print("nothing left to train (every adapter of this run was already written)")
     elif single or multitask:
@@ -484,7 +496,7 @@ def check_contamination(
         table = Table("test split", "items", "training instructions found in it")
         for split, n in report.per_split.items():
             table.add_row(split, str(report.split_sizes[split]), str(n))
-        out.print(table)
+        print_table(table)
         if report.missing:
             err.print(f"[yellow]not found under {data_dir}:[/] {', '.join(report.missing)}")
         out.print(report.summary())
@@ -603,7 +615,7 @@ def print_eval_table(results: dict[str, Any]) -> None:
     for name, s in results["systems"].items():
         cells = [f"{s['tasks'][t]['accuracy']:.3f} ± {s['tasks'][t]['stderr'] or 0:.3f}" for t in tasks]
         table.add_row(name, *cells, f"{s['seconds_per_query']:.3f}")
-    out.print(table)
+    print_table(table)
     acc_pairs = [r for r in results.get("paired", []) if r["metric"] == "acc"]
     if acc_pairs:
         print_paired(acc_pairs, "paired differences (acc, same items)")
@@ -626,7 +638,7 @@ def print_paired(rows: list[dict[str, Any]], title: str) -> None:
             f"{r['a_only']} / {r['b_only']}",
             format_p(r["p_value"]),
         )
-    out.print(table)
+    print_table(table)
 
 
 class EvalGroup(TyperGroup):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -180,6 +181,24 @@ def test_serve_on_a_taken_port_is_one_error_line(stack_dir):
         r = invoke("serve", stack_dir, "--port", port)
     one_error_line(r.output, r.exit_code, f"--port {port}", "127.0.0.1")
     assert "serving" not in r.output
+
+
+# --- 7. the training table in a log ---------------------------------------------------------------------------
+
+
+def test_the_train_table_names_every_adapter_in_a_log(tmp_path, stack_dir):
+    data = distilled(tmp_path / "d.jsonl")
+    log = tmp_path / "log"
+    env = {k: v for k, v in ENV.items() if k != "COLUMNS"} | {"FSLM_ALLOCATOR": "system"}  # no re-exec under tcmalloc
+    with open(log, "wb") as f:  # not a terminal: rich assumes 80 columns
+        proc = subprocess.run(
+            [sys.executable, "-m", "fslm", "train", str(stack_dir), "--data", str(data), "--stages", "intent,plan",
+             "--max-steps", "1", "--val-fraction", "0"],
+            stdout=f, stderr=subprocess.PIPE, env=env, timeout=300,
+        )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    rows = [line for line in log.read_text().splitlines() if line.startswith("│")]
+    assert [re.split(r"\s*│\s*", row)[1] for row in rows] == ["adapters/intent", "adapters/plan"], log.read_text()
 
 
 # --- 12. lock files go with their run -------------------------------------------------------------------------
