@@ -212,7 +212,7 @@ def info(directory: StackDir) -> None:
     """Show a stack's base model, stages, adapters and parameter counts."""
     layout = Layout(directory)
     config = layout.load()
-    ref = models.resolve(config.base.model, directory)
+    ref = models.resolve_base(config.base, directory)
     base_params = models.count_parameters(ref)
     out.print(f"[bold]{config.name}[/]  {config.description}".rstrip())
     out.print(

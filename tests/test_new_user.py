@@ -201,6 +201,32 @@ def test_the_train_table_names_every_adapter_in_a_log(tmp_path, stack_dir):
     assert [re.split(r"\s*│\s*", row)[1] for row in rows] == ["adapters/intent", "adapters/plan"], log.read_text()
 
 
+# --- 8. base model and server errors name stack.yaml's line ---------------------------------------------------
+
+
+def _line_of(path: Path, prefix: str) -> int:
+    return next(n for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip().startswith(prefix))
+
+
+def test_a_misspelled_base_alias_is_named_with_its_line(tmp_path, tiny_llama):
+    directory = tmp_path / "s"
+    init(directory, InitOptions(base=str(tiny_llama)))
+    manifest = directory / "stack.yaml"
+    manifest.write_text(manifest.read_text().replace(f"model: {tiny_llama}", "model: smollm2-135m-instruc"))
+    where = f"{manifest}:{_line_of(manifest, 'model:')}: base.model"
+    for command in (["run", directory, "Hi."], ["info", directory], ["export", directory]):
+        r = invoke(*command)
+        one_error_line(r.output, r.exit_code, where, "smollm2-135m-instruc")
+
+
+def test_a_server_without_its_models_is_named_with_its_line(stack_dir):
+    manifest = stack_dir / "stack.yaml"
+    text = manifest.read_text().replace("backend: torch", "backend: openai\n  server:\n    url: http://127.0.0.1:9/v1")
+    manifest.write_text(text)
+    r = invoke("run", stack_dir, "Hi.")
+    one_error_line(r.output, r.exit_code, f"{manifest}:{_line_of(manifest, 'server:')}: base.server", "base_model")
+
+
 # --- 12. lock files go with their run -------------------------------------------------------------------------
 
 

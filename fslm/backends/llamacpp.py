@@ -230,7 +230,7 @@ class LlamaCppBackend(Backend):
                 f"{manifest}: exported for base {exported_for!r}, but stack.yaml says {settings.model!r}; "
                 "re-run fslm export"
             )
-        tokenizer = models.load_tokenizer(models.resolve(settings.model, stack_dir), settings)
+        tokenizer = models.load_tokenizer(models.resolve_base(settings, stack_dir), settings)
         backend = cls(base, tokenizer, settings.prompt_format, **llama_kwargs)
         backend.export_dir = out
         backend.manifest = info

@@ -524,7 +524,7 @@ def export_gguf(
     config = load_config(stack_dir.root)
     if quant is not None and quant not in QUANTS:
         raise FslmError(f"--quant {quant!r}: choose one of {', '.join(QUANTS)}")
-    ref = models.resolve(config.base.model, stack_dir.root)
+    ref = models.resolve_base(config.base, stack_dir.root)
     arch = models.architecture(ref)
     if arch not in GGUF_ARCH:
         raise unsupported(arch, config.base.model)

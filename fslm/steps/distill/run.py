@@ -89,11 +89,12 @@ def distill(
             "%s: %d duplicate instruction(s) skipped (the first of each is kept)", dataset_path, data.duplicates
         )
     contamination = _contamination(data, options, dataset_path)
+    student_ref = models.resolve_base(config.base, stack_dir)  # a misspelled base fails here, naming its line
 
     log.info("loading the teacher (%s)", options.teacher.resolved_backend)
     teacher = make_teacher(options.teacher, config.base, stack_dir)
     # Over-long is measured in the student's tokens: what the stage will have to generate.
-    student = models.load_tokenizer(models.resolve(config.base.model, stack_dir), config.base)
+    student = models.load_tokenizer(student_ref, config.base)
 
     def count_tokens(text: str) -> int:
         return len(student(text, add_special_tokens=False)["input_ids"])
