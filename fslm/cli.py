@@ -246,6 +246,22 @@ def info(directory: StackDir) -> None:
         err.print(f"[yellow]warning:[/] {problem}", highlight=False, soft_wrap=True)
 
 
+def utf8(text: str | None, what: str) -> str | None:
+    """Text from the command line, refused in one line when it is not UTF-8: Python hands bytes that are not on to
+    us as lone surrogates, which no tokenizer or terminal takes (the server answers 400 for the same text)."""
+    if text is None:
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        what_byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        raise FslmError(
+            f"{what}: not UTF-8 text ({what_byte} at character {e.start + 1}); give the text in UTF-8"
+        ) from None
+    return text
+
+
 def print_stage(r: StageResult, prompts: bool = False) -> None:
     """One finished stage as a panel (what `fslm run` shows). Prompts and outputs are plain Text, not rich markup:
     a user's "[/x]" or a model's "[bold]" is shown as written instead of failing or styling the panel."""
@@ -284,6 +300,7 @@ def run(
 ) -> None:
     """Answer an instruction through every stage and show the trace."""
     _grant(trust_remote_code, allow_server, api_key_env)
+    instruction, input = utf8(instruction, "INSTRUCTION"), utf8(input, "--input")
     if not instruction.strip():
         raise FslmError("the instruction is empty")
     config = load_config(directory)  # validate before the (slow) model load

@@ -40,6 +40,27 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def check_dir_target(path: str | Path, flag: str) -> None:
+    """FslmError (one line) unless a directory is, or can be made, at `path`: checked before anything slow runs."""
+    _check_target(Path(path), flag, want_dir=True)
+
+
+def check_file_target(path: str | Path, flag: str) -> None:
+    """FslmError (one line) unless a file is, or can be written, at `path`: checked before anything slow runs."""
+    _check_target(Path(path), flag, want_dir=False)
+
+
+def _check_target(path: Path, flag: str, want_dir: bool) -> None:
+    if path.exists() and path.is_dir() != want_dir:
+        kind, wanted = ("a file", "a directory") if want_dir else ("a directory", "a file")
+        raise FslmError(f"{path}: {flag} names {kind}; give {wanted} (a new path, or one of an earlier run)")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise FslmError(f"{path}: {flag} lies under {parent}, which is a file, not a directory")
+            return
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_adapter
+from conftest import make_adapter, make_benchmark_dir
 from typer.testing import CliRunner
 
 from fslm.cli import app
@@ -225,6 +225,39 @@ def test_a_server_without_its_models_is_named_with_its_line(stack_dir):
     manifest.write_text(text)
     r = invoke("run", stack_dir, "Hi.")
     one_error_line(r.output, r.exit_code, f"{manifest}:{_line_of(manifest, 'server:')}: base.server", "base_model")
+
+
+# --- 9. one line, not a traceback -----------------------------------------------------------------------------
+
+
+def test_an_instruction_that_is_not_utf8(stack_dir):
+    proc = fslm("run", stack_dir, b"caf\xe9 ok?")
+    one_error_line(proc.stderr.decode(), proc.returncode, "INSTRUCTION", "UTF-8", "0xe9")
+
+
+def test_eval_out_that_is_a_file(tmp_path, stack_dir):
+    data = make_benchmark_dir(tmp_path / "data")
+    report = tmp_path / "report"
+    report.write_text("mine\n")
+    r = invoke("eval", stack_dir, "--data-dir", data, "--out", report, "--tasks", "arc_easy", "--systems", "base")
+    one_error_line(r.output, r.exit_code, str(report), "--out")
+    assert report.read_text() == "mine\n"
+
+
+def test_distill_out_that_is_a_directory_fails_before_the_teacher_loads(tmp_path, stack_dir, monkeypatch):
+    from fslm.steps.distill import run as distill_run
+
+    def no_teacher(*_, **__):
+        raise AssertionError("the teacher was loaded")
+
+    monkeypatch.setattr(distill_run, "make_teacher", no_teacher)
+    data = arc_rows(tmp_path / "a.jsonl")
+    out = tmp_path / "out"
+    out.mkdir()
+    before = sorted(tmp_path.rglob("*"))
+    r = invoke("distill", data, "--stack", stack_dir, "--out", out)
+    one_error_line(r.output, r.exit_code, str(out), "--out")
+    assert sorted(tmp_path.rglob("*")) == before  # nothing half-written
 
 
 # --- 12. lock files go with their run -------------------------------------------------------------------------
