@@ -41,7 +41,7 @@ from fslm.stackdir import StackDir as Layout
 from fslm.steps.distill import DistillOptions, DistillResult
 from fslm.steps.distill import distill as distill_step
 from fslm.steps.evaluate import EvalOptions, evaluate
-from fslm.steps.evaluate.harness import TASKS_DIR
+from fslm.steps.evaluate.harness import TASKS_DIR, check_lm_eval_args, only_fslm_tasks
 from fslm.steps.evaluate.stats import METRICS, compare_runs, format_p
 from fslm.steps.export import ExportOptions
 from fslm.steps.export import export as export_step
@@ -767,10 +767,18 @@ def lm_eval_cmd(ctx: typer.Context) -> None:
         argv = ["run", *argv]  # lm-eval's legacy form (bare options) means `run`; be explicit
     if argv[:1] and argv[0] != "-h" and argv[0] != "--help" and "--include_path" not in argv:
         argv += ["--include_path", str(TASKS_DIR)]  # fslm's offline tasks (fslm_arc_easy, ...)
+    if argv[:1] == ["run"]:
+        check_lm_eval_args(argv)  # before lm-eval loads a model
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm-eval", *argv]
-    cli_evaluate()
+    try:
+        with only_fslm_tasks(argv):
+            cli_evaluate()
+    except ValueError as e:  # lm-eval's own "Tasks not found: x" is input the user can fix: one line, not a traceback
+        if not str(e).startswith("Tasks not found"):
+            raise
+        raise FslmError(f"--tasks: {e} (lm-eval's tasks: fslm lm-eval ls tasks)") from None
 
 
 @app.command()

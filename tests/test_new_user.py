@@ -100,6 +100,43 @@ def arc_rows(path: Path, n: int = 4) -> Path:
     return path
 
 
+# --- 1. lm-eval's own models beside fslm's ------------------------------------------------------------------------
+
+
+def test_lm_eval_hf_and_fslm_base_give_identical_scores(tmp_path, tiny_llama):
+    """`--model hf` was "no model for this name found! Supported model names: fslm"; now both run, each in a process
+    of its own as a user starts it (the two at once: most of each is lm-eval indexing its tasks), on the same seeded
+    subset, and agree item by item."""
+    data = make_benchmark_dir(tmp_path / "data")
+    init(tmp_path / "stack", InitOptions(base=str(tiny_llama)))
+    metadata = json.dumps({"data_dir": str(data), "subset": 4, "seed": 7})
+    models = {"hf": f"pretrained={tiny_llama},dtype=float32", "fslm": f"stack={tmp_path / 'stack'},system=base"}
+    procs = {}
+    for name, model_args in models.items():
+        argv = ["lm-eval", "--model", name, "--model_args", model_args, "--tasks", "fslm_arc_easy", "--device", "cpu"]
+        argv += ["--metadata", metadata, "--log_samples", "--output_path", str(tmp_path / name)]
+        procs[name] = subprocess.Popen([sys.executable, "-m", "fslm", *argv], stderr=subprocess.PIPE, env=ENV)
+    scores = {}
+    for name, proc in procs.items():
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr.decode()[-3000:]
+        (results,) = (tmp_path / name).rglob("results_*.json")
+        (samples,) = (tmp_path / name).rglob("samples_fslm_arc_easy_*.jsonl")
+        task = json.loads(results.read_text())["results"]["fslm_arc_easy"]
+        items = [json.loads(line) for line in samples.read_text().splitlines()]
+        scores[name] = {
+            "acc": task["acc,none"],
+            "acc_norm": task["acc_norm,none"],
+            "items": {i["doc_id"]: (i["acc"], [float(r[0][0]) for r in i["resps"]]) for i in items},
+        }
+    hf, ours = scores["hf"], scores["fslm"]
+    assert len(hf["items"]) == 4 and hf["items"].keys() == ours["items"].keys()
+    assert (hf["acc"], hf["acc_norm"]) == (ours["acc"], ours["acc_norm"])
+    for doc, (acc, logprobs) in hf["items"].items():
+        assert ours["items"][doc][0] == acc
+        assert ours["items"][doc][1] == pytest.approx(logprobs, abs=1e-4)
+
+
 # --- 2. every training step learns ----------------------------------------------------------------------------
 
 
@@ -258,6 +295,16 @@ def test_distill_out_that_is_a_directory_fails_before_the_teacher_loads(tmp_path
     r = invoke("distill", data, "--stack", stack_dir, "--out", out)
     one_error_line(r.output, r.exit_code, str(out), "--out")
     assert sorted(tmp_path.rglob("*")) == before  # nothing half-written
+
+
+def test_lm_eval_unknown_task_and_missing_data_dir(tmp_path, stack_dir):
+    data = make_benchmark_dir(tmp_path / "data")
+    model = ["--model", "fslm", "--model_args", f"stack={stack_dir},system=base"]
+    env = {"FSLM_DATA_DIR": ""}
+    proc = fslm("lm-eval", *model, "--tasks", "fslm_arc_eazy", "--metadata", json.dumps({"data_dir": str(data)}))
+    one_error_line(proc.stderr.decode(), proc.returncode, "--tasks", "fslm_arc_eazy", "fslm_arc_easy")
+    proc = fslm("lm-eval", *model, "--tasks", "fslm_arc_easy", env=env)
+    one_error_line(proc.stderr.decode(), proc.returncode, "FSLM_DATA_DIR", "--metadata")
 
 
 # --- 12. lock files go with their run -------------------------------------------------------------------------
