@@ -41,7 +41,7 @@ from fslm.stackdir import StackDir as Layout
 from fslm.steps.distill import DistillOptions, DistillResult
 from fslm.steps.distill import distill as distill_step
 from fslm.steps.evaluate import EvalOptions, evaluate
-from fslm.steps.evaluate.harness import TASKS_DIR, check_lm_eval_args, only_fslm_tasks
+from fslm.steps.evaluate.harness import DATA_DIR_ENV, TASKS_DIR, check_lm_eval_args, only_fslm_tasks
 from fslm.steps.evaluate.stats import METRICS, compare_runs, format_p
 from fslm.steps.export import ExportOptions
 from fslm.steps.export import export as export_step
@@ -474,7 +474,7 @@ def distill(
     limit: int | None = flag(DistillOptions, "limit", min=1),
     seed: int = flag(DistillOptions, "seed"),
     strict: bool = flag(DistillOptions, "strict"),
-    data_dir: Path | None = flag(DistillOptions, "data_dir"),
+    data_dir: Path | None = flag(DistillOptions, "data_dir", envvar=DATA_DIR_ENV),
     cache: Path | None = flag(DistillOptions, "cache"),
     overwrite: bool = flag(DistillOptions, "overwrite"),
     trust_remote_code: TrustRemoteCode = False,
@@ -500,7 +500,9 @@ def distill(
 @friendly
 def check_contamination(
     train: Annotated[Path, typer.Argument(help="Training data: distilled JSONL or any dataset fslm distill reads.")],
-    data_dir: Annotated[Path, typer.Option(help="Benchmark data directory (test splits, see docs/distill.md).")],
+    data_dir: Annotated[
+        Path, typer.Option(help="Benchmark data directory (test splits, see docs/distill.md).", envvar=DATA_DIR_ENV)
+    ],
     strict: Annotated[bool, typer.Option(help="Exit 2 when any training instruction is in a test split.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ) -> None:
@@ -680,7 +682,7 @@ app.add_typer(eval_app, name="eval")
 @friendly
 def eval_cmd(
     directory: StackDir,
-    data_dir: Path = flag(EvalOptions, "data_dir"),
+    data_dir: Path = flag(EvalOptions, "data_dir", envvar=DATA_DIR_ENV),
     out_dir: Annotated[Path, typer.Option("--out", help="Report directory (results.json, report.md, PNG).")] = ...,  # type: ignore[assignment]
     tasks: str = flag(EvalOptions, "tasks"),
     systems: str = flag(EvalOptions, "systems"),

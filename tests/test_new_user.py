@@ -307,6 +307,19 @@ def test_lm_eval_unknown_task_and_missing_data_dir(tmp_path, stack_dir):
     one_error_line(proc.stderr.decode(), proc.returncode, "FSLM_DATA_DIR", "--metadata")
 
 
+# --- 10. FSLM_DATA_DIR, one rule for eval and lm-eval ---------------------------------------------------------
+
+
+def test_eval_reads_fslm_data_dir(tmp_path, stack_dir):
+    data = make_benchmark_dir(tmp_path / "data")
+    report = tmp_path / "report"
+    args = ["eval", stack_dir, "--out", report, "--tasks", "arc_easy", "--systems", "base", "--limit", "2"]
+    r = invoke(*args, env={"FSLM_DATA_DIR": str(data)})
+    assert r.exit_code == 0, r.output
+    results = json.loads((report / "results.json").read_text())
+    assert results["data_dir"] == str(data.resolve())
+
+
 # --- 12. lock files go with their run -------------------------------------------------------------------------
 
 
