@@ -320,6 +320,20 @@ def test_eval_reads_fslm_data_dir(tmp_path, stack_dir):
     assert results["data_dir"] == str(data.resolve())
 
 
+# --- 11. one line of a training file that is not UTF-8 --------------------------------------------------------
+
+
+def test_train_skips_and_names_a_line_that_is_not_utf8(tmp_path, stack_dir):
+    data = distilled(tmp_path / "d.jsonl", n=4, bad_line=3)
+    args = ["train", stack_dir, "--data", data, "--stages", "intent", "--max-steps", "1", "--val-fraction", "0"]
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    assert re.search(r"d\.jsonl:3: not valid UTF-8", r.output), r.output
+    assert (stack_dir / "adapters" / "intent" / "adapter_config.json").is_file()
+    r = invoke(*args, "--strict")
+    one_error_line(r.output, r.exit_code, "d.jsonl:3", "UTF-8")
+
+
 # --- 12. lock files go with their run -------------------------------------------------------------------------
 
 
