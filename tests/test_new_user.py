@@ -359,3 +359,14 @@ def test_lock_files_go_with_their_run_and_a_dead_holders_does_not_block(tmp_path
     r = invoke("train", stack_dir, "--data", bad, "--stages", "intent", "--max-steps", "1", "--val-fraction", "0")
     assert r.exit_code == 2, r.output
     assert [lock for lock in locks if lock.exists()] == []
+
+
+# --- 13. quickstart's help and the README -----------------------------------------------------------------------
+
+
+def test_quickstart_help_gives_the_readmes_duration():
+    readme = (ROOT / "README.md").read_text()
+    (figure,) = set(re.findall(r"fslm quickstart .*?\((\d+-\d+ min) on 2 cores\)", readme))
+    r = invoke("quickstart", "--help")
+    assert r.exit_code == 0
+    assert figure in " ".join(r.stdout.split()), (figure, r.stdout)
