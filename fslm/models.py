@@ -98,7 +98,7 @@ def resolve_base(settings: Any, stack_dir: str | Path | None = None) -> BaseRef:
     try:
         return resolve(settings.model, stack_dir)
     except FslmError as e:
-        where = settings._origin.get("model", "")
+        where = getattr(settings, "_origin", {}).get("model", "")
         raise FslmError(f"{where + ': ' if where else ''}base.model: {e}") from None
 
 
