@@ -99,10 +99,16 @@ class StackDir:
         config, weights = (path / ADAPTER_CONFIG).is_file(), (path / ADAPTER_WEIGHTS).is_file()
         if config == weights:
             return None
-        missing, present = (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if weights else (ADAPTER_WEIGHTS, ADAPTER_CONFIG)
+        if weights:
+            what = f"{path}: has {ADAPTER_WEIGHTS} but no {ADAPTER_CONFIG}"
+        else:  # PEFT would fall back to a pickled adapter_model.bin; fslm never loads one
+            what = (
+                f"{path / ADAPTER_WEIGHTS}: missing; adapter weights are read only from safetensors (a pickled "
+                "adapter_model.bin is never loaded)"
+            )
         return (
-            f"{path}: has {present} but no {missing}, so it is not a usable adapter; train it again "
-            f"(fslm train {self.root} --data D{_train_flag(name)}) or remove the folder to run {name!r} on the bare base"
+            f"{what}, so it is not a usable adapter; train it again (fslm train {self.root} --data "
+            f"D{_train_flag(name)}) or remove the folder to run {name!r} on the bare base"
         )
 
     def check_adapters(self, config: StackConfig) -> None:
