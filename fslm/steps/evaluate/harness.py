@@ -92,7 +92,7 @@ def check_lm_eval_args(argv: list[str]) -> None:
 @contextlib.contextmanager
 def only_fslm_tasks(argv: list[str]) -> Iterator[None]:
     """When every task `fslm lm-eval ARGS` names is one of fslm's, lm-eval indexes fslm's tasks alone, as `fslm eval`
-    does: its CLI reads its own ~14,000 task files first, whatever is asked (12-28 s on 2 cores), for nothing here."""
+    does: its CLI reads its own ~14,000 task files first, whatever is asked (15-18 s on 2 busy cores), for nothing here."""
     names = _task_args(argv)
     if not names or not set(names) <= set(fslm_tasks()):
         yield
