@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 from typer.core import TyperGroup
 
@@ -41,7 +41,7 @@ from fslm.stackdir import StackDir as Layout
 from fslm.steps.distill import DistillOptions, DistillResult
 from fslm.steps.distill import distill as distill_step
 from fslm.steps.evaluate import EvalOptions, evaluate
-from fslm.steps.evaluate.harness import TASKS_DIR
+from fslm.steps.evaluate.harness import DATA_DIR_ENV, TASKS_DIR, check_lm_eval_args, only_fslm_tasks
 from fslm.steps.evaluate.stats import METRICS, compare_runs, format_p
 from fslm.steps.export import ExportOptions
 from fslm.steps.export import export as export_step
@@ -67,6 +67,16 @@ out = Console()  # results (stdout)
 err = Console(stderr=True)  # progress, warnings, errors (stderr)
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def print_table(table: Table) -> None:
+    """A result table on stdout. Not on a terminal (a log, a pipe), rich assumes 80 columns and crops every cell to
+    fit; there the table is printed at its natural width instead, so each row says in full what it is about."""
+    if out.is_terminal:
+        out.print(table)
+        return
+    natural = out.measure(table, options=out.options.update_width(1_000)).maximum
+    Console(width=max(out.width, natural), highlight=False).print(table)
 
 
 def _say_error(e: FslmError) -> None:
@@ -202,7 +212,7 @@ def info(directory: StackDir) -> None:
     """Show a stack's base model, stages, adapters and parameter counts."""
     layout = Layout(directory)
     config = layout.load()
-    ref = models.resolve(config.base.model, directory)
+    ref = models.resolve_base(config.base, directory)
     base_params = models.count_parameters(ref)
     out.print(f"[bold]{config.name}[/]  {config.description}".rstrip())
     out.print(
@@ -210,26 +220,46 @@ def info(directory: StackDir) -> None:
         f"{base_params / 1e6:.1f} M parameters, {config.base.dtype}"
     )
     table = Table("#", "stage", "reads", "adapter", "adapter params", "max new tokens", "val loss")
-    total = 0
+    total, problems = 0, []
     for i, s in enumerate(config.stages, 1):
+        problem = layout.adapter_problem(s.name)
         weights = layout.weights(s.name)
-        n = models.safetensors_parameters(weights) if weights.is_file() else 0
+        n = models.safetensors_parameters(weights) if layout.is_trained(s.name) and weights.is_file() else 0
         total += n
+        problems += [problem] if problem else []
         val = s.training.val_loss if s.training and s.training.val_loss is not None else None
         table.add_row(
             str(i),
             s.name,
             ", ".join(s.reads) or "-",
-            f"adapters/{s.name}" if n else "none (base)",
+            "broken (see below)" if problem else f"adapters/{s.name}" if n else "none (base)",
             f"{n / 1e6:.2f} M" if n else "-",
             str(s.generation.max_new_tokens),
             f"{val:.3f}" if val is not None else "-",
         )
-    out.print(table)
+    print_table(table)
     out.print(f"resident parameters: {(base_params + total) / 1e6:.1f} M (base + {len(config.stages)} stages)")
     for name, t in config.baselines.items():
         val = f", val loss {t.val_loss:.3f}" if t.val_loss is not None else ""
         out.print(f"baseline {name}: adapters/{name} ({t.examples or '?'} examples, {t.steps or '?'} steps{val})")
+    for problem in problems:
+        err.print(f"[yellow]warning:[/] {problem}", highlight=False, soft_wrap=True)
+
+
+def utf8(text: str | None, what: str) -> str | None:
+    """Text from the command line, refused in one line when it is not UTF-8: Python hands bytes that are not on to
+    us as lone surrogates, which no tokenizer or terminal takes (the server answers 400 for the same text)."""
+    if text is None:
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        what_byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        raise FslmError(
+            f"{what}: not UTF-8 text ({what_byte} at character {e.start + 1}); give the text in UTF-8"
+        ) from None
+    return text
 
 
 def print_stage(r: StageResult, prompts: bool = False) -> None:
@@ -270,6 +300,7 @@ def run(
 ) -> None:
     """Answer an instruction through every stage and show the trace."""
     _grant(trust_remote_code, allow_server, api_key_env)
+    instruction, input = utf8(instruction, "INSTRUCTION"), utf8(input, "--input")
     if not instruction.strip():
         raise FslmError("the instruction is empty")
     config = load_config(directory)  # validate before the (slow) model load
@@ -340,7 +371,9 @@ def train(
         result = train_step(directory, data, options, on_event=view)
     if not main_process:
         return
-    table = Table("adapter", "examples", "val", "epochs", "steps", "train loss", "val loss", "tok/s", "seconds")
+    # the adapter's name is what tells the rows apart: never cropped, even in a narrow terminal
+    adapter = Column("adapter", no_wrap=True, min_width=max((len(f"adapters/{n}") for n in result.adapters), default=0))
+    table = Table(adapter, "examples", "val", "epochs", "steps", "train loss", "val loss", "tok/s", "seconds")
     for name, r in result.adapters.items():
         t = r.training
         extra = t.model_extra or {}
@@ -355,7 +388,7 @@ def train(
             f"{extra.get('tokens_per_second') or 0:,.0f}",
             f"{t.seconds:.1f}",
         )
-    out.print(table)
+    print_table(table)
     if not result.adapters:
         out.print("nothing left to train (every adapter of this run was already written)")
     elif single or multitask:
@@ -441,7 +474,7 @@ def distill(
     limit: int | None = flag(DistillOptions, "limit", min=1),
     seed: int = flag(DistillOptions, "seed"),
     strict: bool = flag(DistillOptions, "strict"),
-    data_dir: Path | None = flag(DistillOptions, "data_dir"),
+    data_dir: Path | None = flag(DistillOptions, "data_dir", envvar=DATA_DIR_ENV),
     cache: Path | None = flag(DistillOptions, "cache"),
     overwrite: bool = flag(DistillOptions, "overwrite"),
     trust_remote_code: TrustRemoteCode = False,
@@ -458,13 +491,18 @@ def distill(
     with EventView() as view:
         r = distill_step(dataset, stack, out_path, chosen, on_event=view)
     print_distill_result(r)
+    why = r.nothing_kept(chosen)
+    if why:  # a run that keeps nothing is no success: say why and what to try, exit 2
+        raise FslmError(why)
 
 
 @app.command("check-contamination")
 @friendly
 def check_contamination(
     train: Annotated[Path, typer.Argument(help="Training data: distilled JSONL or any dataset fslm distill reads.")],
-    data_dir: Annotated[Path, typer.Option(help="Benchmark data directory (test splits, see docs/distill.md).")],
+    data_dir: Annotated[
+        Path, typer.Option(help="Benchmark data directory (test splits, see docs/distill.md).", envvar=DATA_DIR_ENV)
+    ],
     strict: Annotated[bool, typer.Option(help="Exit 2 when any training instruction is in a test split.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ) -> None:
@@ -477,7 +515,7 @@ def check_contamination(
         table = Table("test split", "items", "training instructions found in it")
         for split, n in report.per_split.items():
             table.add_row(split, str(report.split_sizes[split]), str(n))
-        out.print(table)
+        print_table(table)
         if report.missing:
             err.print(f"[yellow]not found under {data_dir}:[/] {', '.join(report.missing)}")
         out.print(report.summary())
@@ -545,7 +583,7 @@ def export(
     quant: str | None = flag(ExportOptions, "quant"),
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
-    """Write DIR/gguf/: the base model and one GGUF LoRA adapter per stage, for `fslm run --backend llamacpp`."""
+    """Write DIR/gguf/: the base model and one GGUF LoRA adapter per stage and baseline, for `--backend llamacpp`."""
     _grant(trust_remote_code)
     with err.status("exporting") as status:
         result = export_step(
@@ -596,7 +634,7 @@ def print_eval_table(results: dict[str, Any]) -> None:
     for name, s in results["systems"].items():
         cells = [f"{s['tasks'][t]['accuracy']:.3f} ± {s['tasks'][t]['stderr'] or 0:.3f}" for t in tasks]
         table.add_row(name, *cells, f"{s['seconds_per_query']:.3f}")
-    out.print(table)
+    print_table(table)
     acc_pairs = [r for r in results.get("paired", []) if r["metric"] == "acc"]
     if acc_pairs:
         print_paired(acc_pairs, "paired differences (acc, same items)")
@@ -619,7 +657,7 @@ def print_paired(rows: list[dict[str, Any]], title: str) -> None:
             f"{r['a_only']} / {r['b_only']}",
             format_p(r["p_value"]),
         )
-    out.print(table)
+    print_table(table)
 
 
 class EvalGroup(TyperGroup):
@@ -644,7 +682,7 @@ app.add_typer(eval_app, name="eval")
 @friendly
 def eval_cmd(
     directory: StackDir,
-    data_dir: Path = flag(EvalOptions, "data_dir"),
+    data_dir: Path = flag(EvalOptions, "data_dir", envvar=DATA_DIR_ENV),
     out_dir: Annotated[Path, typer.Option("--out", help="Report directory (results.json, report.md, PNG).")] = ...,  # type: ignore[assignment]
     tasks: str = flag(EvalOptions, "tasks"),
     systems: str = flag(EvalOptions, "systems"),
@@ -731,10 +769,18 @@ def lm_eval_cmd(ctx: typer.Context) -> None:
         argv = ["run", *argv]  # lm-eval's legacy form (bare options) means `run`; be explicit
     if argv[:1] and argv[0] != "-h" and argv[0] != "--help" and "--include_path" not in argv:
         argv += ["--include_path", str(TASKS_DIR)]  # fslm's offline tasks (fslm_arc_easy, ...)
+    if argv[:1] == ["run"]:
+        check_lm_eval_args(argv)  # before lm-eval loads a model
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm-eval", *argv]
-    cli_evaluate()
+    try:
+        with only_fslm_tasks(argv):
+            cli_evaluate()
+    except ValueError as e:  # lm-eval's own "Tasks not found: x" is input the user can fix: one line, not a traceback
+        if not str(e).startswith("Tasks not found"):
+            raise
+        raise FslmError(f"--tasks: {e} (lm-eval's tasks: fslm lm-eval ls tasks)") from None
 
 
 @app.command()
@@ -753,7 +799,8 @@ def quickstart(
     teacher_backend: str = flag(QuickstartOptions, "teacher_backend"),
     filters: str = flag(QuickstartOptions, "filters"),
 ) -> None:
-    """The whole pipeline on the embedded model, offline, in minutes: init, distill, train, run, eval."""
+    """The whole pipeline on the embedded model, offline: init, distill, train, run, eval (19-21 min on 2 CPU cores)."""
+    # The figure is the README's, measured there; tests/test_new_user.py keeps the two equal.
     options = QuickstartOptions.pick(locals())
     with EventView() as view:
         result = quickstart_step(out_dir, options, on_event=view)

@@ -18,6 +18,9 @@ from fslm.trust import DEFAULT_API_KEY_ENV, TRUST_FIELDS
 MANIFEST = "stack.yaml"
 FORMAT_VERSION = 1
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+# Fields of `base` whose line later errors name besides the trust fields (a base model that does not resolve, a
+# server without the models it needs are found only when a backend loads).
+ORIGIN_FIELDS = ("model", "backend", "server")
 # Variables every stage template may use, besides the outputs of the stages it reads.
 BUILTIN_VARIABLES = ("instruction", "input")
 
@@ -82,7 +85,8 @@ class BaseModelSettings(_Strict):
     trust_remote_code: bool = False
     # auto: the tokenizer's chat template when it has one, else a plain text format.
     prompt_format: Literal["auto", "chat", "plain"] = "auto"
-    # Where each trust-sensitive field was read from ("stack.yaml:7"), for messages; empty when built in code.
+    # Where each trust-sensitive field (and ORIGIN_FIELDS) was read from ("stack.yaml:7"), for messages; empty when
+    # built in code.
     _origin: _Origins = PrivateAttr(default_factory=_Origins)
 
 
@@ -232,6 +236,17 @@ def _yaml_line(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
     return line
 
 
+def _key_line(node: yaml.Node | None, loc: tuple[str, ...]) -> int | None:
+    """The 1-based line of the key a path of mapping keys ends at (`server:`, not the first line of its block)."""
+    line = None
+    for key in loc:
+        pair = next((p for p in node.value if p[0].value == key), None) if isinstance(node, yaml.MappingNode) else None
+        if pair is None:
+            break
+        line, node = pair[0].start_mark.line + 1, pair[1]
+    return line
+
+
 def _format_loc(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
@@ -269,9 +284,9 @@ def parse_config(text: str, source: str = MANIFEST) -> StackConfig:
         where = f"{source}:{line}" if line else source
         more = f" (and {len(e.errors()) - 1} more problem(s))" if len(e.errors()) > 1 else ""
         raise FslmError(f"{where}: {_format_loc(loc)}: {msg}{more}") from None
-    for key in TRUST_FIELDS:
+    for key in (*TRUST_FIELDS, *ORIGIN_FIELDS):
         loc = ("base", *key.split("."))
-        line = _yaml_line(root, loc) if _has_path(data, loc) else None
+        line = _key_line(root, loc) if _has_path(data, loc) else None
         config.base._origin[key] = f"{source}:{line}" if line else source
     return config
 

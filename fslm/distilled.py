@@ -84,15 +84,19 @@ def read_distilled(path: str | Path) -> tuple[list[DistilledRecord], list[Proble
     path = Path(path)
     if not path.is_file():
         raise FslmError(f"{path}: no such data file (write one with `fslm distill`)")
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): U+2028 may sit in a string
-    except UnicodeDecodeError as e:
-        raise FslmError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    # Split the bytes, not the text (not splitlines(): U+2028 may sit in a string), and decode each line: a line
+    # that is not UTF-8 is one bad record, named and skipped as fslm.data does for distill's input.
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
     records: list[DistilledRecord] = []
     problems: list[Problem] = []
     seen: dict[str, int] = {}
-    for n, text in enumerate(lines, 1):
-        if not text.strip():
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            problems.append(Problem(n, f"not valid UTF-8 (byte {e.start + 1} of the line)"))
             continue
         try:
             obj = json.loads(text)

@@ -40,6 +40,27 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def check_dir_target(path: str | Path, flag: str) -> None:
+    """FslmError (one line) unless a directory is, or can be made, at `path`: checked before anything slow runs."""
+    _check_target(Path(path), flag, want_dir=True)
+
+
+def check_file_target(path: str | Path, flag: str) -> None:
+    """FslmError (one line) unless a file is, or can be written, at `path`: checked before anything slow runs."""
+    _check_target(Path(path), flag, want_dir=False)
+
+
+def _check_target(path: Path, flag: str, want_dir: bool) -> None:
+    if path.exists() and path.is_dir() != want_dir:
+        kind, wanted = ("a file", "a directory") if want_dir else ("a directory", "a file")
+        raise FslmError(f"{path}: {flag} names {kind}; give {wanted} (a new path, or one of an earlier run)")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise FslmError(f"{path}: {flag} lies under {parent}, which is a file, not a directory")
+            return
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -178,25 +199,14 @@ class JsonlLog:
 def exclusive(lock: str | Path, what: str) -> Iterator[None]:
     """Hold an advisory lock on `lock` for the block: a second fslm run on the same files exits 2 naming the holder.
 
-    flock(2) is released by the kernel when the holder dies (SIGKILL, power loss), so a stale lock never blocks a
-    rerun; the file itself stays (removing it would race a waiting run) and says who holds it.
+    The file exists only while a run holds it: it is removed when the block ends, success or failure. flock(2) is
+    released by the kernel when the holder dies (SIGKILL, power loss), so the file a dead run leaves never blocks a
+    rerun, which takes it over and removes it in turn. Removing a lock file races a run that opened it just before:
+    whoever locks checks that the path still names the file it locked, and starts over when it does not.
     """
-    import fcntl
-
     lock = Path(lock)
     lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        try:
-            holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        except ValueError:
-            holder = {}
-        os.close(fd)
-        who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} since {holder.get('started', '?')}"
-        command = f": {holder['command']}" if holder.get("command") else ""
-        raise FslmError(f"{what} is in use by another fslm run ({who}{command}); wait for it or stop it") from None
+    fd = _lock(lock, what)
     try:
         info = {
             "pid": os.getpid(),
@@ -208,5 +218,33 @@ def exclusive(lock: str | Path, what: str) -> Iterator[None]:
         os.pwrite(fd, json.dumps(info).encode(), 0)
         yield
     finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        with contextlib.suppress(OSError):
+            lock.unlink()  # still locked: a run that opens it now finds it gone once it gets the lock
+        os.close(fd)  # releases the flock
+
+
+def _lock(lock: Path, what: str) -> int:
+    """An open descriptor of `lock`, flock'ed, that the path still names; FslmError naming the holder if held."""
+    import fcntl
+
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            except ValueError:
+                holder = {}
+            holder = holder if isinstance(holder, dict) else {}
+            os.close(fd)
+            who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} since {holder.get('started', '?')}"
+            command = f": {holder['command']}" if holder.get("command") else ""
+            raise FslmError(f"{what} is in use by another fslm run ({who}{command}); wait for it or stop it") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # the holder removed this file as we locked it: lock the path's file anew

@@ -92,6 +92,16 @@ def resolve(model: str, stack_dir: str | Path | None = None) -> BaseRef:
     return BaseRef("hub", model)
 
 
+def resolve_base(settings: Any, stack_dir: str | Path | None = None) -> BaseRef:
+    """`resolve` of a manifest's `base.model` (fslm.config.BaseModelSettings): an error names stack.yaml's file and
+    line, as every other manifest error does."""
+    try:
+        return resolve(settings.model, stack_dir)
+    except FslmError as e:
+        where = getattr(settings, "_origin", {}).get("model", "")
+        raise FslmError(f"{where + ': ' if where else ''}base.model: {e}") from None
+
+
 def architecture(ref: BaseRef) -> str:
     """The model_type (llama, gpt_neox, ...) without loading any weights."""
     if ref.kind == "gguf":

@@ -89,18 +89,29 @@ TextStream = Callable[[int, str, str], None]  # (row, stage name, text delta)
 class Stack:
     """A stack directory brought to life: config + backend + attached adapters."""
 
-    def __init__(self, config: StackConfig, backend: Backend, directory: str | Path | None = None) -> None:
+    def __init__(
+        self, config: StackConfig, backend: Backend, directory: str | Path | None = None, *, check: bool = True
+    ) -> None:
         self.config = config
         self.backend = backend
         self.dir = StackDir(directory) if directory is not None else None
+        self.check = check  # refuse a half-written adapter folder (training, which replaces it, passes False)
         self.attach_adapters()
 
     @classmethod
     def load(
-        cls, directory: str | Path, backend: str | None = None, *, trust: Trust | None = None, **options: Any
+        cls,
+        directory: str | Path,
+        backend: str | None = None,
+        *,
+        trust: Trust | None = None,
+        check: bool = True,
+        **options: Any,
     ) -> Stack:
         """Load a stack directory on `backend`: a backend name, `auto` (fslm.backends.choose decides) or None (the
-        manifest's `base.backend`). `options` go to the backend (llama.cpp: `n_ctx`).
+        manifest's `base.backend`). `options` go to the backend (llama.cpp: `n_ctx`). A stage whose adapter folder is
+        half there (StackDir.adapter_problem) is an FslmError, checked before the model loads, unless `check` is
+        False (training, which writes that folder anew).
 
         The manifest is untrusted: remote code, a server other than this machine, or an API key variable it names
         are refused (FslmError) unless `trust` (or the `trusting(...)` block around the call, e.g. the CLI's flags,
@@ -108,9 +119,11 @@ class Stack:
         """
         stack_dir = StackDir(directory)
         config = stack_dir.load()
+        if check:
+            stack_dir.check_adapters(config)
         with trusting(trust):
             name = choose_backend(stack_dir, backend or config.base.backend, config=config)
-            return cls(config, create_backend(name, config.base, directory, **options), directory)
+            return cls(config, create_backend(name, config.base, directory, **options), directory, check=check)
 
     @property
     def directory(self) -> Path | None:
@@ -123,6 +136,8 @@ class Stack:
         if self.dir is None:
             return
         self.config = self.dir.load()  # training may have written new records (each adapter's prompt form) since
+        if self.check:
+            self.dir.check_adapters(self.config)
         for name in self.dir.trained_stages(self.config):
             self.backend.add_adapter(name, self.dir.adapter(name))
 

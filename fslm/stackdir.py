@@ -8,7 +8,8 @@
     ├── .fslm-train/        `fslm train`: checkpoints and the resumable run's state
     └── .fslm-cache/        content-addressed caches (the student's own earlier-stage outputs)
 
-A stage is *trained* when `adapters/<stage>/adapter_config.json` exists; a stage without one runs on the bare base.
+A stage is *trained* when `adapters/<stage>/adapter_config.json` exists; a stage without a folder runs on the bare
+base, and a folder with only one of the two PEFT files is an error wherever the stack loads (`adapter_problem`).
 Baselines (`single`: one adapter answering directly; `multitask`: one adapter trained on every stage's targets and
 the direct answer) are adapters of the same directory, kept beside the stages and recorded in `baselines:`.
 """
@@ -91,10 +92,39 @@ class StackDir:
     def trained_stages(self, config: StackConfig) -> list[str]:
         return [s.name for s in config.stages if self.is_trained(s.name)]
 
+    def adapter_problem(self, name: str) -> str | None:
+        """Why `adapters/<name>/` is there but is no usable adapter (half of a PEFT folder), or None: a stage with
+        such a folder must not quietly run on the bare base while `fslm info` counts its weights."""
+        path = self.adapter(name)
+        config, weights = (path / ADAPTER_CONFIG).is_file(), (path / ADAPTER_WEIGHTS).is_file()
+        if config == weights:
+            return None
+        if weights:
+            what = f"{path}: has {ADAPTER_WEIGHTS} but no {ADAPTER_CONFIG}"
+        else:  # PEFT would fall back to a pickled adapter_model.bin; fslm never loads one
+            what = (
+                f"{path / ADAPTER_WEIGHTS}: missing; adapter weights are read only from safetensors (a pickled "
+                "adapter_model.bin is never loaded)"
+            )
+        return (
+            f"{what}, so it is not a usable adapter; train it again (fslm train {self.root} --data "
+            f"D{_train_flag(name)}) or remove the folder to run {name!r} on the bare base"
+        )
+
+    def check_adapters(self, config: StackConfig) -> None:
+        """FslmError for the first stage whose adapter folder is half there (`adapter_problem`)."""
+        for name in config.stage_names:
+            problem = self.adapter_problem(name)
+            if problem:
+                raise FslmError(problem)
+
     def require_baseline(self, name: str) -> Path:
         """The baseline's adapter folder, or a message saying how to train it."""
         if name not in BASELINES:
             raise FslmError(f"unknown baseline {name!r} (known: {', '.join(BASELINES)})")
+        problem = self.adapter_problem(name)
+        if problem:
+            raise FslmError(problem)
         if not self.is_trained(name):
             raise FslmError(
                 f"{self.adapter(name)}: missing, so system {name!r} cannot run; train it with "
@@ -181,3 +211,8 @@ class StackDir:
     @property
     def student_cache(self) -> Path:
         return self.root / CACHE / "student.jsonl"
+
+
+def _train_flag(name: str) -> str:
+    """The `fslm train` flag that trains this adapter."""
+    return f" --{name}" if name in BASELINES else f" --stages {name}"

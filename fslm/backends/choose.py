@@ -66,12 +66,13 @@ def llamacpp_runs(stack_dir: StackDir, config: StackConfig) -> bool:
 
 
 def export_is_current(stack_dir: StackDir) -> bool:
-    """A GGUF export exists and holds exactly the stack's trained stage adapters, each from today's weights."""
+    """A GGUF export exists and holds exactly the stack's trained stage adapters, each from today's weights (the
+    baselines it also holds do not count: stages run on it)."""
     config = stack_dir.load()
     if stack_dir.export_problem(config) is not None:
         return False
     exported = json.loads(stack_dir.gguf_manifest.read_text(encoding="utf-8")).get("adapters", {})
-    return set(exported) == set(stack_dir.trained_stages(config))
+    return set(exported) & set(config.stage_names) == set(stack_dir.trained_stages(config))
 
 
 def create_backend(

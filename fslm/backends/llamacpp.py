@@ -230,7 +230,7 @@ class LlamaCppBackend(Backend):
                 f"{manifest}: exported for base {exported_for!r}, but stack.yaml says {settings.model!r}; "
                 "re-run fslm export"
             )
-        tokenizer = models.load_tokenizer(models.resolve(settings.model, stack_dir), settings)
+        tokenizer = models.load_tokenizer(models.resolve_base(settings, stack_dir), settings)
         backend = cls(base, tokenizer, settings.prompt_format, **llama_kwargs)
         backend.export_dir = out
         backend.manifest = info
@@ -255,9 +255,7 @@ class LlamaCppBackend(Backend):
             # a stack's adapters/<stage>/ -> the stack's gguf/<stage>.lora.gguf
             gguf_file = getattr(self, "export_dir", path.parent.parent / GGUF_DIR) / f"{name}.lora.gguf"
             if not gguf_file.is_file():
-                raise FslmError(
-                    f"{gguf_file}: stage {name!r} has an adapter but no GGUF export of it; re-run fslm export"
-                )
+                raise FslmError(f"{gguf_file}: {name!r} has an adapter but no GGUF export of it; re-run fslm export")
             manifest = getattr(self, "manifest", {}).get("adapters", {}).get(name, {})
             weights = path / "adapter_model.safetensors"
             if manifest.get("source_sha256") and weights.is_file():

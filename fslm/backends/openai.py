@@ -184,11 +184,12 @@ class OpenAIBackend(Backend):
         check_trust(settings, code=True, server=True)
         server = settings.server or ServerSettings()
         if not server.base_model and not server.models:
+            where = settings._origin.get("server" if settings.server else "backend", "")
             raise FslmError(
-                "base.server: set base_model (the served name of the bare base model) and/or models "
-                "(stage -> served adapter name) to run stages on an OpenAI-compatible server"
+                f"{where + ': ' if where else ''}base.server: set base_model (the served name of the bare base model) "
+                "and/or models (stage -> served adapter name) to run stages on an OpenAI-compatible server"
             )
-        ref = models.resolve(settings.model, stack_dir)
+        ref = models.resolve_base(settings, stack_dir)
         tokenizer = models.load_tokenizer(ref, settings)
         key_env = current_trust().key_env(server)  # the user's variable, not necessarily the manifest's
         client = OpenAIClient(server.model_copy(update={"api_key_env": key_env}))

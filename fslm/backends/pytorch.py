@@ -51,7 +51,7 @@ class TorchBackend(Backend):
 
     @classmethod
     def from_settings(cls, settings: BaseModelSettings, stack_dir: str | Path | None = None) -> TorchBackend:
-        ref = models.resolve(settings.model, stack_dir)
+        ref = models.resolve_base(settings, stack_dir)
         model, tokenizer = models.load_base(ref, settings)
         return cls(model, tokenizer, settings.prompt_format)
 

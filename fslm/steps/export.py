@@ -1,8 +1,9 @@
-"""`fslm export --format gguf`: the base model and one LoRA adapter per stage as GGUF files for llama.cpp.
+"""`fslm export --format gguf`: the base model and one LoRA adapter per stage (and per baseline) as GGUF files for
+llama.cpp.
 
 Layout of `DIR/gguf/` (see docs/export.md):
 - `base.gguf` (or a link to the shipped GGUF of the embedded model when it already has the requested type),
-- `<stage>.lora.gguf` per stage that has a PEFT adapter,
+- `<name>.lora.gguf` per stage and per baseline (`single`, `multitask`) that has a PEFT adapter,
 - `manifest.json`: what was written, from which source files (sha256), with which library versions.
 
 Written from the GGUF format itself with the `gguf` package (its `TensorNameMap` gives llama.cpp's tensor names),
@@ -38,7 +39,7 @@ from fslm.files import atomic_write_text, sha256_file
 from fslm.models import GGUF_ARCH
 from fslm.options import Options, Result
 from fslm.provenance import versions
-from fslm.stackdir import StackDir
+from fslm.stackdir import BASELINES, StackDir
 
 log = logging.getLogger("fslm")
 BASE_FILE = "base.gguf"
@@ -68,7 +69,7 @@ class ExportResult(Result):
 def export(
     stack: str | Path, options: ExportOptions | None = None, on_event: EventHandler | None = None
 ) -> ExportResult:
-    """Write DIR/gguf/: the base model and one GGUF LoRA adapter per trained stage, for the llama.cpp backend."""
+    """Write DIR/gguf/: the base model and one GGUF LoRA adapter per trained stage and baseline, for llama.cpp."""
     options = options or ExportOptions()
     if options.format != "gguf":
         raise FslmError(f"--format {options.format!r}: only gguf is supported")
@@ -518,12 +519,12 @@ def export_gguf(
     quant: str | None = None,
     on_step: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Write DIR/gguf/ (base + one adapter per stage with a PEFT adapter) and return the manifest."""
+    """Write DIR/gguf/ (base + one adapter per stage or baseline with a PEFT adapter) and return the manifest."""
     stack_dir = StackDir(directory)
     config = load_config(stack_dir.root)
     if quant is not None and quant not in QUANTS:
         raise FslmError(f"--quant {quant!r}: choose one of {', '.join(QUANTS)}")
-    ref = models.resolve(config.base.model, stack_dir.root)
+    ref = models.resolve_base(config.base, stack_dir.root)
     arch = models.architecture(ref)
     if arch not in GGUF_ARCH:
         raise unsupported(arch, config.base.model)
@@ -587,18 +588,18 @@ def _base_entry(quant: str, source: str, model: str, stamp: list[list[Any]] | No
 def _export_adapters(
     stack_dir: StackDir, config: Any, base_cfg: dict[str, Any], dtype: str, step: Callable[[str], None]
 ) -> dict[str, Any]:
-    """`<stage>.lora.gguf` for every stage with a PEFT adapter (a stale one of a stage without is removed); returns
-    their manifest entries."""
+    """`<name>.lora.gguf` for every stage and baseline (`single`, `multitask`) with a PEFT adapter (a stale one of a
+    name without is removed); returns their manifest entries."""
     adapters: dict[str, Any] = {}
-    for stage in config.stages:
-        target = stack_dir.gguf / adapter_file(stage.name)
-        src = stack_dir.adapter(stage.name)
+    for name in [*config.stage_names, *BASELINES]:
+        target = stack_dir.gguf / adapter_file(name)
+        src = stack_dir.adapter(name)
         if not (src / "adapter_model.safetensors").is_file():
             target.unlink(missing_ok=True)  # a stale adapter from an earlier export would be wrong now
             continue
-        step(f"adapter: {stage.name}")
+        step(f"adapter: {name}")
         info = write_adapter_gguf(src, base_cfg, target, dtype)
-        adapters[stage.name] = {
+        adapters[name] = {
             "file": target.name,
             "source_sha256": sha256_file(src / "adapter_model.safetensors"),
             **info,

@@ -1,4 +1,4 @@
-"""`fslm quickstart`: the whole pipeline on the embedded default model, offline, in minutes on a laptop CPU.
+"""`fslm quickstart`: the whole pipeline on the embedded default model, offline (how long: the README's figure).
 
 It composes the library's steps (init -> distill -> train -> run -> evaluate) with small settings, on data shipped
 inside the package (`fslm/samples/`, see its NOTICE.md). Rerunning the same command continues where a killed run

@@ -128,6 +128,30 @@ class DistillResult(Result):
     checks: dict[str, Any] = Field(default_factory=dict)  # teacher accuracy, retries, leak rates (whole file)
     manifest_data: dict[str, Any] = Field(default_factory=dict)
 
+    def nothing_kept(self, options: DistillOptions) -> str | None:
+        """When no record was written: why (the checks that dropped them) and what to try, in one line; else None."""
+        if self.written_records or not self.selected:
+            return None
+        counts = {k: n for k, n in sorted(self.filtered.items(), key=lambda kv: -kv[1]) if n}
+        why = ", ".join(f"{n} {k}" for k, n in counts.items()) or "none rejected, none written"
+        tries = []
+        if "wrong" in counts:
+            if options.options == "hidden":
+                tries.append("--options answer (the teacher sees a multiple-choice question's options only then)")
+            if options.reference == "hidden":
+                tries.append(
+                    "--reference hint-on-retry (a wrong chain is written again with the gold answer as a hint)"
+                )
+        if counts.keys() & {"overlong", "empty", "repetition", "leak", "options"}:
+            tries.append(f"--filters (now {','.join(options.filters) or 'none'}) or --max-new-tokens")
+        if "format" in counts:
+            tries.append("--teacher-mode stages")
+        tries.append("a stronger --teacher-model")
+        return (
+            f"{self.out}: 0 of {self.selected} records kept (rejected: {why}; reasons per chain in "
+            f"{self.out.name}.rejected.jsonl); try {'; '.join(tries)}; rerun with --overwrite (or another --out)"
+        )
+
     @property
     def lost(self) -> int:
         """Records neither written nor rejected: 0 unless something went wrong."""

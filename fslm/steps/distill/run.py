@@ -44,7 +44,7 @@ from fslm.contamination import BenchmarkIndex
 from fslm.data import Dataset, DatasetRecord, read_dataset
 from fslm.errors import FslmError
 from fslm.events import EventHandler, Progress, emit
-from fslm.files import JsonlLog, atomic_write_text, exclusive
+from fslm.files import JsonlLog, atomic_write_text, check_file_target, exclusive
 from fslm.steps.distill.cache import TeacherCache
 from fslm.steps.distill.chains import Asker, ChainWriter
 from fslm.steps.distill.manifest import check_same_run, complete_manifest, paths_for, run_identity, start_manifest
@@ -69,6 +69,7 @@ def distill(
     options = options or DistillOptions()
     dataset_path, stack_dir = Path(dataset), Path(stack)
     config = load_config(stack_dir)  # validate before any model load
+    check_targets(Path(out), options)
     data = read_dataset(
         dataset_path,
         format=options.format,
@@ -89,11 +90,12 @@ def distill(
             "%s: %d duplicate instruction(s) skipped (the first of each is kept)", dataset_path, data.duplicates
         )
     contamination = _contamination(data, options, dataset_path)
+    student_ref = models.resolve_base(config.base, stack_dir)  # a misspelled base fails here, naming its line
 
     log.info("loading the teacher (%s)", options.teacher.resolved_backend)
     teacher = make_teacher(options.teacher, config.base, stack_dir)
     # Over-long is measured in the student's tokens: what the stage will have to generate.
-    student = models.load_tokenizer(models.resolve(config.base.model, stack_dir), config.base)
+    student = models.load_tokenizer(student_ref, config.base)
 
     def count_tokens(text: str) -> int:
         return len(student(text, add_special_tokens=False)["input_ids"])
@@ -109,6 +111,15 @@ def distill(
         stack_dir=stack_dir,
         on_event=on_event,
     )
+
+
+def check_targets(out: Path, options: DistillOptions) -> None:
+    """The output and the files beside it can be written (before the teacher loads, which takes a while)."""
+    paths = paths_for(out)
+    check_file_target(out, "--out")
+    for key in ("manifest", "rejected"):
+        check_file_target(paths[key], f"--out (beside it, {paths[key].name})")
+    check_file_target(options.cache or paths["cache"], "--cache" if options.cache else f"--out ({paths['cache'].name})")
 
 
 def _warn_bad_rows(shown: int = 20) -> Callable[[Any], None]:
@@ -152,6 +163,7 @@ def distill_records(
     The output and the teacher cache are locked for the run: a second distill on either exits 2 naming the holder
     instead of writing every record twice."""
     options = options or DistillOptions()
+    check_targets(Path(out), options)
     paths = paths_for(Path(out))
     if options.cache is not None:
         paths["cache"] = Path(options.cache)

@@ -37,6 +37,7 @@ def check_options(directory: Path, options: EvalOptions) -> list[tuple[str, str 
     """Validate before the model loads; returns the rows to run: (system, ablated stage)."""
     stack_dir = StackDir(directory)
     config = stack_dir.load()
+    stack_dir.check_adapters(config)
     unknown = [t for t in options.tasks if t not in available_tasks()]
     if unknown:
         raise FslmError(f"--tasks: unknown {', '.join(unknown)} (available: {', '.join(available_tasks())})")

@@ -1,7 +1,9 @@
 """The stack as an lm-evaluation-harness model: `--model fslm --model_args stack=DIR,system=stack`.
 
 lm-eval 0.4.13 has no plugin discovery, so `fslm lm-eval ...` imports this module (which registers `fslm`) and then
-hands its arguments to lm-eval's own CLI. Systems:
+hands its arguments to lm-eval's own CLI. lm-eval registers its own models (`hf`, ...) only when it finds its registry
+empty, so this module has it register them first: with `fslm` alone in it, `--model hf` was "no model for this name".
+Systems:
 
 - `base`: the bare base model on the raw lm-eval context (no stage prompt), scored as lm-eval's `hf` model does.
 - `single`, `multitask`: a baseline adapter (`adapters/single/`, `adapters/multitask/`) answering directly, prompt
@@ -27,6 +29,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import lm_eval.models  # noqa: F401  lm-eval's own models (hf, ...), registered before ours: see below
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fslm.events import EventHandler, Progress, emit
-from fslm.files import atomic_write_text
+from fslm.files import atomic_write_text, check_dir_target
 from fslm.stack import Stack
 from fslm.stackdir import StackDir
 from fslm.steps.evaluate.checks import check_options, contamination_warnings, task_hashes
@@ -40,6 +40,7 @@ def evaluate(
 ) -> EvalResult:
     """Run every system on every task; write results.json, report.md and accuracy_vs_cost.png under `out`."""
     directory, out = Path(stack), Path(out)
+    check_dir_target(out, "--out")
     rows = check_options(directory, options)
     run = _Evaluation(directory, out, options, rows, on_event)
     try:

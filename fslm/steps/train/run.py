@@ -105,7 +105,7 @@ class _Training:
         self.state, self.on_event, self.is_main = state, on_event, state.is_main_process
         self.config = directory.load()
         self.form = options.prompt or self.config.prompt  # the prompt form every adapter of this call trains on
-        self.stack = loaded if loaded is not None else Stack.load(directory.root, backend="torch")
+        self.stack = loaded if loaded is not None else Stack.load(directory.root, backend="torch", check=False)
         self.backend = self.stack.backend
         self.backend.require(TRAIN, "training")
         self.base: Any = None  # the bare base model while adapters train (the backend holds it again after)

@@ -47,6 +47,19 @@ class StackTrainer(Trainer):
         self.length_grouped, self.order_seed = group_by_length, order_seed
         super().__init__(*args, **kwargs)
 
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        """The stock schedule, but warm-up's first step learns: transformers' warm-up gives step 1 a learning rate of
+        0 (step/W), so a run lost its first step (and `--max-steps 1` wrote a no-op adapter); here step k of W warm-up
+        steps runs at k/(W+1) of the rate, the steps after as the stock schedule has them."""
+        fresh = self.lr_scheduler is None
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        warmup = self.args.get_warmup_steps(num_training_steps)
+        if fresh and warmup > 0 and isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                scheduler.optimizer, [warm_from_first_step(f, warmup) for f in scheduler.lr_lambdas]
+            )
+        return self.lr_scheduler
+
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         if not self.length_grouped:
             return super()._get_train_sampler(train_dataset)
@@ -70,6 +83,15 @@ class StackTrainer(Trainer):
             scale = self.accelerator.num_processes // self.get_tp_size()
             loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
         return (loss, outputs) if return_outputs else loss
+
+
+def warm_from_first_step(stock: Any, warmup: int) -> Any:
+    """A schedule's multiplier whose warm-up ramps over steps 1..W as k/(W+1) instead of (k-1)/W (never 0)."""
+
+    def multiplier(step: int) -> float:  # step: optimizer steps already taken
+        return (step + 1) / (warmup + 1) if step < warmup else stock(step)
+
+    return multiplier
 
 
 def make_trainer(

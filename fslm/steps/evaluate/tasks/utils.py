@@ -17,6 +17,7 @@ from typing import Any
 
 from fslm import benchmark_files as files
 from fslm.benchmark_files import mmlu_text, truthfulqa_text
+from fslm.errors import FslmError
 
 __all__ = [
     "arc_challenge",
@@ -40,18 +41,21 @@ __all__ = [
 
 def _data_dir(kwargs: dict[str, Any]) -> Path:
     where = kwargs.get("data_dir") or os.environ.get("FSLM_DATA_DIR")
-    if not where:
-        raise ValueError("fslm tasks need a data directory: fslm eval --data-dir, or --metadata '{\"data_dir\": ...}'")
+    if not where:  # FslmError: the CLI shows one line, not lm-eval's traceback
+        raise FslmError(
+            "fslm tasks need a data directory: set FSLM_DATA_DIR=DIR, or fslm eval --data-dir DIR, or fslm lm-eval "
+            '--metadata \'{"data_dir": "DIR"}\''
+        )
     path = Path(where)
     if not path.is_dir():
-        raise ValueError(f"{path}: the data directory does not exist")
+        raise FslmError(f"{path}: the data directory does not exist")
     return path
 
 
 def _file(kwargs: dict[str, Any], rel: str) -> Path:
     path = _data_dir(kwargs) / rel
     if not path.is_file():
-        raise ValueError(f"{path}: missing (see the data README for the layout)")
+        raise FslmError(f"{path}: missing (see the data README for the layout)")
     return path
 
 
@@ -59,7 +63,7 @@ def _task_file(kwargs: dict[str, Any], task: str) -> Path:
     split = kwargs.get("split") or "test"
     paths = files.split_files(split)
     if task not in paths:
-        raise ValueError(f"task {task} has no {split} split in the data layout")
+        raise FslmError(f"task {task} has no {split} split in the data layout")
     return _file(kwargs, paths[task])
 
 
@@ -91,7 +95,7 @@ def mmlu(**kwargs: Any) -> Any:
     pattern = files.split_files(split)["mmlu"]
     paths = sorted(_data_dir(kwargs).glob(pattern))
     if not paths:
-        raise ValueError(f"{_data_dir(kwargs) / pattern}: no such files")
+        raise FslmError(f"{_data_dir(kwargs) / pattern}: no such files")
     return _dataset([row for path in paths for row in files.mmlu_rows(path)], kwargs)
 
 
