@@ -74,7 +74,7 @@ def main() -> None:
     )
     parser.add_argument("--grid", action="store_true", help="a grid of settings, each in a fresh process")
     parser.add_argument("--batch-sizes", default="2,4,8", help="--grid: batch sizes")
-    parser.add_argument("--checkpointing", default="on,off", help="--grid: gradient checkpointing on and/or off")
+    parser.add_argument("--checkpointing", default="on,off", help="--grid: gradient checkpointing on, off, auto")
     parser.add_argument("--precisions", default="auto", help="--grid: auto, fp32, bf16 (comma list)")
     parser.add_argument("--allocators", default="system", help="--grid: FSLM_ALLOCATOR values (system, tcmalloc)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -150,6 +150,7 @@ def main() -> None:
                 "val_loss": t.val_loss,
                 "steps": t.steps,
                 "wall_seconds": round(time.perf_counter() - start, 2),
+                "checkpoint_every_n_layers": extra.get("checkpoint_every_n_layers"),
             }
     from fslm.precision import bf16_support
 
@@ -212,6 +213,7 @@ def grid(args: argparse.Namespace) -> None:
     import os
     import subprocess
 
+    from fslm.heap import allocator_library
     from fslm.provenance import versions
 
     source = ["--data", str(args.data)] if args.data else ["--alpaca", str(args.alpaca)]
@@ -219,7 +221,7 @@ def grid(args: argparse.Namespace) -> None:
         source += ["--stage", args.stage]
     combos = itertools.product(
         args.allocators.split(","),
-        [c == "on" for c in args.checkpointing.split(",")],
+        args.checkpointing.split(","),
         args.precisions.split(","),
         [int(b) for b in args.batch_sizes.split(",")],
     )
@@ -233,13 +235,16 @@ def grid(args: argparse.Namespace) -> None:
                "--steps", str(args.steps), "--lr", str(args.lr), "--seed", str(args.seed),
                "--max-length", str(args.max_length), "--child", json.dumps(setting)]  # fmt: skip
         env = {**os.environ, "FSLM_ALLOCATOR": allocator}
+        library = allocator_library("auto" if allocator == "tcmalloc" else allocator)
+        if library:  # what `fslm train` does for itself at start (fslm.heap): the child runs under that malloc
+            env["LD_PRELOAD"] = library
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode != 0:
             print(f"{allocator:<10} failed: {done.stderr.strip().splitlines()[-1:]}")
             continue
         row = {"allocator": allocator, **setting, **json.loads(done.stdout.strip().splitlines()[-1])}
         rows.append(row)
-        print(f"{allocator:<10} {'on' if checkpointing else 'off':<5} {precision:<9} {batch:>5} "
+        print(f"{allocator:<10} {checkpointing:<5} {precision:<9} {batch:>5} "
               f"{row['tokens_per_second']:>9,.1f} {row['val_loss']:>9.4f} {row['peak_rss_mib']:>9,.0f}")  # fmt: skip
     result = {
         "benchmark": "train_throughput_grid",

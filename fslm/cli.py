@@ -351,7 +351,8 @@ def train(
     fresh: bool = flag(TrainOptions, "fresh", "--fresh"),
     strict: bool = flag(TrainOptions, "strict", "--strict"),
     precision: str = flag(TrainOptions, "precision"),
-    gradient_checkpointing: bool = flag(TrainOptions, "gradient_checkpointing"),
+    gradient_checkpointing: str = flag(TrainOptions, "gradient_checkpointing"),
+    memory_budget: float = flag(TrainOptions, "memory_budget", min=0.1),
     keep_checkpoints: bool = flag(TrainOptions, "keep_checkpoints"),
     processes: Annotated[
         int, typer.Option(min=1, help="Data-parallel processes on this machine (via accelerate launch).")

@@ -18,6 +18,7 @@ from pathlib import Path
 from pydantic import Field
 
 from fslm import models
+from fslm.backends.choose import llamacpp_runs
 from fslm.errors import FslmError
 from fslm.events import EventHandler, Progress, emit
 from fslm.files import atomic_write_text, sha256_file
@@ -26,6 +27,7 @@ from fslm.stack import Stack, Trace
 from fslm.stackdir import SINGLE, StackDir
 from fslm.steps.distill import DistillOptions, distill
 from fslm.steps.evaluate import EvalOptions, EvalResult, evaluate
+from fslm.steps.export import refresh
 from fslm.steps.init import InitOptions, init
 from fslm.steps.train import TrainOptions, train
 from fslm.teachers import TeacherSpec
@@ -155,6 +157,10 @@ def quickstart(
         train_all(stack, data, TrainOptions(max_steps=options.train_steps, batch_size=options.batch_size), on_event)
 
     def run() -> None:
+        # One export of the trained stack for this step and the next: the run and the eval's stages then both go
+        # through llama.cpp, and the eval finds the export current instead of writing it again.
+        if llamacpp_runs(stack, stack.load()):
+            refresh(stack.root)
         state["trace"] = Stack.load(stack.root).run(INSTRUCTION)
 
     def evaluate_step() -> None:

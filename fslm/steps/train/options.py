@@ -51,10 +51,14 @@ class TrainOptions(Options):
         description="auto: bfloat16 autocast where the hardware computes it natively (AMX, AVX-512-BF16, CUDA), "
         "else float32; LoRA weights, optimizer state and saved adapters stay float32.",
     )
-    gradient_checkpointing: bool = Field(
-        True,
-        description="Keep only each layer's input for the backward pass and recompute the rest: about a third "
-        "more compute for a fraction of the activation memory (same loss and gradients).",
+    gradient_checkpointing: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="on: keep only each layer's input and recompute the rest in the backward pass (half as much "
+        "compute again, a fraction of the activation memory; same loss and gradients); off: keep every activation; "
+        "auto: checkpoint only as many layers as --memory-budget needs for the longest batch (none when it fits).",
+    )
+    memory_budget: float = Field(
+        2.0, gt=0.0, description="GiB of resident memory a training process may use (what auto checkpointing sizes to)."
     )
     strict: bool = Field(False, description="Stop on the first bad record instead of skipping.")
     resume: bool = Field(False, description="Continue an interrupted run from its checkpoints.")
@@ -67,10 +71,16 @@ class TrainOptions(Options):
 
     _stages = field_validator("stages", mode="before")(comma_list)
 
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _on_off(cls, value: Any) -> Any:
+        """True / False (the flag's earlier form, still what Python callers may pass) mean on / off."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
     def fingerprint(self) -> dict[str, Any]:
         """The settings that change the result: a resumed run must match them."""
         skip = {"resume", "fresh", "keep_checkpoints", "strict", "save_steps", "eval_each_epoch"}
-        skip.add("gradient_checkpointing")  # recomputes the same activations: the result does not depend on it
+        skip |= {"gradient_checkpointing", "memory_budget"}  # recomputing activations does not change the result
         return self.model_dump(mode="json", exclude=skip)
 
 

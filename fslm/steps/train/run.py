@@ -32,6 +32,7 @@ from fslm.precision import resolve as resolve_precision
 from fslm.stack import Stack
 from fslm.stackdir import BASELINES, MULTITASK, SINGLE, StackDir
 from fslm.steps.train.examples import Examples, build_examples, report_problems, split_validation
+from fslm.steps.train.memory import StepPlan, longest_batch_tokens, plan_step
 from fslm.steps.train.options import TrainedAdapter, TrainOptions, TrainResult
 from fslm.steps.train.run_state import LOCK, RunState, manifest_hash
 from fslm.steps.train.student import student_outputs
@@ -182,7 +183,10 @@ class _Training:
             callbacks.append(progress_events(label, self.on_event))
         pad_id = self.backend.tokenizer.pad_token_id
         pad_id = pad_id if pad_id is not None else self.backend.tokenizer.eos_token_id
-        trainer = make_trainer(model, examples, options, self.run.checkpoint_dir(name), callbacks, pad_id, precision)
+        step = self._step_plan(name, examples)
+        trainer = make_trainer(
+            model, examples, options, self.run.checkpoint_dir(name), callbacks, pad_id, precision, step
+        )
         if self.is_main:
             where = f" from {resume_from.name}" if resume_from else ""
             log.info(
@@ -198,14 +202,31 @@ class _Training:
             trainer, examples, resume_from, self.data.path, self.data.sha, options, processes, lora, self.form
         )
         self._annotate(name, training, precision, student)
+        training.micro_batch = step.micro_batch  # type: ignore[attr-defined]
+        training.checkpoint_every_n_layers = step.every_n_layers  # type: ignore[attr-defined]
         target = self._save(name, model, training)
         del trainer
         self.base = model.unload()
         heap.release()
-        if options.gradient_checkpointing:  # the Trainer turned it on; inference on the base must not see it
+        if step.every_n_layers is not None:  # the Trainer turned it on; inference on the base must not see it
             self.base.activation_checkpointing_disable()
             self.base.disable_input_require_grads()
         return TrainedAdapter(name=name, path=target, training=training, log_history=history)
+
+    def _step_plan(self, name: str, examples: Examples) -> StepPlan:
+        """Micro-batches and gradient checkpointing for this adapter: as asked (on: every layer, whole batches;
+        off: none), or auto, sized to the memory budget and this adapter's longest batch (memory.py)."""
+        choice, batch = self.options.gradient_checkpointing, self.options.batch_size
+        lengths = [len(e["input_ids"]) for e in examples.train]
+        config = self.base.config
+        if choice == "auto" and self.base.device.type == "cpu":
+            plan = plan_step(config, lengths, batch, self.options.memory_budget)
+            if self.is_main:
+                log.info("%s: %s", name, plan.describe(batch))
+            return plan
+        every = 1 if choice != "off" else None  # on, or auto on a GPU (the budget is of this process's RAM)
+        layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+        return StepPlan(batch, every, layers, longest_batch_tokens(lengths, batch), 0.0, 0.0)
 
     def _resume_point(self, name: str) -> Path | None:
         """The checkpoint an interrupted run of this adapter continues from (--resume), its incomplete ones dropped."""

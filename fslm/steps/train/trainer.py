@@ -23,6 +23,7 @@ from fslm.provenance import versions
 from fslm.steps.train.batches import EpochLengthGroupedSampler, PadCollator
 from fslm.steps.train.examples import Examples
 from fslm.steps.train.loss import target_token_loss
+from fslm.steps.train.memory import StepPlan
 from fslm.steps.train.options import TrainOptions
 
 log = logging.getLogger("fslm")
@@ -102,11 +103,13 @@ def make_trainer(
     callbacks: list[Any],
     pad_id: int,
     precision: str = "fp32",
+    step: StepPlan | None = None,
 ) -> StackTrainer:
-    """A Trainer for one adapter's examples, checkpointing into `output_dir`."""
+    """A Trainer for one adapter's examples, saving its checkpoints into `output_dir`; `step`: its micro-batches and
+    gradient checkpointing (memory.py; None: whole batches, every layer checkpointed)."""
     trainer = StackTrainer(
         model=model,
-        args=training_arguments(options, output_dir, bool(examples.val), precision),
+        args=training_arguments(options, output_dir, bool(examples.val), precision, step),
         train_dataset=examples.train,
         eval_dataset=examples.val or None,
         data_collator=PadCollator(pad_id, fixed_length=options.pad_to),
@@ -118,12 +121,17 @@ def make_trainer(
     return trainer
 
 
-def training_arguments(options: TrainOptions, output_dir: Path, has_val: bool, precision: str) -> TrainingArguments:
+def training_arguments(
+    options: TrainOptions, output_dir: Path, has_val: bool, precision: str, step: StepPlan | None = None
+) -> TrainingArguments:
+    micro, every = (step.micro_batch, step.every_n_layers) if step else (options.batch_size, 1)
     return TrainingArguments(
         output_dir=str(output_dir),
-        per_device_train_batch_size=options.batch_size,
-        per_device_eval_batch_size=options.batch_size,
-        gradient_accumulation_steps=options.grad_accum,
+        # micro-batches whose gradients add up to one --batch-size batch: the same update (the loss is divided by
+        # the whole batch's target tokens), and the batch order is drawn per whole batch (StackTrainer)
+        per_device_train_batch_size=micro,
+        per_device_eval_batch_size=micro,
+        gradient_accumulation_steps=options.grad_accum * (options.batch_size // micro),
         learning_rate=options.lr,
         num_train_epochs=options.epochs,
         max_steps=options.max_steps or -1,
@@ -147,10 +155,10 @@ def training_arguments(options: TrainOptions, output_dir: Path, has_val: bool, p
         bf16=precision == "bf16",  # autocast: bf16 matmuls, float32 master weights and optimizer state
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
-        activation_checkpointing=options.gradient_checkpointing,
+        activation_checkpointing=every is not None,
         # Non-reentrant: works with frozen embeddings (no inputs that require grad) and restores the RNG state, so
         # the recomputed dropout masks are the ones of the first pass.
-        activation_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing_kwargs={"use_reentrant": False, "every_n_layers": every or 1},
     )
 
 

@@ -1,0 +1,77 @@
+"""Gradient checkpointing sized to the memory budget (fslm/steps/train/memory.py) and the on / off / auto setting."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from fslm.steps.train import memory
+from fslm.steps.train.memory import longest_batch_tokens, plan_step
+from fslm.steps.train.options import TrainOptions
+
+CONFIG = SimpleNamespace(num_hidden_layers=30, hidden_size=576, intermediate_size=1536)  # SmolLM2-135M's shape
+
+
+@pytest.fixture(autouse=True)
+def nothing_resident(monkeypatch):
+    monkeypatch.setattr(memory, "resident_bytes", lambda: 0)
+
+
+def per_layer_mib(tokens: int) -> float:
+    return tokens * (576 + 1536) * memory.FLOATS_PER_WIDTH * 4 / 2**20
+
+
+def test_longest_batch_is_the_longest_examples_padded_together():
+    assert longest_batch_tokens([10, 400, 30, 395, 200], 2) == 800
+    assert longest_batch_tokens([10, 20], 4) == 40  # fewer examples than a batch
+    assert longest_batch_tokens([], 4) == 0
+
+
+def test_off_when_the_longest_batch_fits():
+    plan = plan_step(CONFIG, [100] * 8, 4, budget_gib=64)
+    assert plan.every_n_layers is None and plan.checkpointed_layers == 0
+    assert plan.micro_batch == 4 and "off" in plan.describe(4)
+
+
+def test_micro_batches_before_checkpointing():
+    budget = per_layer_mib(1600) * 10 / 1024  # a batch of 4 x 400 tokens: room for 10 of 30 layers' activations
+    plan = plan_step(CONFIG, [400] * 8, 4, budget_gib=budget)
+    assert plan.micro_batch == 1 and plan.every_n_layers is None  # 1 x 400 tokens: all 30 layers fit
+    assert "micro-batches of 1" in plan.describe(4)
+    budget = per_layer_mib(1600) * 16 / 1024  # 2 x 400 fits, 4 x 400 does not
+    assert plan_step(CONFIG, [400] * 8, 4, budget_gib=budget).micro_batch == 2
+
+
+def test_every_layer_when_not_even_one_example_fits():
+    budget = per_layer_mib(400) * 10 / 1024  # one example of 400 tokens: room for 10 of 30 layers
+    plan = plan_step(CONFIG, [400] * 8, 4, budget_gib=budget)
+    assert plan.every_n_layers == 1 and plan.checkpointed_layers == 30
+    assert plan.micro_batch == 4  # checkpointing every layer anyway: whole batches
+
+
+def test_as_few_checkpointed_layers_as_the_budget_allows():
+    budget = per_layer_mib(400) * 24.5 / 1024  # one example: room for 24 of 30 layers
+    plan = plan_step(CONFIG, [400] * 8, 1, budget_gib=budget)
+    assert plan.every_n_layers is not None
+    assert plan.layers - plan.checkpointed_layers <= 24  # fits
+    more = plan.every_n_layers + 1  # the next setting checkpoints fewer layers and would not fit
+    assert plan.layers - -(-plan.layers // more) > 24
+
+
+def test_resident_memory_counts_against_the_budget(monkeypatch):
+    budget = per_layer_mib(400) * 31 / 1024  # the whole batch's activations fit in an empty process
+    assert plan_step(CONFIG, [100] * 4, 4, budget_gib=budget).micro_batch == 4
+    monkeypatch.setattr(memory, "resident_bytes", lambda: int(budget * 2**30 * 0.9))
+    plan = plan_step(CONFIG, [100] * 4, 4, budget_gib=budget)
+    assert plan.micro_batch < 4 or plan.checkpointed_layers > 0
+
+
+def test_on_off_auto_and_the_old_booleans():
+    assert TrainOptions().gradient_checkpointing == "auto"
+    assert TrainOptions(gradient_checkpointing=True).gradient_checkpointing == "on"
+    assert TrainOptions(gradient_checkpointing=False).gradient_checkpointing == "off"
+    with pytest.raises(ValueError):
+        TrainOptions(gradient_checkpointing="sometimes")
+    # the setting never changes the adapter, so a resumed run may change it
+    assert TrainOptions(gradient_checkpointing="on").fingerprint() == TrainOptions(memory_budget=8).fingerprint()
