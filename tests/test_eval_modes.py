@@ -292,7 +292,6 @@ def test_generative_answers_are_read_like_teacher_answers():
 def test_stages_on_llamacpp_with_agreement_check(eval_stack, data_dir, tmp_path):
     """auto = llama.cpp for a Llama base: the export is written first, stages generate there, the final stage scores
     on torch; the agreement check compares greedy stage text with PyTorch's."""
-    pytest.importorskip("llama_cpp")
     from fslm.backends.choose import export_is_current
     from fslm.stackdir import StackDir
     from fslm.steps.evaluate import EvalOptions, evaluate

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import skip_or_fail
 
 CHILD = r"""
 import torch
@@ -112,10 +113,8 @@ def test_training_runs_under_tcmalloc_when_it_is_installed():
     from fslm import heap
 
     library = heap.allocator_library("auto")
-    if library is None:
-        if os.environ.get("CI"):
-            pytest.fail("tcmalloc is not installed (Debian: libtcmalloc-minimal4); .ci/run installs it")
-        pytest.skip("tcmalloc is not installed")
+    if library is None:  # .ci/run installs it (Debian: libtcmalloc-minimal4)
+        skip_or_fail("tcmalloc is not installed (Debian: libtcmalloc-minimal4)")
     marker, _, mapped = _preload("train", None)
     assert marker == library and "tcmalloc" in mapped
 
