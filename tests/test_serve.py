@@ -405,9 +405,7 @@ def test_serving_a_stack_whose_stages_run_on_a_real_llama_cpp_server(tmp_path):
         {"model": gguf, "model_alias": f"smol-{n}", "n_ctx": 2048, "n_threads": 1, "verbose": False} for n in names
     ]
     config_file = tmp_path / "llama-server.json"
-    config_file.write_text(
-        json.dumps({"host": "127.0.0.1", "port": 0, "interrupt_requests": False, "models": models})
-    )
+    config_file.write_text(json.dumps({"host": "127.0.0.1", "port": 0, "interrupt_requests": False, "models": models}))
     with llama_server(["--config_file", str(config_file)], tmp_path / "llama-server.log") as remote:
         directory = tmp_path / "remote"
         init(directory)  # the embedded base: its tokenizer renders prompts the server completes
