@@ -556,7 +556,8 @@ def test_a_kill_between_the_renames_is_undone_on_the_next_start(tmp_path, tiny_l
         "def replace(a, b):\n    real(a, b)\n    os._exit(9)\n"
         "os.replace = replace\nfiles.atomic_replace_dir(sys.argv[1], sys.argv[2])\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code, str(staging), str(target)], env={**ENV, "PYTHONPATH": str(ROOT)})
+    env = {**ENV, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code, str(staging), str(target)], env=env, timeout=120)
     assert proc.returncode == 9 and not target.exists() and (target.parent / ".answer.old").is_dir()
     stack = Stack.load(directory)
     assert stack.stage_adapter("answer") == "answer"  # not the bare base
