@@ -17,6 +17,10 @@ from typing import Any
 import pytest
 
 os.environ.setdefault("COLUMNS", "200")  # wide rich tables in CLI output checks
+# One OpenMP thread per process (this one, before torch is imported, and every fslm it starts) unless the run says
+# otherwise: the models here are tiny, and on a 2-core machine that other work keeps busy PyTorch's threads
+# spin-wait on each other (measured here under load: tests/test_train.py's training tests 10x faster with one).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 CORPUS = [
     "Give three tips for staying healthy. Eat well, sleep enough and move every day.",
