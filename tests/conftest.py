@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,6 +17,10 @@ from typing import Any
 import pytest
 
 os.environ.setdefault("COLUMNS", "200")  # wide rich tables in CLI output checks
+# One OpenMP thread per process (this one, before torch is imported, and every fslm it starts) unless the run says
+# otherwise: the models here are tiny, and on a 2-core machine that other work keeps busy PyTorch's threads
+# spin-wait on each other (measured here under load: tests/test_train.py's training tests 10x faster with one).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 CORPUS = [
     "Give three tips for staying healthy. Eat well, sleep enough and move every day.",
@@ -261,15 +266,61 @@ def tiny_stack(tmp_path, tiny_model) -> tuple[str, Path]:
     return arch, directory
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def in_ci() -> bool:
+    """Whether this run is CI's (`CI` set to anything but "", "0", "false" or "no"; .ci/run sets CI=1): there a test
+    that needs something from the machine fails when it is missing instead of skipping. The one test of it for every
+    test that asks (tests/test_web.py, tests/test_heap.py)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip on a developer's machine; fail under CI (a green CI run includes the test)."""
+    if in_ci():
+        pytest.fail(f"CI is set but {reason}", pytrace=False)
+    pytest.skip(reason)
 
 
 @contextlib.contextmanager
-def llama_server(args: list[str], port: int, log_path: Path) -> Iterator[str]:
-    """A real `python -m llama_cpp.server ARGS` on 127.0.0.1:port; yields its /v1 URL once it answers."""
+def refused_port() -> Iterator[int]:
+    """A loopback port that refuses connections for as long as the block runs: bound by this process (so nothing
+    else can take it) but never listening."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def uvicorn_thread(app: Any, log_level: str = "warning", startup: float = 30) -> Iterator[str]:
+    """uvicorn serving `app` in a thread on 127.0.0.1, on a port the server binds itself (port 0, read back once it
+    listens: no other process can take it in between); yields the base URL, and stops the server afterwards."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level=log_level))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup
+    while not server.started:
+        assert thread.is_alive(), "uvicorn stopped before it listened"
+        assert time.monotonic() < deadline, f"uvicorn did not start in {startup:.0f} s"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        assert not thread.is_alive(), "uvicorn did not stop within 10 s"
+
+
+STARTED = re.compile(r"Uvicorn running on (http://\S+?:(\d+))")
+
+
+@contextlib.contextmanager
+def llama_server(args: list[str], log_path: Path, startup: float = 90) -> Iterator[str]:
+    """A real `python -m llama_cpp.server ARGS` on 127.0.0.1; yields its /v1 URL once it answers. ARGS (or the
+    config file they name) ask for port 0: the server binds a free port itself and its log says which."""
     import httpx
 
     with open(log_path, "w+") as log:
@@ -278,18 +329,25 @@ def llama_server(args: list[str], port: int, log_path: Path) -> Iterator[str]:
         code += "sys.argv[0] = 'llama_cpp.server'; runpy.run_module('llama_cpp.server', run_name='__main__')"
         proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=log, stderr=subprocess.STDOUT)
         try:
-            url = f"http://127.0.0.1:{port}/v1"
-            deadline = time.monotonic() + 90
+            deadline = time.monotonic() + startup
+            url = None
             while True:
                 if proc.poll() is not None:
                     log.seek(0)
                     pytest.fail(f"llama_cpp.server exited with {proc.returncode}: {log.read()[-2000:]}")
-                try:
-                    if httpx.get(f"{url}/models", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, "llama_cpp.server did not come up in 90 s"
+                if url is None:
+                    log.seek(0)
+                    found = STARTED.search(log.read())
+                    if found:
+                        assert int(found.group(2)) != 0, found.group(0)
+                        url = f"http://127.0.0.1:{found.group(2)}/v1"
+                if url is not None:
+                    try:
+                        if httpx.get(f"{url}/models", timeout=1).status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        pass
+                assert time.monotonic() < deadline, f"llama_cpp.server did not come up in {startup:.0f} s"
                 time.sleep(0.2)
             yield url
         finally:
@@ -298,11 +356,26 @@ def llama_server(args: list[str], port: int, log_path: Path) -> Iterator[str]:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait(10)
 
 
 # --- `pytest -m "not slow"` skips every test that touches the embedded model (README, "Tests") -------------------
 
 SLOW: dict[str, bool] = {}  # node id -> marked slow
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every test is bounded (pytest-timeout, `timeout` in pyproject.toml; the test extra installs it), and generated
+    examples (hypothesis) are the same on every run: a fuzz test fails for a reason, never for a new draw."""
+    if not config.pluginmanager.hasplugin("timeout"):
+        message = "pytest-timeout is not installed (pip install -e '.[test]'): nothing bounds a test that hangs"
+        if in_ci():
+            raise pytest.UsageError(message)
+        config.issue_config_time_warning(pytest.PytestConfigWarning(message), stacklevel=2)
+    from hypothesis import settings
+
+    settings.register_profile("fslm", derandomize=True, database=None)
+    settings.load_profile("fslm")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,20 +79,8 @@ def fake_stack() -> Stack:
 
 @contextmanager
 def running(stack: Stack, options: ServeOptions | None = None) -> Iterator[str]:
-    """uvicorn serving the stack's app in a thread on a free loopback port; yields the base URL."""
-    import uvicorn
-    from conftest import free_port
+    """uvicorn serving the stack's app in a thread on a loopback port it binds itself; yields the base URL."""
+    from conftest import uvicorn_thread
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(stack, options), host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with uvicorn_thread(create_app(stack, options), log_level="error") as url:
+        yield url

@@ -170,18 +170,36 @@ def test_subset_is_fixed_by_seed(data_dir):
     assert len(arc_easy(data_dir=str(data_dir))["test"]) == 14
 
 
-def test_lm_eval_wrapper_runs_a_shipped_task(eval_stack, data_dir, tmp_path):
-    """`fslm lm-eval --model fslm` = lm-eval's own CLI with our model and the offline tasks registered."""
+def test_lm_eval_wrapper_runs_a_shipped_task(eval_stack, stack, data_dir, tmp_path):
+    """`fslm lm-eval --model fslm` = lm-eval's own CLI with our model and the offline tasks registered: the 3 items
+    lm-eval logs are the first 3 of the test data, their scores are the stack's own (the same requests scored in
+    this process by `FslmLM`), and the accuracy is lm-eval's count of them."""
+    from fslm.steps.evaluate.lm_eval_model import FslmLM
+
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "fslm", "lm-eval", "--model", "fslm"]
     cmd += ["--model_args", f"stack={eval_stack},system=stack,stage_tokens=4", "--tasks", "fslm_arc_easy"]
     cmd += ["--limit", "3", "--metadata", json.dumps({"data_dir": str(data_dir)}), "--output_path", str(out)]
+    cmd += ["--log_samples"]
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (result_file,) = out.rglob("results_*.json")
     result = json.loads(result_file.read_text())["results"]["fslm_arc_easy"]
-    assert 0.0 <= result["acc,none"] <= 1.0 and "acc_norm,none" in result
+    (samples_file,) = out.rglob("samples_fslm_arc_easy_*.jsonl")
+    samples = sorted((json.loads(x) for x in samples_file.read_text().splitlines()), key=lambda s: s["doc_id"])
+    assert [s["doc"]["id"] for s in samples] == ["Easy0", "Easy1", "Easy2"]  # the test data's first 3 items
+    lm = FslmLM(stack, system="stack", stage_tokens=4)
+    for sample in samples:
+        requests = [_instance(*args.values()) for args in sample["arguments"].values()]
+        assert len(requests) == 4 and "What is easy item" in requests[0].args[0]
+        expected = [score for score, _ in lm.loglikelihood(requests)]
+        logged = [float(r[0][0]) for r in sample["resps"]]
+        assert logged == pytest.approx(expected, rel=1e-5, abs=1e-4), sample["doc_id"]
+        right = max(range(4), key=lambda k: expected[k]) == sample["target"]
+        assert sample["acc"] == float(right)
+    assert result["acc,none"] == pytest.approx(sum(s["acc"] for s in samples) / 3)
+    assert "acc_norm,none" in result
 
 
 def test_fslm_eval_writes_the_report(eval_stack, data_dir, tmp_path):

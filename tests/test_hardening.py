@@ -45,8 +45,15 @@ def evil_model(tmp_path, models_root) -> tuple[Path, Path]:
         f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
         "from transformers import LlamaConfig\n\n\nclass EvilConfig(LlamaConfig):\n    pass\n"
     )
+    (model / "modeling_evil.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_evil import EvilConfig\n\n\n"
+        "class EvilForCausalLM(LlamaForCausalLM):\n    config_class = EvilConfig\n"
+    )  # so that, with consent, the model loads and runs (its own code), not only its config
     config = json.loads((model / "config.json").read_text())
-    config["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig"}
+    config["auto_map"] = {
+        "AutoConfig": "configuration_evil.EvilConfig",
+        "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM",
+    }
     (model / "config.json").write_text(json.dumps(config))
     return model, marker
 
@@ -90,9 +97,13 @@ def test_remote_code_runs_with_the_flag(tmp_path, evil_model):
     directory = _evil_stack(tmp_path, model)
     env = {**ENV, "HF_MODULES_CACHE": str(tmp_path / "hf-modules"), "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "fslm", "run", str(directory), "hi", "--max-new-tokens", "2", "--trust-remote-code"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    proc = subprocess.run(cmd + ["--json"], capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]  # it ran to the end, not just far enough to import the code
     assert "--trust-remote-code" not in proc.stderr, proc.stderr[-2000:]
     assert marker.read_text() == "ran"
+    trace = json.loads(proc.stdout)
+    assert [s["name"] for s in trace["stages"]] == load_config(directory).stage_names
+    assert all(0 < s["output_tokens"] <= 2 for s in trace["stages"])
 
 
 @pytest.fixture
@@ -371,8 +382,12 @@ def test_a_client_that_leaves_cancels_its_job(fake, url):
         time.sleep(0.05)
     assert httpx.get(f"{url}/health").json()["queued"] == 0  # dropped while its first stage was still running
     fake.backend.gate.set()
-    time.sleep(0.5)
-    assert [label for label, _, _ in fake.backend.calls] == [names[0]]  # no later stage ran for it
+    # One worker runs every batch in turn: a request sent now finishes after anything the dropped job could still
+    # run, so once it is answered, every call the dropped job made is in the log.
+    later = httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=30)
+    assert later.status_code == 200, later.text
+    calls = [(label, rows) for label, rows, _ in fake.backend.calls]
+    assert calls == [(names[0], 1), *[(name, 1) for name in names]]  # no later stage ran for the dropped job
 
 
 # --- 3. the readers -------------------------------------------------------------------------------------------
@@ -474,19 +489,53 @@ def test_batch_size_in_model_args_wins_over_lm_evals_default(eval_stack):
 
 
 def test_fslm_lm_eval_as_docs_show(eval_stack, tmp_path):
-    """Every `fslm lm-eval` command of docs/eval.md, run as written (DIR and the data path pointed at test data)."""
+    """Every `fslm lm-eval` command of docs/eval.md, run as written (DIR and the data path pointed at test data):
+    each scores exactly its tasks on items of the given data directory, with the system its model_args name (the
+    logged ARC-Easy scores are what `FslmLM` built from the same model_args gives in this process)."""
+    from lm_eval.utils import simple_parse_args_string
+
+    from fslm.steps.evaluate.lm_eval_model import FslmLM
+
     data = make_benchmark_dir(tmp_path / "data")
     text = (ROOT / "docs" / "eval.md").read_text()
     commands = re.findall(r"^fslm lm-eval .*$", text.replace("\\\n", " "), re.M)
     assert any("batch_size=8" in c for c in commands), commands
+    item_text = {"fslm_arc_easy": "What is easy item", "fslm_mmlu": "Which is"}  # make_benchmark_dir's questions
+    arc_scores = []
     for i, command in enumerate(commands):
         argv = shlex.split(command.replace("DIR", str(eval_stack)).replace("../shared/data", str(data)))
         out = tmp_path / f"out{i}"
-        cmd = [sys.executable, "-m", "fslm", *argv[1:], "--limit", "3", "--output_path", str(out)]
+        cmd = [sys.executable, "-m", "fslm", *argv[1:], "--limit", "3", "--output_path", str(out), "--log_samples"]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**ENV, "PYTHONPATH": str(ROOT)}, timeout=900,
                               cwd=tmp_path)  # fmt: skip
         assert proc.returncode == 0, (command, proc.stderr[-3000:])
-        assert list(out.rglob("results_*.json")), command
+        (result_file,) = out.rglob("results_*.json")
+        result = json.loads(result_file.read_text())
+        tasks = argv[argv.index("--tasks") + 1].split(",")
+        model_args = argv[argv.index("--model_args") + 1]
+        assert sorted(result["results"]) == sorted(tasks), command
+        assert result["config"]["model_args"] == simple_parse_args_string(model_args)
+        lm = FslmLM.create_from_arg_string(model_args, {"batch_size": 1})  # as lm-eval builds it
+        for task in tasks:
+            assert result["n-samples"][task]["effective"] == 3, (command, task)
+            (samples_file,) = out.rglob(f"samples_{task}_*.jsonl")
+            samples = sorted((json.loads(x) for x in samples_file.read_text().splitlines()), key=lambda s: s["doc_id"])
+            logged = [[float(r[0][0]) for r in s["resps"]] for s in samples]
+            for sample, scores in zip(samples, logged, strict=True):
+                requests = [_instance(*a.values()) for a in sample["arguments"].values()]
+                assert item_text[task] in requests[0].args[0], (task, requests[0].args[0])  # the given data_dir
+                if task == "fslm_arc_easy":  # (one task is enough to show whose scores they are)
+                    assert scores == pytest.approx([s for s, _ in lm.loglikelihood(requests)], rel=1e-5, abs=1e-4)
+            if task == "fslm_arc_easy":
+                arc_scores.append(logged)
+        lm.close()
+    assert len(arc_scores) == 2 and arc_scores[0] != arc_scores[1]  # another system, other scores
+
+
+def _instance(*args):
+    from lm_eval.api.instance import Instance
+
+    return Instance(request_type="loglikelihood", doc={}, arguments=args, idx=0)
 
 
 # --- 5. an interrupted atomic_replace_dir -----------------------------------------------------------------------
@@ -507,7 +556,8 @@ def test_a_kill_between_the_renames_is_undone_on_the_next_start(tmp_path, tiny_l
         "def replace(a, b):\n    real(a, b)\n    os._exit(9)\n"
         "os.replace = replace\nfiles.atomic_replace_dir(sys.argv[1], sys.argv[2])\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code, str(staging), str(target)], env={**ENV, "PYTHONPATH": str(ROOT)})
+    env = {**ENV, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code, str(staging), str(target)], env=env, timeout=120)
     assert proc.returncode == 9 and not target.exists() and (target.parent / ".answer.old").is_dir()
     stack = Stack.load(directory)
     assert stack.stage_adapter("answer") == "answer"  # not the bare base

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port, make_adapter
+from conftest import make_adapter, uvicorn_thread
 from typer.testing import CliRunner
 
 from fslm.backends.llamacpp import LlamaCppBackend
@@ -76,44 +76,43 @@ def test_serve_takes_the_fast_path_when_the_export_is_current(tmp_path, tiny_lla
 
 def test_concurrent_requests_share_llamacpp_batches(exported):
     """8 requests at once on the llama.cpp backend: stage batches of several rows, each answer what it is alone."""
-    import uvicorn
-
     config = load_config(exported)
     stack = Stack(config, LlamaCppBackend.from_settings(config.base, exported, type_k=0, type_v=0), exported)
     questions = [f"Question number {i}: what is {i} + {i}?" for i in range(8)]
     calls: list[int] = []
     original = stack.backend.generate
+    queued = threading.Event()  # every request is in the queue: the first batch may run
 
     def generate(prompts, adapter, settings, label="", on_text=None):
         calls.append(len(prompts))
-        time.sleep(0.2)  # let the other requests queue up behind the first batch
+        assert queued.wait(60), "the test never saw the requests queued"
         return original(prompts, adapter, settings, label=label, on_text=on_text)
 
     stack.backend.generate = generate
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(stack, ServeOptions()), host="127.0.0.1", port=port))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
     results: dict[int, str] = {}
-    try:
+    with uvicorn_thread(create_app(stack, ServeOptions())) as url:
 
         def ask(i: int) -> None:
             body = {"messages": [{"role": "user", "content": questions[i]}]}
-            r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=120)
+            r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
             results[i] = r.json()["choices"][0]["message"]["content"]
 
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(questions))]
         for t in threads:
             t.start()
+        deadline = time.monotonic() + 60
+        try:
+            while httpx.get(f"{url}/health").json()["queued"] < len(questions):
+                assert time.monotonic() < deadline, "the requests did not all arrive within 60 s"
+                time.sleep(0.05)
+        finally:
+            queued.set()  # the first batch was held until now, so the others wait behind it
+        deadline = time.monotonic() + 180
         for t in threads:
-            t.join(120)
-    finally:
-        server.should_exit = True
-        thread.join(10)
+            t.join(max(0.0, deadline - time.monotonic()))
+        assert not any(t.is_alive() for t in threads), "requests still unanswered after 180 s"
     del stack.backend.generate
-    assert max(calls) >= 4  # requests shared stage batches
+    assert max(calls) == len(questions)  # the late arrivals caught up: all 8 shared a later stage's batch
     for i, question in enumerate(questions):
         assert results[i] == stack.run(question).answer
     stack.backend.close()

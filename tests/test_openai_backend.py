@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import re
 import threading
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port, llama_server
+from conftest import llama_server, refused_port
 from typer.testing import CliRunner
 
 from fslm.cli import app
@@ -32,13 +31,12 @@ SERVED = "smol"
 
 
 @pytest.fixture(scope="module")
-def server_url():
+def server_url(tmp_path_factory):
     """llama.cpp's OpenAI-compatible server over the embedded SmolLM2 GGUF, for this module."""
-    port = free_port()
     args = ["--model", str(ALIASES["smollm2-135m-instruct"].path()), "--model_alias", SERVED, "--host", "127.0.0.1"]
-    args += ["--port", str(port), "--n_ctx", "2048", "--n_threads", "1", "--verbose", "False"]
+    args += ["--port", "0", "--n_ctx", "2048", "--n_threads", "1", "--verbose", "False"]
     args += ["--interrupt_requests", "False"]
-    with llama_server(args, port, Path(os.environ.get("TMPDIR", "/tmp")) / f"fslm-llama-server-{port}.log") as url:
+    with llama_server(args, tmp_path_factory.mktemp("llama-server") / "server.log") as url:
         yield url
 
 
@@ -200,8 +198,9 @@ def test_fault_injecting_proxy_every_record_exactly_once(tmp_path, stack_dir, se
 
 def test_unreachable_server_is_one_clear_line(tmp_path, stack_dir):
     data, out = dataset(tmp_path / "d.json"), tmp_path / "d.jsonl"
-    url = f"http://127.0.0.1:{free_port()}/v1"
-    r = runner.invoke(app, distill_args(data, stack_dir, out, url, "--max-retries", "1"))
+    with refused_port() as port:  # bound, never listening: nothing answers, and nothing else can take it
+        url = f"http://127.0.0.1:{port}/v1"
+        r = runner.invoke(app, distill_args(data, stack_dir, out, url, "--max-retries", "1"))
     assert r.exit_code == 2 and f"{url}: cannot connect after 1 retries" in r.output
     assert "Traceback" not in r.output
 

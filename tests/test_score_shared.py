@@ -5,6 +5,7 @@ adapter, and do not depend on which other questions are in the call."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,12 +15,15 @@ from fslm.backends.pytorch import TorchBackend
 from fslm.stack import Stack
 from fslm.steps.init import InitOptions, init
 
+MODEL_DIRS: dict[str, Path] = {}  # model_type -> the tiny model's directory (lm-eval's HFLM loads it too)
+
 
 @pytest.fixture(scope="module", params=["llama", "gpt_neox", "qwen2"])
 def backend(request, tmp_path_factory) -> TorchBackend:
     arch = request.param
     root = tmp_path_factory.mktemp(f"shared-{arch}")
     model_dir = make_model_dir(root, arch, chat=arch != "gpt_neox", context=128)
+    MODEL_DIRS[arch] = model_dir
     init(root / "stack", InitOptions(base=str(model_dir)))
     make_adapter(model_dir, arch, root / "stack" / "adapters" / "answer", seed=3)
     return Stack.load(root / "stack").backend
@@ -99,9 +103,22 @@ def test_questions_are_batched_within_the_token_budget(backend, monkeypatch):
 
 
 def test_too_long_requests_are_truncated_as_lm_eval_does(backend):
+    """A request longer than the context scores as lm-eval's own `hf` model (HFLM) scores it: left-truncated to the
+    last context-length tokens. The reference is HFLM itself on the same model and token ids."""
+    from lm_eval.models.huggingface import HFLM
+
     tok = backend.tokenizer
-    long_ctx = tok.encode(" ".join(["water"] * (backend.context_length + 20)))
-    requests = [(long_ctx, tok.encode(" rock", add_special_tokens=False)), *_questions(tok, n=1)]
+    rng = random.Random(5)
+    words = "the sun water plant energy rock heat light cell earth moon rain".split()
+    long_ctx = tok.encode(" ".join(rng.choice(words) for _ in range(backend.context_length + 20)))
+    assert len(long_ctx) > backend.context_length  # really too long
+    long = [(long_ctx, tok.encode(" rock heat", add_special_tokens=False))]
+    requests = [*long, *_questions(tok, n=1)]
     shared = backend.score(requests, None)
-    assert shared[0] == backend.score_each(requests[:1], None)[0]  # the long one went the full way, left-truncated
+    assert shared[0] == backend.score_each(long, None)[0]  # the long one went the full way, left-truncated
     assert torch.isfinite(torch.tensor([s for s, _ in shared])).all()
+    lm = HFLM(pretrained=str(MODEL_DIRS[backend.model.config.model_type]), device="cpu", dtype="float32", batch_size=2)
+    assert lm.max_length == backend.context_length
+    theirs = lm._loglikelihood_tokens([(("", ""), ctx, cont) for ctx, cont in requests], disable_tqdm=True)
+    for (a, ga), (b, gb) in zip(shared, theirs, strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-4) and ga == gb

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port, llama_server, make_adapter, make_model_dir
+from conftest import llama_server, make_adapter, make_model_dir, uvicorn_thread
 
 from fslm.config import load_config, save_config
 from fslm.stack import Stack
@@ -25,24 +25,9 @@ JSON = {"content-type": "application/json"}  # the server refuses other bodies (
 
 @contextmanager
 def running(stack: Stack, options: ServeOptions | None = None) -> Iterator[str]:
-    """uvicorn serving the stack's app in a thread on a free loopback port; yields the base URL."""
-    import uvicorn
-
-    port = free_port()
-    app = create_app(stack, options)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
+    """uvicorn serving the stack's app in a thread on a loopback port it binds itself; yields the base URL."""
+    with uvicorn_thread(create_app(stack, options)) as url:
         yield url
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def tiny_stack_dir(root: Path, model_dir: Path, arch: str = "llama", adapters: tuple[str, ...] = ()) -> Path:
@@ -328,15 +313,24 @@ def test_concurrent_requests_are_batched(stack):
         assert gate.entered.wait(20)  # request 0 holds the worker in its first stage...
         for t in threads[1:]:
             t.start()
-        deadline = time.monotonic() + 20
-        while u and time.monotonic() < deadline and httpx.get(f"{u}/health").json()["queued"] < n:
-            time.sleep(0.05)
-        gate.open.set()  # ...while the other 7 queue up
+        deadline = time.monotonic() + 60
+        try:
+            while httpx.get(f"{u}/health").json()["queued"] < n:
+                assert time.monotonic() < deadline, "the 7 other requests did not all queue within 60 s"
+                time.sleep(0.05)
+        finally:
+            gate.open.set()  # ...while the other 7 queue up
+        deadline = time.monotonic() + 120
         for t in threads:
-            t.join(120)
-    # Request 0's first stage alone, the 7 latecomers' first stage together, then all 8 catch up into one batch.
+            t.join(max(0.0, deadline - time.monotonic()))
+        assert not any(t.is_alive() for t in threads), "requests still unanswered after 120 s"
+    # The property (docs/serve.md, "Batching"): every request ran every stage once, the latecomers caught up, and
+    # the 8 requests cost 5 generate calls, not 32 (request 0's first stage, the 7 latecomers', then 3 shared).
     names = stack.config.stage_names
-    assert gate.calls == [(names[0], 1), (names[0], n - 1), *[(name, n) for name in names[1:]]]
+    assert len(gate.calls) == len(names) + 1, gate.calls
+    for name in names:
+        assert sum(size for stage, size in gate.calls if stage == name) == n, (name, gate.calls)
+    assert {size for stage, size in gate.calls if stage != names[0]} == {n}, gate.calls
     expected = stack.run_batch(questions)
     for i in range(n):
         assert results[i]["choices"][0]["message"]["content"] == expected[i].answer
@@ -368,7 +362,7 @@ def test_fuzzed_bodies_never_500(url):
     )
     client = httpx.Client(timeout=30)
 
-    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
     @given(body=body, path=st.sampled_from(["/v1/chat/completions", "/v1/stack/run"]))
     def check(body, path):
         if isinstance(body, dict) and isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 3:
@@ -407,15 +401,12 @@ def test_serving_a_stack_whose_stages_run_on_a_real_llama_cpp_server(tmp_path):
 
     gguf = str(ALIASES["smollm2-135m-instruct"].path())
     names = ["intent", "plan", "reasoning", "answer"]
-    port = free_port()
     models = [
         {"model": gguf, "model_alias": f"smol-{n}", "n_ctx": 2048, "n_threads": 1, "verbose": False} for n in names
     ]
     config_file = tmp_path / "llama-server.json"
-    config_file.write_text(
-        json.dumps({"host": "127.0.0.1", "port": port, "interrupt_requests": False, "models": models})
-    )
-    with llama_server(["--config_file", str(config_file)], port, tmp_path / "llama-server.log") as remote:
+    config_file.write_text(json.dumps({"host": "127.0.0.1", "port": 0, "interrupt_requests": False, "models": models}))
+    with llama_server(["--config_file", str(config_file)], tmp_path / "llama-server.log") as remote:
         directory = tmp_path / "remote"
         init(directory)  # the embedded base: its tokenizer renders prompts the server completes
         config = load_config(directory)

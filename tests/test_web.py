@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_model_dir
+from conftest import in_ci, make_model_dir, skip_or_fail
 from test_serve import running, tiny_stack_dir
 
 from fslm.config import load_config, save_config
@@ -28,9 +28,7 @@ ARGS = [
 
 def missing(reason: str) -> None:
     """Skip on a developer's machine; fail under CI (`CI` set, as .ci/run does): a green CI includes this test."""
-    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
-        pytest.fail(f"CI is set but {reason}: the web-page test cannot run", pytrace=False)
-    pytest.skip(reason)
+    skip_or_fail(f"{reason}: the web-page test cannot run" if in_ci() else reason)
 
 
 @pytest.fixture(scope="module")
