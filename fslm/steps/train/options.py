@@ -52,7 +52,7 @@ class TrainOptions(Options):
         "else float32; LoRA weights, optimizer state and saved adapters stay float32.",
     )
     gradient_checkpointing: Literal["auto", "on", "off"] = Field(
-        "auto",
+        "on",
         description="on: keep only each layer's input and recompute the rest in the backward pass (half as much "
         "compute again, a fraction of the activation memory; same loss and gradients); off: keep every activation; "
         "auto: checkpoint only as many layers as --memory-budget needs for the longest batch (none when it fits).",
