@@ -326,17 +326,20 @@ def test_max_length_skips_longer_examples(tmp_path, train_stack):
 
 
 def _serve_cli(monkeypatch, *args: str) -> tuple[object, object]:
-    """`fslm serve ARGS` with uvicorn.run replaced: the (app, options) it would serve."""
+    """`fslm serve ARGS` with uvicorn's Server.run replaced: the (app, options) it would serve."""
     import uvicorn
 
     from fslm.steps import serve as serve_module
 
     seen: dict[str, object] = {}
 
-    def capture(stack, options):
+    def capture(stack, options, **kwargs):
         seen["options"] = options
-        monkeypatch.setattr(uvicorn, "run", lambda app, **_: seen.setdefault("app", app))
-        RUN_SERVER(stack, options)
+        # the server binds its socket first, then runs uvicorn on it: keep the app it would serve instead (only
+        # here: the test's own uvicorn_thread runs a real Server afterwards)
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(uvicorn.Server, "run", lambda server, **_: seen.setdefault("app", server.config.app))
+            RUN_SERVER(stack, options, **kwargs)
 
     monkeypatch.setattr(serve_module, "run_server", capture)
     r = runner.invoke(app, ["serve", *args])
