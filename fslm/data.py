@@ -334,10 +334,14 @@ def _raw_rows(path: Path, report: Callable[[int, str], None]) -> Iterator[tuple[
     if suffix == ".json" and head == b"[":
         yield from _json_list_rows(path, data, report)
     else:
-        yield from _jsonl_rows(data, report)
+        yield from jsonl_rows(data, report)
 
 
-def _jsonl_rows(data: bytes, report: Callable[[int, str], None]) -> Iterator[tuple[int, Any]]:
+def jsonl_rows(data: bytes, report: Callable[[int, str], None]) -> Iterator[tuple[int, Any]]:
+    """(line, decoded JSON) of each non-blank line; a line that is not UTF-8 or not JSON is reported and skipped.
+    The one rule for JSON lines: distill's input here, train's distilled records in fslm.distilled.
+
+    The bytes are split, not the text (not splitlines(): U+2028 may sit in a string), and each line decoded alone."""
     for n, raw in enumerate(data.split(b"\n"), 1):
         if not raw.strip():
             continue

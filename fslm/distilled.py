@@ -5,11 +5,11 @@ One type for both sides, so what distill writes and what train reads cannot drif
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fslm.data import jsonl_rows
 from fslm.errors import FslmError
 
 
@@ -84,25 +84,11 @@ def read_distilled(path: str | Path) -> tuple[list[DistilledRecord], list[Proble
     path = Path(path)
     if not path.is_file():
         raise FslmError(f"{path}: no such data file (write one with `fslm distill`)")
-    # Split the bytes, not the text (not splitlines(): U+2028 may sit in a string), and decode each line: a line
-    # that is not UTF-8 is one bad record, named and skipped as fslm.data does for distill's input.
-    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
     records: list[DistilledRecord] = []
     problems: list[Problem] = []
     seen: dict[str, int] = {}
-    for n, raw in enumerate(data.split(b"\n"), 1):
-        if not raw.strip():
-            continue
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            problems.append(Problem(n, f"not valid UTF-8 (byte {e.start + 1} of the line)"))
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            problems.append(Problem(n, f"not valid JSON ({e.msg} at column {e.colno})"))
-            continue
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a BOM from Windows tools is not part of the JSON
+    for n, obj in jsonl_rows(data, lambda line, why: problems.append(Problem(line, why))):
         parsed = parse_row(obj, n)
         if isinstance(parsed, Problem):
             problems.append(parsed)

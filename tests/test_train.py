@@ -123,7 +123,7 @@ def test_bad_data_is_reported_with_line_numbers(llama_stack, tmp_path):
     r = invoke("train", llama_stack, "--data", data, "--max-steps", "1", "--stages", "intent,plan,answer")
     assert r.exit_code == 0, r.output
     text = " ".join(r.output.split())  # rich wraps long warning lines
-    assert f"{data}:3: not valid JSON" in text
+    assert f"{data}:3: broken JSON line" in text
     assert "bad.jsonl:4: targets has no field 'plan' (skipped for plan, answer)" in text
     assert "bad.jsonl:5: target 'answer' is empty (skipped for answer)" in text
     assert "bad.jsonl:6: prompt + target is" in text and "longer than the limit (512)" in text
@@ -136,7 +136,7 @@ def test_bad_data_is_reported_with_line_numbers(llama_stack, tmp_path):
 
     r = invoke("train", llama_stack, "--data", data, "--max-steps", "1", "--strict")
     assert r.exit_code == 2
-    assert "error:" in r.output and "bad.jsonl:3: not valid JSON" in " ".join(r.output.split())
+    assert "error:" in r.output and "bad.jsonl:3: broken JSON line" in " ".join(r.output.split())
     assert "Traceback" not in r.output
 
     r = invoke("train", llama_stack, "--data", data, "--stages", "intent,nope")
