@@ -818,7 +818,11 @@ def quickstart(
         f"  fslm info {result.stack}                      # stages, adapters, training losses\n"
         f'  fslm run {result.stack} "Explain photosynthesis in two sentences." --prompts\n'
         f"  fslm serve {result.stack}                     # chat UI at http://127.0.0.1:8000\n"
-        f"  open {result.report}/report.md                  # the accuracy table"
+        f"  open {result.report}/report.md                  # the accuracy table\n"
+        "\nThese sizes show the pipeline, not a useful model. A useful stack learns from a stronger teacher's data:\n"
+        "docs/experiments.md, section 2, distils it from a 1.5B model, and the fslm repository's data/exp2-mc/ holds\n"
+        "what that run has distilled so far, gold-checked, so training needs no teacher:\n"
+        "  fslm init my-stack && fslm train my-stack --data data/exp2-mc/distilled-arc_easy_train.jsonl"
     )
 
 
