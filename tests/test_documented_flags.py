@@ -389,18 +389,23 @@ def test_max_batch_bounds_the_rows_generated_together(tmp_path, tiny_llama, monk
         ]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 30
-        try:
-            while httpx.get(f"{url}/health").json()["queued"] < 5:
-                assert time.monotonic() < deadline, "the 4 other requests did not queue within 30 s"
-                time.sleep(0.05)
-        finally:
-            backend.gate.set()
+        release_when_queued(url, 5, backend.gate)
         for t in [first, *threads]:
             t.join(30)
         assert not any(t.is_alive() for t in [first, *threads])
     sizes = [rows for _, rows, _ in backend.calls]
     assert max(sizes) == 2 and sum(sizes) == 5 * 4  # 5 requests x 4 stages, never more than 2 rows at once
+
+
+def release_when_queued(url: str, queued: int, gate: threading.Event, seconds: float = 30) -> None:
+    """Wait until the server reports `queued` requests (the held one included), then open `gate`, whatever happens."""
+    deadline = time.monotonic() + seconds
+    try:
+        while httpx.get(f"{url}/health").json()["queued"] < queued:
+            assert time.monotonic() < deadline, f"{queued} requests did not queue within {seconds:.0f} s"
+            time.sleep(0.05)
+    finally:
+        gate.set()
 
 
 def test_serve_backend_llamacpp_refuses_a_stale_export(tmp_path, tiny_llama, monkeypatch):
@@ -443,13 +448,7 @@ def test_a_too_long_request_fails_alone_and_its_batch_mates_rerun(tmp_path, mode
         threads = [threading.Thread(target=ask, args=(i, q)) for i, q in enumerate(questions)]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 30
-        try:
-            while httpx.get(f"{url}/health").json()["queued"] < 4:
-                assert time.monotonic() < deadline, "the 3 requests did not queue within 30 s"
-                time.sleep(0.05)
-        finally:
-            gate.open.set()
+        release_when_queued(url, 4, gate.open)
         for t in [holder, *threads]:
             t.join(60)
         assert not any(t.is_alive() for t in [holder, *threads])
