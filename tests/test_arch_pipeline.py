@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import LORA_TARGETS, make_benchmark_dir
 from typer.testing import CliRunner
 
@@ -31,15 +30,6 @@ def invoke(*args: object):
     result = runner.invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     return result
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared, busy CPU: one thread avoids OpenMP spin-waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -41,17 +41,6 @@ def make_dataset(path: Path, n: int, every_no_reference: int = 4) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared, busy CPU: one thread avoids OpenMP spin-waiting (40x faster under load)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def stack_dir(tmp_path, tiny_llama) -> Path:
     d = tmp_path / "stack"

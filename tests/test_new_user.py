@@ -59,17 +59,6 @@ def one_error_line(output: str, exit_code: int, *needles: str) -> str:
     return errors[0]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared, busy CPU: one thread avoids OpenMP spin-waiting."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def stack_dir(tmp_path, tiny_llama) -> Path:
     directory = tmp_path / "stack"
