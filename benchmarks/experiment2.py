@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -171,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     skip = ("out", "data_dir", "until", "publish", "publish_root", "eval_extra", "sync", "plan", "plan_questions",
             "kept_share")  # fmt: skip
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in skip}
+    # Committed files name this machine's places by what they are (OUT, DATA_DIR, ~), so another machine resumes.
+    places = {str(out.resolve()): "OUT", str(args.data_dir.expanduser().resolve()): "DATA_DIR", str(Path.home()): "~"}
+    if settings.get("teacher"):
+        settings["teacher"] = portable(settings["teacher"], places)
     if args.sync is not None and not (out / "ledger.json").exists() and (args.sync / "ledger.json").is_file():
         (out / "ledger.json").write_bytes((args.sync / "ledger.json").read_bytes())  # seconds of earlier sittings
     try:
@@ -219,10 +222,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             err.print(f"[bold]distil {name}[/]: {n} questions, {args.teacher_mode} teacher, reference {policy}")
             with EventView() as view:
-                handler = view if args.sync is None else syncing(view, part, args.sync)
+                handler = view if args.sync is None else syncing(view, part, args.sync, places)
                 distill(path, stack.root, part, options, on_event=handler)
             if args.sync is not None:
-                sync_files(part, args.sync)
+                sync_files(part, args.sync, places)
             parts.append(part)
         ledger.data["distilled"] = merge(parts, data, args.data_dir)
 
@@ -324,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                 ledger.finish(name)
                 if args.sync is not None:
                     args.sync.mkdir(parents=True, exist_ok=True)
-                    (args.sync / "ledger.json").write_text((out / "ledger.json").read_text())
+                    (args.sync / "ledger.json").write_text(portable((out / "ledger.json").read_text(), places))
             if name == args.until:
                 break
     except FslmError as e:
@@ -333,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     if ledger.done("eval"):
         write_summary(out, ledger.data, args)  # again: the ledger now counts the eval step's time too
         if args.publish:
-            publish(out, ledger.data, args)
+            publish(out, ledger.data, args, places)
     return 0
 
 
@@ -615,14 +618,23 @@ def part_files(part: Path) -> list[Path]:
     return [part, part.with_name(part.name + ".rejected.jsonl"), part.with_name(part.name + ".manifest.json")]
 
 
-def sync_files(part: Path, folder: Path) -> None:
-    """Copy a distilled part's files into `folder` (atomically each, so a commit never sees half a file)."""
+def portable(text: str, places: dict[str, str]) -> str:
+    """`text` with this machine's paths named by what they are (`places`: path -> name, the longest path first)."""
+    for path in sorted(places, key=len, reverse=True):
+        text = text.replace(path, places[path])
+    return text
+
+
+def sync_files(part: Path, folder: Path, places: dict[str, str]) -> None:
+    """Copy a distilled part's files into `folder` (atomically each, so a commit never sees half a file), the
+    manifest's machine paths named by `places` (the resume check compares no paths)."""
     from fslm.files import atomic_write_text
 
     folder.mkdir(parents=True, exist_ok=True)
     for f in part_files(part):
         if f.is_file():
-            atomic_write_text(folder / f.name, f.read_text(encoding="utf-8"))
+            text = f.read_text(encoding="utf-8")
+            atomic_write_text(folder / f.name, text if f.suffix == ".jsonl" else portable(text, places))
 
 
 def seed_from(folder: Path, part: Path) -> None:
@@ -636,7 +648,7 @@ def seed_from(folder: Path, part: Path) -> None:
     print(f"resuming {part.name} from {folder}", file=sys.stderr)
 
 
-def syncing(view: Any, part: Path, folder: Path, every: float = 300.0) -> Any:
+def syncing(view: Any, part: Path, folder: Path, places: dict[str, str], every: float = 300.0) -> Any:
     """The progress view, plus a copy of the part's files to `folder` at most every `every` seconds."""
     import time
 
@@ -646,27 +658,27 @@ def syncing(view: Any, part: Path, folder: Path, every: float = 300.0) -> Any:
         nonlocal last
         view(event)
         if time.monotonic() - last >= every:
-            sync_files(part, folder)
+            sync_files(part, folder, places)
             last = time.monotonic()
 
     return handler
 
 
-def publish(out: Path, ledger: dict[str, Any], args: argparse.Namespace) -> None:
-    """Copy the small outputs where they are committed: results JSON to docs/results/, distilled data to data/."""
+def publish(out: Path, ledger: dict[str, Any], args: argparse.Namespace, places: dict[str, str]) -> None:
+    """Copy the small outputs where they are committed (machine paths named by `places`): results JSON to
+    docs/results/, distilled data to data/."""
     repo = args.publish_root
     tag = f"exp2-{args.regime}"
     results = repo / "docs" / "results" / tag
-    results.mkdir(parents=True, exist_ok=True)
-    for f in (out / "eval").glob("*.json"):
-        shutil.copy2(f, results / f.name)
-    shutil.copy2(out / "ledger.json", results / "ledger.json")
     data = repo / "data" / tag
-    data.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(out / "summary.md", results / "summary.md")
+    copies = {f: results / f.name for f in [*(out / "eval").glob("*.json"), out / "ledger.json", out / "summary.md"]}
     for f in [out / "train.jsonl", out / "train.jsonl.manifest.json", *out.glob("distilled-*.jsonl*")]:
         if not f.name.endswith((".cache.jsonl", ".lock")):
-            shutil.copy2(f, data / f.name)
+            copies[f] = data / f.name
+    for source, target in copies.items():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        text = source.read_text(encoding="utf-8")  # rows stay byte for byte (their manifests hold their sha256)
+        target.write_text(text if source.suffix == ".jsonl" else portable(text, places), encoding="utf-8")
     print(f"published: {results}, {data}")
 
 
