@@ -46,7 +46,8 @@ def stage_variables(instruction: str, input: str | None, outputs: dict[str, str]
 # How a stage's prompt is written. full: the stage's role as the system message and its template as the user
 # message, what a bare base model needs to know its task. compact: an adapter trained on it has learned its role, so
 # the prompt holds only the stage's name (which tells a multitask adapter the step), the instruction, the input and
-# the earlier stages' text, each under its name: ~half the prompt tokens of a stack query (docs/train.md).
+# the earlier stages' text, each under its name, without the role text a trained stage no longer needs
+# (docs/train.md, "Prompt forms"; what it saves per stack query is still to be measured: benchmarks/prompt_forms.py).
 PROMPT_FORMS = ("full", "compact")
 
 

@@ -55,7 +55,8 @@ class TrainOptions(Options):
         "on",
         description="on: keep only each layer's input and recompute the rest in the backward pass (half as much "
         "compute again, a fraction of the activation memory; same loss and gradients); off: keep every activation; "
-        "auto: checkpoint only as many layers as --memory-budget needs for the longest batch (none when it fits).",
+        "auto (experimental): the largest micro-batch that fits --memory-budget without checkpointing, else as few "
+        "checkpointed layers as fit (docs/train.md, Memory).",
     )
     memory_budget: float = Field(
         2.0, gt=0.0, description="GiB of resident memory a training process may use (what auto checkpointing sizes to)."
