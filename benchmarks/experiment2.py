@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         settings["teacher"] = portable(settings["teacher"], places)
     if args.sync is not None and not (out / "ledger.json").exists() and (args.sync / "ledger.json").is_file():
         (out / "ledger.json").write_bytes((args.sync / "ledger.json").read_bytes())  # seconds of earlier sittings
+    else:
+        name_places(out / "ledger.json", places)
     try:
         ledger = Ledger(out / "ledger.json", settings)
     except FslmError as e:  # another experiment's --out: refuse before touching it
@@ -623,6 +625,17 @@ def portable(text: str, places: dict[str, str]) -> str:
     for path in sorted(places, key=len, reverse=True):
         text = text.replace(path, places[path])
     return text
+
+
+def name_places(ledger: Path, places: dict[str, str]) -> None:
+    """Rewrite a ledger written before paths were named by place (its settings would differ from today's only in
+    how the teacher's path is spelt, and the ledger would refuse to resume)."""
+    from fslm.files import atomic_write_text
+
+    if ledger.is_file():
+        text = ledger.read_text(encoding="utf-8")
+        if portable(text, places) != text:
+            atomic_write_text(ledger, portable(text, places))
 
 
 def sync_files(part: Path, folder: Path, places: dict[str, str]) -> None:

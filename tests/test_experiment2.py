@@ -188,3 +188,15 @@ def test_diagnosis_reads_the_stacks_chains_and_rescoring_them_reproduces_the_eva
     lm = FslmLM(stack=str(stack), system="stack")
     task = results["systems"]["stack"]["tasks"]["arc_easy"]
     assert diagnosis.answer_accuracy(lm, chosen, chains) == round(task["accuracy"], 4)
+
+
+def test_a_ledger_written_before_places_were_named_resumes(tmp_path):
+    """A ledger that spells the teacher's path absolutely (written before --sync named places) is rewritten with the
+    place names, so the same settings compare equal instead of being refused as another experiment's."""
+    script = _script()
+    home = os.path.expanduser("~")
+    ledger = tmp_path / "ledger.json"
+    ledger.write_text(json.dumps({"settings": {"teacher": f"{home}/.cache/t.gguf", "seed": 0}}))
+    script.name_places(ledger, {home: "~"})
+    assert json.loads(ledger.read_text())["settings"] == {"teacher": "~/.cache/t.gguf", "seed": 0}
+    script.Ledger(ledger, {"teacher": "~/.cache/t.gguf", "seed": 0})  # resumes: no error
