@@ -12,9 +12,9 @@ validation loss on the same held-out records. Goal: >= 1.3x the naive tokens/s a
     # float32 vs bf16 on the same records and steps
     python benchmarks/train_throughput.py --alpaca DATA_DIR/alpaca/alpaca_data_200.json --precision
     # a grid, each setting in a fresh process (tokens/s, validation loss, peak RSS): gradient checkpointing on/off x
-    # batch sizes x precisions x allocators, on one stage's records of a trained stack's distilled file
+    # batch sizes x precisions x allocators x LoRA dropouts, on one stage's records of a distilled file
     python benchmarks/train_throughput.py --data QS/distilled.jsonl --grid --batch-sizes 2,4,8 \
-        --checkpointing on,off --precisions auto --allocators system,tcmalloc --steps 6
+        --checkpointing on,off,auto --precisions auto --allocators system,tcmalloc --dropouts 0.05,0 --steps 6
     options: --base smollm2-135m-instruct (or a local HF dir) --records 200 --steps 20 --batch-size 4
              --out benchmarks/results/train_throughput.json
 """
@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--checkpointing", default="on,off", help="--grid: gradient checkpointing on, off, auto")
     parser.add_argument("--precisions", default="auto", help="--grid: auto, fp32, bf16 (comma list)")
     parser.add_argument("--allocators", default="system", help="--grid: FSLM_ALLOCATOR values (system, tcmalloc)")
+    parser.add_argument("--dropouts", default="0", help="--grid: LoRA dropout values (stack.yaml's lora.dropout)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.grid:
@@ -101,6 +102,11 @@ def main() -> None:
         else:
             n = first_records(args.data, data, args.records)
             name, source = args.stage or config.final_stage.name, args.data
+        setting = json.loads(args.child) if args.child else {}
+        if setting.get("dropout") is not None:  # the grid's LoRA dropout axis: as if stack.yaml said so
+            from fslm.config import update_config
+
+            update_config(directory, lambda doc: doc["lora"].__setitem__("dropout", setting["dropout"]))
         stack = Stack.load(directory)
         records, _ = read_distilled(data)
         train_recs, val_recs = split_validation(records, 0.1, args.seed)
@@ -118,7 +124,6 @@ def main() -> None:
             eval_each_epoch=False,
         )
         if args.child:
-            setting = json.loads(args.child)
             runs = {
                 "child": TrainOptions(
                     **{**common, "batch_size": setting["batch_size"]},
@@ -151,6 +156,7 @@ def main() -> None:
                 "steps": t.steps,
                 "wall_seconds": round(time.perf_counter() - start, 2),
                 "checkpoint_every_n_layers": extra.get("checkpoint_every_n_layers"),
+                "micro_batch": extra.get("micro_batch"),
             }
     from fslm.precision import bf16_support
 
@@ -224,13 +230,15 @@ def grid(args: argparse.Namespace) -> None:
         args.checkpointing.split(","),
         args.precisions.split(","),
         [int(b) for b in args.batch_sizes.split(",")],
+        [float(d) for d in args.dropouts.split(",")],
     )
     rows = []
     print(
-        f"{'allocator':<10} {'ckpt':<5} {'precision':<9} {'batch':>5} {'tokens/s':>9} {'val loss':>9} {'peak MiB':>9}"
+        f"{'allocator':<10} {'dropout':>7} {'ckpt':<5} {'precision':<9} {'batch':>5} {'micro':>5} {'tokens/s':>9} "
+        f"{'val loss':>9} {'peak MiB':>9}"
     )
-    for allocator, checkpointing, precision, batch in combos:
-        setting = {"batch_size": batch, "checkpointing": checkpointing, "precision": precision}
+    for allocator, checkpointing, precision, batch, dropout in combos:
+        setting = {"batch_size": batch, "checkpointing": checkpointing, "precision": precision, "dropout": dropout}
         cmd = [sys.executable, __file__, *source, "--base", args.base, "--records", str(args.records),
                "--steps", str(args.steps), "--lr", str(args.lr), "--seed", str(args.seed),
                "--max-length", str(args.max_length), "--child", json.dumps(setting)]  # fmt: skip
@@ -244,7 +252,7 @@ def grid(args: argparse.Namespace) -> None:
             continue
         row = {"allocator": allocator, **setting, **json.loads(done.stdout.strip().splitlines()[-1])}
         rows.append(row)
-        print(f"{allocator:<10} {checkpointing:<5} {precision:<9} {batch:>5} "
+        print(f"{allocator:<10} {dropout:>7g} {checkpointing:<5} {precision:<9} {batch:>5} {row['micro_batch'] or batch:>5} "
               f"{row['tokens_per_second']:>9,.1f} {row['val_loss']:>9.4f} {row['peak_rss_mib']:>9,.0f}")  # fmt: skip
     result = {
         "benchmark": "train_throughput_grid",

@@ -95,7 +95,7 @@ class LoraSettings(_Strict):
 
     r: int = Field(16, ge=1, le=1024)
     alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(min_length=1)
 
 

@@ -88,7 +88,7 @@ def preload_allocator(argv: Sequence[str]) -> None:
     """Restart a training command under tcmalloc when it is installed (Linux; `FSLM_ALLOCATOR` chooses).
 
     Why: glibc's heap keeps most of what a training step frees, and no setting of it both bounds that and keeps
-    the step's speed; tcmalloc reuses freed blocks, and its steps are no slower (docs/train.md, "Memory"). A malloc can
+    the step's speed; tcmalloc reuses freed blocks, and its steps are faster (docs/train.md, "Speed on a CPU"). A malloc can
     only be chosen before a process starts, so the command re-executes itself once with `LD_PRELOAD`; `argv` is the
     command line after the program name.
     """

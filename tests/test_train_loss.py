@@ -16,6 +16,7 @@ from test_train import write_distilled
 from transformers import Trainer
 
 from fslm import Stack
+from fslm.config import update_config
 from fslm.steps.train import TrainOptions, train
 from fslm.steps.train.batches import PadCollator
 from fslm.steps.train.examples import IGNORE_INDEX, Examples
@@ -101,6 +102,7 @@ def test_gradient_checkpointing_trains_the_same_adapter(tiny_stack, tmp_path, mo
     """Recomputing the activations (with LoRA dropout on: the RNG state is restored) gives the adapter that keeping
     them gives; afterwards the base is back to plain inference (no checkpointing, no input-grad hook)."""
     _, directory = tiny_stack
+    update_config(directory, lambda doc: doc["lora"].__setitem__("dropout", 0.1))  # new stacks have none
     data = write_distilled(tmp_path / "d.jsonl", n=12)
     calls = []
     real = transformers.modeling_utils.checkpoint

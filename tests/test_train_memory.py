@@ -18,8 +18,13 @@ def nothing_resident(monkeypatch):
     monkeypatch.setattr(memory, "resident_bytes", lambda: 0)
 
 
-def per_layer_mib(tokens: int) -> float:
-    return tokens * (576 + 1536) * memory.FLOATS_PER_WIDTH * 4 / 2**20
+def per_layer_mib(tokens: int, floats: float = memory.FLOATS_PER_WIDTH) -> float:
+    return tokens * (576 + 1536) * floats * 4 / 2**20
+
+
+def gib(activation_mib: float) -> float:
+    """A budget with room for a step's fixed overhead and `activation_mib` of activations."""
+    return (memory.STEP_OVERHEAD_MIB + activation_mib) / 1024
 
 
 def test_longest_batch_is_the_longest_examples_padded_together():
@@ -35,23 +40,23 @@ def test_off_when_the_longest_batch_fits():
 
 
 def test_micro_batches_before_checkpointing():
-    budget = per_layer_mib(1600) * 10 / 1024  # a batch of 4 x 400 tokens: room for 10 of 30 layers' activations
+    budget = gib(per_layer_mib(1600) * 10)  # a batch of 4 x 400 tokens: room for 10 of 30 layers' activations
     plan = plan_step(CONFIG, [400] * 8, 4, budget_gib=budget)
     assert plan.micro_batch == 1 and plan.every_n_layers is None  # 1 x 400 tokens: all 30 layers fit
     assert "micro-batches of 1" in plan.describe(4)
-    budget = per_layer_mib(1600) * 16 / 1024  # 2 x 400 fits, 4 x 400 does not
+    budget = gib(per_layer_mib(1600) * 16)  # 2 x 400 fits, 4 x 400 does not
     assert plan_step(CONFIG, [400] * 8, 4, budget_gib=budget).micro_batch == 2
 
 
 def test_every_layer_when_not_even_one_example_fits():
-    budget = per_layer_mib(400) * 10 / 1024  # one example of 400 tokens: room for 10 of 30 layers
+    budget = gib(per_layer_mib(400) * 10)  # one example of 400 tokens: room for 10 of 30 layers
     plan = plan_step(CONFIG, [400] * 8, 4, budget_gib=budget)
     assert plan.every_n_layers == 1 and plan.checkpointed_layers == 30
     assert plan.micro_batch == 4  # checkpointing every layer anyway: whole batches
 
 
 def test_as_few_checkpointed_layers_as_the_budget_allows():
-    budget = per_layer_mib(400) * 24.5 / 1024  # one example: room for 24 of 30 layers
+    budget = gib(per_layer_mib(400) * 24.5)  # one example: room for 24 of 30 layers
     plan = plan_step(CONFIG, [400] * 8, 1, budget_gib=budget)
     assert plan.every_n_layers is not None
     assert plan.layers - plan.checkpointed_layers <= 24  # fits
@@ -60,15 +65,24 @@ def test_as_few_checkpointed_layers_as_the_budget_allows():
 
 
 def test_resident_memory_counts_against_the_budget(monkeypatch):
-    budget = per_layer_mib(400) * 31 / 1024  # the whole batch's activations fit in an empty process
+    budget = gib(per_layer_mib(400) * 31)  # the whole batch's activations fit in an empty process
     assert plan_step(CONFIG, [100] * 4, 4, budget_gib=budget).micro_batch == 4
-    monkeypatch.setattr(memory, "resident_bytes", lambda: int(budget * 2**30 * 0.9))
+    monkeypatch.setattr(memory, "resident_bytes", lambda: int(per_layer_mib(400) * 29 * 2**20))
     plan = plan_step(CONFIG, [100] * 4, 4, budget_gib=budget)
     assert plan.micro_batch < 4 or plan.checkpointed_layers > 0
 
 
+def test_lora_dropout_counts_as_activations():
+    """Dropout keeps each adapted projection's dropped input and mask: the same budget fits a smaller micro-batch."""
+    budget = gib(per_layer_mib(1600) * 30)  # 4 x 400 tokens fit without dropout
+    assert plan_step(CONFIG, [400] * 8, 4, budget_gib=budget).micro_batch == 4
+    plan = plan_step(CONFIG, [400] * 8, 4, budget_gib=budget, dropout=0.05)
+    assert plan.micro_batch == 2 and plan.every_n_layers is None
+    assert plan.activation_mib == pytest.approx(per_layer_mib(800, memory.FLOATS_PER_WIDTH_DROPOUT) * 30)
+
+
 def test_on_off_auto_and_the_old_booleans():
-    assert TrainOptions().gradient_checkpointing == "on"  # auto is opt-in until it is measured faster
+    assert TrainOptions().gradient_checkpointing == "auto"  # measured fastest within the budget (docs/train.md)
     assert TrainOptions(gradient_checkpointing=True).gradient_checkpointing == "on"
     assert TrainOptions(gradient_checkpointing=False).gradient_checkpointing == "off"
     with pytest.raises(ValueError):

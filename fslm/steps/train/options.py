@@ -52,11 +52,11 @@ class TrainOptions(Options):
         "else float32; LoRA weights, optimizer state and saved adapters stay float32.",
     )
     gradient_checkpointing: Literal["auto", "on", "off"] = Field(
-        "on",
-        description="on: keep only each layer's input and recompute the rest in the backward pass (half as much "
-        "compute again, a fraction of the activation memory; same loss and gradients); off: keep every activation; "
-        "auto (experimental): the largest micro-batch that fits --memory-budget without checkpointing, else as few "
-        "checkpointed layers as fit (docs/train.md, Memory).",
+        "auto",
+        description="auto: the largest micro-batch that fits --memory-budget without checkpointing (gradients "
+        "accumulate to the same update), else as few checkpointed layers as fit (docs/train.md, Memory); on: keep "
+        "only each layer's input and recompute the rest in the backward pass (least memory, half as much compute "
+        "again); off: keep every activation of whole batches. The same loss and gradients each way.",
     )
     memory_budget: float = Field(
         2.0, gt=0.0, description="GiB of resident memory a training process may use (what auto checkpointing sizes to)."

@@ -220,7 +220,7 @@ class _Training:
         lengths = [len(e["input_ids"]) for e in examples.train]
         config = self.base.config
         if choice == "auto" and self.base.device.type == "cpu":
-            plan = plan_step(config, lengths, batch, self.options.memory_budget)
+            plan = plan_step(config, lengths, batch, self.options.memory_budget, self.config.lora.dropout)
             if self.is_main:
                 log.info("%s: %s", name, plan.describe(batch))
             return plan
