@@ -46,6 +46,30 @@ def release() -> bool:
     return bool(libc.malloc_trim(0)) if libc is not None else False
 
 
+def return_free_memory() -> None:
+    """Hand every free page back to the OS, whichever malloc holds it, so resident memory says what the process uses.
+
+    For what reads resident memory to decide (`--gradient-checkpointing auto`, once per adapter): tcmalloc keeps what
+    an adapter's steps freed, and the next adapter would see a full budget. Not per step: that tcmalloc keeps the pages
+    is what makes its steps fast.
+    """
+    release()
+    tcmalloc = _tcmalloc_release()
+    if tcmalloc is not None:
+        tcmalloc()
+
+
+@functools.cache
+def _tcmalloc_release() -> Any:
+    """tcmalloc's `MallocExtension_ReleaseFreeMemory` when the process runs under it (preloaded), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None).MallocExtension_ReleaseFreeMemory
+    except (OSError, AttributeError):
+        return None
+
+
 THP_ENV = "THP_MEM_ALLOC_ENABLE"
 THP_SYSFS = "/sys/kernel/mm/transparent_hugepage/enabled"
 

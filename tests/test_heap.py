@@ -45,6 +45,42 @@ def test_release_returns_freed_heap_pages():
     assert released == "True" and after < freed - 192  # malloc_trim gave it back
 
 
+TCMALLOC_CHILD = r"""
+import torch
+from fslm import heap
+
+def rss_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+
+blocks = [torch.ones(4 << 20, dtype=torch.uint8) for _ in range(64)]  # 256 MiB
+before = rss_mib()
+del blocks
+freed = rss_mib()
+heap.return_free_memory()
+print(before, freed, rss_mib())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux only")
+def test_return_free_memory_empties_tcmallocs_cache():
+    """Under tcmalloc, freed blocks stay resident (its speed) until return_free_memory hands them back, so the
+    resident memory that --gradient-checkpointing auto reads before each adapter is what is in use."""
+    from fslm import heap
+
+    library = heap.allocator_library("auto")
+    if library is None:  # .ci/run installs it (Debian: libtcmalloc-minimal4)
+        skip_or_fail("tcmalloc is not installed (Debian: libtcmalloc-minimal4)")
+    env = {**os.environ, "LD_PRELOAD": library, "THP_MEM_ALLOC_ENABLE": "0"}
+    out = subprocess.run(
+        [sys.executable, "-c", TCMALLOC_CHILD], capture_output=True, text=True, check=True, env=env, timeout=120
+    )
+    before, freed, after = (float(x) for x in out.stdout.split())
+    assert freed > before - 64  # tcmalloc kept the freed 256 MiB
+    assert after < freed - 192  # and gave it back when asked
+
+
 HUGE = r"""
 import os
 import fslm

@@ -220,6 +220,7 @@ class _Training:
         lengths = [len(e["input_ids"]) for e in examples.train]
         config = self.base.config
         if choice == "auto" and self.base.device.type == "cpu":
+            heap.return_free_memory()  # what an earlier adapter's steps freed is not in use
             plan = plan_step(config, lengths, batch, self.options.memory_budget, self.config.lora.dropout)
             if self.is_main:
                 log.info("%s: %s", name, plan.describe(batch))
