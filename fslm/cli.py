@@ -800,7 +800,7 @@ def quickstart(
     teacher_backend: str = flag(QuickstartOptions, "teacher_backend"),
     filters: str = flag(QuickstartOptions, "filters"),
 ) -> None:
-    """The whole pipeline on the embedded model, offline: init, distill, train, run, eval (19-21 min on 2 CPU cores)."""
+    """The whole pipeline on the embedded model, offline: init, distill, train, run, eval (6-7 min on 2 CPU cores)."""
     # The figure is the README's, measured there; tests/test_new_user.py keeps the two equal.
     options = QuickstartOptions.pick(locals())
     with EventView() as view:

@@ -37,6 +37,10 @@ def test_quickstart_runs_five_steps_and_resumes(tmp_path):
     assert set(results["systems"]) == {"base", "single", "stack"}
     assert results["systems"]["stack"]["tasks"]["mmlu"]["n"] == 3
     assert (out / "eval-data" / "mmlu" / "test").is_dir()
+    from fslm.stackdir import StackDir
+
+    config = StackDir(out / "stack").load()  # the stages' budgets are the targets' (--teacher-tokens), not the recipe's
+    assert [s.generation.max_new_tokens for s in config.stages] == [4, 4, 4, 4]
     adapter = out / "stack" / "adapters" / "single" / "adapter_model.safetensors"
     mtime = adapter.stat().st_mtime_ns
 
