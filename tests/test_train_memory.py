@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import mmap
+import os
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -89,3 +92,22 @@ def test_on_off_auto_and_the_old_booleans():
         TrainOptions(gradient_checkpointing="sometimes")
     # the setting never changes the adapter, so a resumed run may change it
     assert TrainOptions(gradient_checkpointing="auto").fingerprint() == TrainOptions(memory_budget=8).fingerprint()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is Linux only")
+def test_resident_memory_is_the_processs_own_not_mapped_files(monkeypatch, tmp_path):
+    """Touching a memory-mapped file (as the weights are) raises the resident set but not what auto counts: a
+    training step touches every weight anyway, so counting them after the first adapter double-counted them."""
+    monkeypatch.undo()  # the real resident_bytes, not the autouse fixture's 0
+    path = tmp_path / "weights.bin"
+    path.write_bytes(os.urandom(64 << 20))
+    before_own, before_all = memory.resident_bytes(), _rss()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        assert sum(mapped[i] for i in range(0, len(mapped), 4096)) >= 0  # touch every page
+        grown_all, grown_own = _rss() - before_all, memory.resident_bytes() - before_own
+    assert grown_all > 48 << 20 and grown_own < 16 << 20
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

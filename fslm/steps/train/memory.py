@@ -25,10 +25,11 @@ from typing import Any
 # values; docs/train.md, "Memory"); both rounded up.
 FLOATS_PER_WIDTH = 6.0
 FLOATS_PER_WIDTH_DROPOUT = 8.5
-# What a step holds besides the activations, whatever its length: the LoRA's gradients and optimizer state, the loss's
-# logits slices, the allocator's working set. Measured as above: the peak extrapolated to 0 tokens (1,211 MiB) minus
-# what the process held before training (619 MiB); rounded up.
-STEP_OVERHEAD_MIB = 600
+# What a step holds besides the activations, whatever its length: the file-backed pages it touches (the memory-mapped
+# weights, the libraries' code), the LoRA's gradients and optimizer state, the loss's logits slices, the allocator's
+# working set. Measured as above: the peak extrapolated to 0 tokens (1,211 MiB) minus the anonymous memory the process
+# held before training (387 MiB); rounded up.
+STEP_OVERHEAD_MIB = 850
 GIB = 1024**3
 
 
@@ -58,12 +59,18 @@ class StepPlan:
 
 
 def resident_bytes() -> int:
-    """This process's resident memory now (Linux /proc; 0 where it cannot be read, which makes auto optimistic)."""
+    """This process's anonymous resident memory now: what its own allocations hold (Linux /proc; 0 where it cannot be
+    read, which makes auto optimistic). Not the file-backed pages (the memory-mapped weights, the libraries' code):
+    a training step touches all of them anyway, so STEP_OVERHEAD_MIB counts them, and after one adapter they are
+    already resident; counting them here too made every later adapter of a process checkpoint."""
     try:
-        with open(f"/proc/{os.getpid()}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open(f"/proc/{os.getpid()}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
-        return 0
+        pass
+    return 0
 
 
 def longest_batch_tokens(lengths: list[int], batch_size: int) -> int:
