@@ -419,12 +419,14 @@ def probe_teacher(args: argparse.Namespace, out: Path, stack: Any, sources: dict
 
 def probe_train(stack: Any, data: Path, batch_size: int, steps: int = 3) -> dict:
     """Example lengths per adapter (from the probe's records) and seconds of one optimizer step on the answer stage's
-    longest examples, as `fslm train` takes it (LoRA, gradient checkpointing, the sliced loss), on PyTorch."""
+    longest examples, as `fslm train` takes it (LoRA, the sliced loss, and the micro-batches and checkpointing its
+    default `--gradient-checkpointing auto` picks at the default memory budget), on PyTorch."""
     import time
 
     import torch
     from peft import get_peft_model
 
+    from fslm import heap
     from fslm.distilled import read_distilled
     from fslm.errors import FslmError
     from fslm.stack import Stack
@@ -432,6 +434,8 @@ def probe_train(stack: Any, data: Path, batch_size: int, steps: int = 3) -> dict
     from fslm.steps.train.batches import PadCollator
     from fslm.steps.train.examples import build_examples
     from fslm.steps.train.loss import target_token_loss
+    from fslm.steps.train.memory import plan_step
+    from fslm.steps.train.options import TrainOptions
     from fslm.steps.train.trainer import lora_config
 
     loaded = Stack.load(stack.root, backend="torch")
@@ -450,23 +454,32 @@ def probe_train(stack: Any, data: Path, batch_size: int, steps: int = 3) -> dict
     tok = loaded.backend.tokenizer
     batch = PadCollator(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)(batch_examples)
     model = get_peft_model(loaded.backend.release_adapters(), lora_config(loaded.config.lora))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
+    heap.return_free_memory()
+    budget = TrainOptions().memory_budget
+    plan = plan_step(
+        model.config, [len(e["input_ids"]) for e in examples], batch_size, budget, loaded.config.lora.dropout
+    )
+    if plan.every_n_layers is not None:
+        model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=plan.every_n_layers)
+        model.enable_input_require_grads()
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     head = model.get_output_embeddings()
+    micro = [{k: v[i : i + plan.micro_batch] for k, v in batch.items()} for i in range(0, batch_size, plan.micro_batch)]
+    targets = int(batch["labels"][:, 1:].ne(-100).sum())
     seconds = []
     for _ in range(steps):
         start = time.perf_counter()
-        loss, _ = target_token_loss(model, head, batch)
-        loss.backward()
+        for part in micro:  # gradients accumulate to the whole batch's, as the Trainer's
+            loss, _ = target_token_loss(model, head, part, num_items_in_batch=targets)
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seconds.append(time.perf_counter() - start)
     tokens = int(batch["attention_mask"].sum())
     step = sum(seconds[1:]) / max(len(seconds) - 1, 1)
     return {"lengths": lengths, "batch_tokens": tokens, "seconds_per_step": round(step, 2),
-            "tokens_per_second": round(tokens / step, 1)}  # fmt: skip
+            "tokens_per_second": round(tokens / step, 1), "step_plan": plan.describe(batch_size)}  # fmt: skip
 
 
 def probe_eval(args: argparse.Namespace, out: Path, stack: Any, stage_tokens: int) -> dict:
@@ -589,7 +602,7 @@ def plan(args: argparse.Namespace, out: Path, stack: Any, sources: dict[str, Any
     total = sum(r[3] for r in rows)
     lines = [
         f"Plan of `experiment2.py --regime {args.regime}` (measured {teacher['questions']} teacher questions, "
-        f"{train['batch_tokens']}-token training steps, 8 eval questions per system on this machine; kept share "
+        f"{train['batch_tokens']}-token training steps ({train['step_plan']}), 8 eval questions per system on this machine; kept share "
         f"{kept_share:.0%} {'given' if args.kept_share is not None else 'from the probe'}; {steps} optimizer steps "
         f"per adapter = {args.epochs} epoch of {train_records} records):",
         "",
