@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the samples and of training")
     p.add_argument("--systems", default="base,single,multitask,stack")
     p.add_argument("--tasks", default="arc_easy,arc_challenge,openbookqa,mmlu")
-    p.add_argument("--eval-limit", type=int, default=1000, help="items per task (seeded); full set when smaller")
+    p.add_argument(
+        "--eval-limit", type=int, default=1172, help="items per task (seeded; 1,172: all of ARC-Challenge's test split)"
+    )
     p.add_argument("--eval-seed", type=int, default=1234)
     p.add_argument("--eval-extra", default="{}", help="JSON of further EvalOptions fields (scoring modes, ...)")
     p.add_argument("--publish", action="store_true", help="copy results to docs/results/ and data to data/ (real runs)")
@@ -151,6 +154,7 @@ def merge(parts: list[Path], out: Path, data_dir: Path | None = None) -> dict[st
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # a stop (kill, a session's end) still adds the step's seconds
     from fslm.cli import EventView, err
     from fslm.config import update_config
     from fslm.errors import FslmError
@@ -631,6 +635,10 @@ def plan(args: argparse.Namespace, out: Path, stack: Any, sources: dict[str, Any
 def part_files(part: Path) -> list[Path]:
     """A distilled part and what resumes it: the rows, the rejected rows, the manifest (the cache is optional)."""
     return [part, part.with_name(part.name + ".rejected.jsonl"), part.with_name(part.name + ".manifest.json")]
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def portable(text: str, places: dict[str, str]) -> str:
