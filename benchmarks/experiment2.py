@@ -331,14 +331,15 @@ def main(argv: list[str] | None = None) -> int:
                 err.print(f"[bold cyan]experiment2 ({args.regime}): {name}[/]")
                 ledger.step(name, fn)
                 ledger.finish(name)
-                if args.sync is not None:
-                    args.sync.mkdir(parents=True, exist_ok=True)
-                    (args.sync / "ledger.json").write_text(portable((out / "ledger.json").read_text(), places))
             if name == args.until:
                 break
     except FslmError as e:
         err.print(f"[red]error:[/] {e}")
         return 2
+    finally:  # also when stopped: the committed ledger then has the interrupted step's seconds too
+        if args.sync is not None and (out / "ledger.json").is_file():
+            args.sync.mkdir(parents=True, exist_ok=True)
+            (args.sync / "ledger.json").write_text(portable((out / "ledger.json").read_text(), places))
     if ledger.done("eval"):
         write_summary(out, ledger.data, args)  # again: the ledger now counts the eval step's time too
         if args.publish:
@@ -717,4 +718,8 @@ def publish(out: Path, ledger: dict[str, Any], args: argparse.Namespace, places:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the ledger has the step's seconds, the parts resume
+        print("experiment2: interrupted; the same command resumes", file=sys.stderr)
+        sys.exit(130)
