@@ -707,6 +707,7 @@ def eval_cmd(
     gen_tokens: int | None = flag(EvalOptions, "gen_tokens", min=1),
     bootstrap: int = flag(EvalOptions, "bootstrap", min=100),
     precision: str = flag(EvalOptions, "precision"),
+    backend: str | None = flag(EvalOptions, "backend"),
 ) -> None:
     """Score base model vs single adapter vs stack on offline benchmarks (lm-evaluation-harness)."""
     _grant(trust_remote_code)

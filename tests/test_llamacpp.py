@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import CORPUS, make_adapter
+from conftest import CORPUS, make_adapter, make_benchmark_dir
 from typer.testing import CliRunner
 
 from fslm.backends.llamacpp import LlamaCppBackend
@@ -449,3 +450,67 @@ def test_sampling_runs_in_llama_cpp_and_is_seeded(exported):
     assert greedy[0] == greedy[1] and first[0][0] != greedy[0][0]  # sampling on: not the greedy text
     pinned = settings.model_copy(update={"seed": 3})  # GenerationSettings.seed wins over the backend's
     assert draw(7, pinned) == draw(8, pinned)
+
+
+def test_score_matches_torch(exported, torch_stack):
+    """lm-eval's loglikelihood on llama.cpp (a question's choices sharing one context's cells, several questions per
+    decode, a small KV cache that splits the questions into waves, and a context longer than the model's that is
+    left-truncated) equals the torch backend's: log-probabilities within float rounding, the same greedy flags."""
+    tb = torch_stack.backend
+    lb = LlamaCppBackend.from_gguf(
+        exported / "gguf" / "base.gguf",
+        tb.tokenizer,
+        {"answer": exported / "gguf" / "answer.lora.gguf"},
+        type_k=0,
+        type_v=0,
+        flash_attn_type=0,
+        n_ctx=256,  # a 300-token context cannot fit: it is truncated to the last 255 tokens, as torch does
+        max_sequences=6,
+    )
+    ids = _token_ids(tb.tokenizer)
+    requests = []
+    for q in range(5):  # 5 questions of 4 choices, contexts of different lengths, 1- to 4-token continuations
+        ctx = ids[q : 12 + 7 * q]
+        requests += [(ctx, ids[40 + c : 41 + c + (c + q) % 4]) for c in range(4)]
+    greedy_ctx = ids[:20]
+    with torch.inference_mode(), tb.use_adapter(None):
+        top = int(tb.model(torch.tensor([greedy_ctx])).logits[0, -1].argmax())
+    requests.append((greedy_ctx, [top]))  # greedy by construction
+    long_ctx = (ids * 5)[:300]
+    requests.append((long_ctx, ids[:3]))
+    # what llama.cpp's 256 cells may hold of it: the last 257 tokens, the last 3 of them the continuation
+    reference = [*requests[:-1], (long_ctx[-254:], ids[:3])]
+    try:
+        assert lb.can("score")
+        for adapter in (None, "answer"):
+            expect = tb.score(reference, adapter)
+            got = lb.score(requests, adapter)
+            assert len(got) == len(requests)
+            for (e, eg), (g, gg) in zip(expect, got, strict=True):
+                assert abs(e - g) < 5e-3, (adapter, e, g)
+                assert eg == gg
+            assert adapter is not None or (got[-2][1] and not all(g for _, g in got))
+            assert lb.stats["decode_calls"] > 2  # the small cache made several waves
+        assert lb.parameter_count({"answer"}) > lb.parameter_count(set())
+    finally:
+        lb.close()
+
+
+def test_a_stack_on_a_bare_gguf_evaluates_on_llamacpp(tmp_path, exported):
+    """A stack whose base is a GGUF file and that has no export (a teacher's, as experiment 2's teacher row builds
+    it) loads on llama.cpp as that bare file, and its eval row scores every item as the torch backend does."""
+    from fslm.steps.evaluate import EvalOptions, evaluate
+
+    init(tmp_path / "teacher", InitOptions(base=str(exported / "gguf" / "base.gguf")))
+    data = make_benchmark_dir(tmp_path / "bench")
+    options = EvalOptions(data_dir=data, tasks=["arc_easy"], systems=["base"], limit=6)
+    torch_row = evaluate(tmp_path / "teacher", tmp_path / "eval-torch", options).results
+    args = ["eval", str(tmp_path / "teacher"), "--data-dir", str(data), "--tasks", "arc_easy", "--systems", "base"]
+    result = CliRunner().invoke(app, [*args, "--limit", "6", "--backend", "llamacpp", "--out", str(tmp_path / "e")])
+    assert result.exit_code == 0, result.output
+    llama_row = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert "backend" not in torch_row and llama_row["backend"] == "llamacpp"  # part of each row's key
+    assert llama_row["systems"]["base"]["items"] == torch_row["systems"]["base"]["items"]
+    assert llama_row["systems"]["base"]["tasks"]["arc_easy"]["n"] == 6
+    bad = CliRunner().invoke(app, [*args, "--backend", "vllm", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "backend" in bad.output

@@ -155,6 +155,6 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
 
 BACKEND_CAPABILITIES = {
     "torch": frozenset({GENERATE, SCORE, TRAIN}),
-    "llamacpp": frozenset({GENERATE}),
+    "llamacpp": frozenset({GENERATE, SCORE}),
     "openai": frozenset({GENERATE}),
 }

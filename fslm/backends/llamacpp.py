@@ -29,7 +29,7 @@ import json
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from fslm import models
-from fslm.backends import Backend, Completion, TextCallback, cut_at_stop, fit_to_context
+from fslm.backends import GENERATE, SCORE, Backend, Completion, TextCallback, cut_at_stop, fit_to_context
 from fslm.config import BaseModelSettings, GenerationSettings
 from fslm.errors import FslmError
 from fslm.files import sha256_file
@@ -92,6 +92,7 @@ def avoid_amx() -> None:
 
 class LlamaCppBackend(Backend):
     name = "llamacpp"
+    capabilities = frozenset({GENERATE, SCORE})
 
     def __init__(
         self,
@@ -209,14 +210,19 @@ class LlamaCppBackend(Backend):
         **llama_kwargs: Any,
     ) -> LlamaCppBackend:
         """The exported stack in `stack_dir/gguf/` (base.gguf + manifest.json; adapters come via add_adapter), or
-        the bare GGUF file `gguf` (a teacher: no export, no adapters), each with the HF tokenizer of the base."""
+        the bare GGUF file `gguf` (a teacher: no export, no adapters), each with the HF tokenizer of the base. A
+        stack without an export whose base is itself a GGUF file (a teacher's stack, an untrained stack on the
+        embedded model) runs that file bare: an adapter then asks for an export."""
+        out = Path(stack_dir) / GGUF_DIR if stack_dir is not None else None
+        manifest = out / "manifest.json" if out is not None else None
+        if gguf is None and (manifest is None or not manifest.is_file()):
+            ref = models.resolve(settings.model, stack_dir)
+            gguf = ref.location if ref.kind == "gguf" else None
         if gguf is not None:
             tokenizer = models.load_tokenizer(models.resolve(settings.model, stack_dir), settings)
             return cls(gguf, tokenizer, settings.prompt_format, **llama_kwargs)
-        if stack_dir is None:
+        if out is None or manifest is None:
             raise FslmError("the llamacpp backend needs a stack directory with an export (fslm export DIR)")
-        out = Path(stack_dir) / GGUF_DIR
-        manifest = out / "manifest.json"
         if not manifest.is_file():
             raise FslmError(f"{out}: no GGUF export; run `fslm export {stack_dir} --format gguf` first")
         try:
@@ -321,6 +327,138 @@ class LlamaCppBackend(Backend):
                 on_text(row.index, text[len(row.sent) :])
             results.append(Completion(cut_at_stop(text, settings.stop).strip(), len(row.ids), len(row.new)))
         return results
+
+    def score(
+        self, requests: Sequence[tuple[list[int], list[int]]], adapter: str | None, batch_size: int = 8
+    ) -> list[tuple[float, bool]]:
+        """Summed log-probability of each continuation after its context, and whether greedy decoding yields it
+        (lm-eval's loglikelihood), as the torch backend scores: float32 log-softmax, a context too long for the
+        model left-truncated. Requests sharing a context (a question's choices) evaluate it once: its cells are
+        shared (`llama_memory_seq_cp`) by one sequence per continuation, and several questions go through each
+        `llama_decode` together, within the row and KV-cell budgets. `batch_size` is not used: the budgets decide."""
+        groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+        limit = self.context_length
+        for i, (ctx, cont) in enumerate(requests):
+            cont = list(cont)[-limit:]
+            if not cont:
+                raise FslmError("scoring: an empty continuation has no log-probability")
+            if not ctx:
+                start = self._bos()
+                if start is None:
+                    raise FslmError("scoring: a request without context, and the model has no BOS or EOS token")
+                ctx = [start]
+            whole = (list(ctx) + cont)[-(limit + 1) :]  # lm-eval's left truncation
+            groups.setdefault(tuple(whole[: len(whole) - len(cont)]), []).append((i, cont))
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        with self._lock:
+            self.use_adapter(adapter)
+            wave: list[tuple[tuple[int, ...], list[tuple[int, list[int]]]]] = []
+            for group in sorted(groups.items(), key=lambda g: (-len(g[0]), g[1][0][0])):
+                if wave and not self._wave_fits([*wave, group]):
+                    self._score_wave(wave, results)
+                    wave = []
+                wave.append(group)
+            if wave:
+                self._score_wave(wave, results)
+        return results
+
+    def _wave_fits(self, wave: list[tuple[tuple[int, ...], list[tuple[int, list[int]]]]]) -> bool:
+        """Questions scored together: one sequence per continuation, their cells within the free KV cache, and
+        about two batches of tokens (more gains little on a CPU and holds more logits)."""
+        rows = sum(len(m) for _, m in wave)
+        cells = sum(len(c) + sum(len(t) for _, t in m) for c, m in wave)
+        return rows <= self.max_sequences and cells <= min(2 * self.n_batch, self.kv_cells - self._held())
+
+    def _score_wave(
+        self, wave: list[tuple[tuple[int, ...], list[tuple[int, list[int]]]]], results: list[tuple[float, bool]]
+    ) -> None:
+        """Contexts first (the last position's logits kept), then every continuation but its last token on its own
+        copy of the context's sequence; each position's log-softmax is taken as soon as its batch is decoded."""
+        lc = self._lc
+        seqs = itertools.count()
+        plans = []  # (context, continuation, request index, sequence id)
+        for ctx, members in wave:
+            first = next(seqs)
+            plans.append((ctx, members, first, [first] + [next(seqs) for _ in members[1:]]))
+        if sum(len(c) + sum(len(t) for _, t in m) for c, m, *_ in plans) > self.kv_cells - self._held():
+            while self._evict(keep=None):
+                pass  # one long question: cached prefixes make room
+        picks: dict[tuple[int, int], np.ndarray] = {}  # (sequence, position) -> logits row (log-softmax)
+        try:
+            self._feed([(list(ctx), 0, first, {len(ctx) - 1}) for ctx, _, first, _ in plans], picks)
+            for ctx, _, first, ids in plans:
+                for seq in ids[1:]:
+                    lc.llama_memory_seq_cp(self._mem, first, seq, 0, len(ctx))
+            self._feed(
+                [(cont[:-1], len(ctx), seq, set(range(len(ctx), len(ctx) + len(cont) - 1)))
+                 for ctx, members, _, ids in plans for (_, cont), seq in zip(members, ids, strict=True)],
+                picks,
+            )  # fmt: skip
+        finally:
+            for _, _, _, ids in plans:
+                for seq in ids:
+                    lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        for ctx, members, first, ids in plans:
+            for (index, cont), seq in zip(members, ids, strict=True):
+                rows = [picks[(first, len(ctx) - 1)]] + [picks[(seq, len(ctx) + j)] for j in range(len(cont) - 1)]
+                total, greedy = 0.0, True
+                for row, token in zip(rows, cont, strict=True):
+                    total += float(row[token])
+                    greedy = greedy and int(row.argmax()) == token
+                results[index] = (total, greedy)
+
+    def _feed(
+        self,
+        parts: list[tuple[list[int], int, int, set[int]]],
+        picks: dict[tuple[int, int], np.ndarray],
+    ) -> None:
+        """Evaluate (tokens, first position, sequence, positions whose logits are wanted) in batches of n_batch; the
+        wanted rows are kept as float32 log-softmax."""
+        lc = self._lc
+        batch = self._batch
+        wanted: list[tuple[int, int, int]] = []  # (batch index, sequence, position)
+
+        def flush() -> None:
+            if batch.size == 0:
+                return
+            self._decode(batch)
+            for index, seq, pos in wanted:
+                logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx, index), shape=(self.n_vocab,))
+                top = logits.max()
+                picks[(seq, pos)] = logits - (top + np.log(np.exp(logits - top, dtype=np.float32).sum()))
+            wanted.clear()
+
+        for tokens, first, seq, keep in parts:
+            done = 0
+            while done < len(tokens):
+                n = min(len(tokens) - done, batch.capacity - batch.size)
+                start = batch.size
+                batch.add(tokens[done : done + n], first + done, seq, False)
+                for j in range(n):
+                    if first + done + j in keep:
+                        batch.logits[start + j] = 1
+                        wanted.append((start + j, seq, first + done + j))
+                done += n
+                if batch.size == batch.capacity:
+                    flush()
+        flush()
+        self._count_prompt(sum(len(t) for t, *_ in parts), sum(len(t) for t, *_ in parts))
+
+    def _bos(self) -> int | None:
+        """The token an empty context starts from (lm-eval: the end-of-text token when there is no BOS)."""
+        tok = self.tokenizer
+        return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+    def parameter_count(self, adapters: set[str]) -> int:
+        """Parameters touched per query: the base once plus the LoRA weights of each adapter used."""
+        total = int(self._lc.llama_model_n_params(self._model))
+        if adapters:
+            from gguf import GGUFReader
+
+            for name in adapters:
+                if name in self.adapters:
+                    total += sum(int(t.n_elements) for t in GGUFReader(self.adapters[name]).tensors)
+        return total
 
     # --- batched decoding -------------------------------------------------------------------------
 

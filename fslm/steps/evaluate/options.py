@@ -41,7 +41,7 @@ class EvalOptions(Options):
     stage_backend: Literal["auto", "torch", "llamacpp", "openai"] = Field(
         "auto",
         description="Where stages 1..N-1 generate: auto (llama.cpp when the base exports to GGUF, a server when "
-        "stack.yaml runs on one, else torch), torch, llamacpp, openai. The final stage scores on torch.",
+        "stack.yaml runs on one, else torch), torch, llamacpp, openai. The final stage scores on --backend.",
     )
     stage_batch: int | None = Field(
         None,
@@ -81,7 +81,11 @@ class EvalOptions(Options):
         description="PyTorch compute precision of scoring (and of stages generating on torch): fp32 (default: "
         "system=base matches lm-eval's hf model), bf16 (autocast), auto (bf16 where the hardware computes it natively).",
     )
-    backend: str | None = None
+    backend: Literal["torch", "llamacpp"] | None = Field(
+        None,
+        description="Where choices are scored: torch (default; lm-eval's hf model) or llamacpp (the GGUF export, "
+        "or a base that is itself a GGUF file, run bare: e.g. a teacher's row).",
+    )
 
     _lists = field_validator("tasks", "systems", mode="before")(comma_list)
 

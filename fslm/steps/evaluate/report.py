@@ -41,7 +41,11 @@ def results_json(
             "batch_size": options.batch_size,
             "padding_side": "right (scoring)",
             "logprob_dtype": "float32",
-            "compute": "bfloat16 autocast" if setup["precision"] == "bf16" else "float32",
+            "compute": "bfloat16 autocast"
+            if setup["precision"] == "bf16"
+            else "float32"
+            if setup.get("backend", "torch") == "torch"
+            else f"{setup['backend']}: the model file's own formats (a GGUF's quantisation)",
         },
         "tuning": tuning,
         "paired": [r.to_dict() for r in system_pairs(systems, options.tasks, options.bootstrap, options.seed)],

@@ -46,6 +46,7 @@ def setup(directory: Path, options: EvalOptions, stage_backend: str, data_hashes
     ensemble = {"chains": options.chains, "temperature": options.chain_temperature, "weight": options.ensemble_weight}
     return {
         "precision": resolve_precision(options.precision, "eval scoring"),
+        **({"backend": options.backend} if options.backend not in (None, "torch") else {}),  # torch rows keep keys
         "tasks": options.tasks,
         **({"split": options.split} if options.split != "test" else {}),  # test rows keep their earlier keys
         "limit": options.limit,
