@@ -93,7 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-teacher-row",
         dest="teacher_row",
         action="store_false",
-        help="skip the teacher's own row (the teacher GGUF scored on PyTorch, same items)",
+        help="skip the teacher's own row (the teacher scored on the same items, on llama.cpp with the default "
+        "--teacher-backend, else on PyTorch)",
     )
     p.add_argument(
         "--plan",
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (teacher_stack / "stack.yaml").is_file():
             init(teacher_stack, InitOptions(base=args.teacher))
         options = EvalOptions(data_dir=args.data_dir, tasks=args.tasks, systems=["base"], limit=args.eval_limit,
-                              seed=args.eval_seed)  # fmt: skip
+                              seed=args.eval_seed, backend=teacher_scoring(args))  # fmt: skip
         with EventView() as view:
             result = evaluate(teacher_stack, out / "eval-teacher", options, on_event=view)
         ledger.data["results_teacher"] = result.results
@@ -347,6 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def teacher_scoring(args: argparse.Namespace) -> str:
+    """The backend that scores the teacher's row: the one it distilled on where that can score (llama.cpp scores
+    a GGUF in its own quantisation, several times faster here than PyTorch over the same weights dequantised)."""
+    return "llamacpp" if args.teacher_backend == "llamacpp" else "torch"
+
+
 def write_summary(out: Path, ledger: dict[str, Any], args: argparse.Namespace) -> None:
     """OUT/summary.md: the section for docs/experiments.md (data, the eval's report, where the time went)."""
     from fslm.files import atomic_write_text
@@ -379,7 +386,6 @@ def write_summary(out: Path, ledger: dict[str, Any], args: argparse.Namespace) -
 
 ADAPTERS = ("stages", "single", "multitask")
 LORA_OVERHEAD = 1.2  # a system with a LoRA adapter scores ~1.2x the bare base's time (README, "Measured")
-TEACHER_COST = 11  # the 1.5B teacher's parameters over the 135M student's: its scoring time, roughly
 
 
 def done_so_far(out: Path, sources: dict[str, Any]) -> dict[str, int]:
@@ -418,6 +424,7 @@ def probe_teacher(args: argparse.Namespace, out: Path, stack: Any, sources: dict
         "seconds": round(r.seconds, 1),
         "seconds_per_question": round(r.seconds / max(r.selected - r.resumed, 1), 2),
         "kept_share": round(r.written_records / max(r.selected, 1), 3),
+        "cache_hits": r.cache_hits,  # 0: every question was timed
         "file": target,
     }
 
@@ -504,6 +511,22 @@ def probe_eval(args: argparse.Namespace, out: Path, stack: Any, stage_tokens: in
     }
 
 
+def probe_teacher_row(args: argparse.Namespace, out: Path) -> dict:
+    """Seconds a question of the teacher's own row (the campaign's teacher stack, its backend) on the same few
+    ARC-Easy items as `probe_eval`."""
+    from fslm.steps.evaluate import EvalOptions, evaluate
+    from fslm.steps.init import InitOptions, init
+
+    teacher_stack = out / "teacher-stack"
+    if not (teacher_stack / "stack.yaml").is_file():
+        init(teacher_stack, InitOptions(base=args.teacher))
+    backend = teacher_scoring(args)
+    options = EvalOptions(data_dir=args.data_dir, tasks=["arc_easy"], systems=["base"], limit=8,
+                          seed=args.eval_seed + 1, backend=backend)  # fmt: skip
+    row = evaluate(teacher_stack, out / "plan" / "eval-teacher", options).results["systems"]["base"]
+    return {"teacher_seconds_per_question": row["seconds_per_query"], "teacher_backend": backend}
+
+
 def eval_items(args: argparse.Namespace) -> dict[str, int]:
     """Test items per task the eval will score (its seeded subset, or the whole split when smaller)."""
     sizes = {"arc_easy": 2376, "arc_challenge": 1172, "openbookqa": 500, "mmlu": 14079}
@@ -512,8 +535,13 @@ def eval_items(args: argparse.Namespace) -> dict[str, int]:
 
 def plan(args: argparse.Namespace, out: Path, stack: Any, sources: dict[str, Any], policy: str, ledger: dict) -> dict:
     """Expected wall time of every step left, from rates measured now (module docstring: --plan)."""
+    import shutil
+
     from fslm.files import atomic_write_text
 
+    shutil.rmtree(
+        out / "plan", ignore_errors=True
+    )  # every rate measured now: an earlier plan's caches would time nothing
     done = done_so_far(out, sources)
     teacher = probe_teacher(args, out, stack, sources, policy)
     kept_share = args.kept_share if args.kept_share is not None else max(teacher["kept_share"], 0.05)
@@ -523,6 +551,8 @@ def plan(args: argparse.Namespace, out: Path, stack: Any, sources: dict[str, Any
     earlier = [s for s in stack.load().stage_names[:-1] if s in targets]
     stage_tokens = max(8, round(sum(targets[s]["mean"] for s in earlier) / max(len(earlier), 1)))
     ev = probe_eval(args, out, stack, stage_tokens)
+    if args.teacher_row and args.teacher:
+        ev.update(probe_teacher_row(args, out))
 
     rows = []
     questions = sum(n for _, _, n in sources.values())
@@ -591,13 +621,13 @@ def plan(args: argparse.Namespace, out: Path, stack: Any, sources: dict[str, Any
                 n_items * sec / 3600,
             )
         )
-    if args.teacher_row and args.teacher:  # not measured: the base's time scaled by the parameter ratio
-        sec = ev["base_seconds_per_question"] * TEACHER_COST
+    if args.teacher_row and args.teacher:
+        sec = ev["teacher_seconds_per_question"]
         rows.append(
             (
                 "teacher row",
-                f"{n_items} test items, the teacher on PyTorch",
-                f"~{sec:.1f} s/question (estimated: {TEACHER_COST}x the base)",
+                f"{n_items} test items, the teacher on {ev['teacher_backend']}",
+                f"{sec:.2f} s/question",
                 n_items * sec / 3600,
             )
         )

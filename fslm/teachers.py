@@ -74,6 +74,9 @@ class Teacher(Protocol):
         """Answers in request order; `on_result(i, output)` hears each one as soon as it exists. `label` names what is
         asked (a stage, or `joint`): prompts of one label share a prefix a local backend may keep evaluated."""
 
+    def close(self) -> None:
+        """Free the model now (idempotent): the process may go on to train or evaluate."""
+
 
 OnResult = Callable[[int, "TeacherOutput"], None]
 
@@ -121,6 +124,9 @@ class BackendTeacher:
 
     def prompt_key(self, system: str, user: str) -> str:
         return self.backend.format_prompt(system, user)
+
+    def close(self) -> None:
+        self.backend.close()
 
     def generate(
         self,
@@ -181,6 +187,9 @@ class OpenAITeacher:
 
     def prompt_key(self, system: str, user: str) -> str:
         return json.dumps(_messages(system, user), ensure_ascii=False)
+
+    def close(self) -> None:  # a server holds the model; nothing to free here
+        pass
 
     def generate(
         self,

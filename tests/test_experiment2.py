@@ -123,6 +123,9 @@ def test_experiment2_mc_regime_plan_run_and_publish(tmp_path, monkeypatch):
     steps = [row["step"] for row in plan["rows"]]
     assert steps[0] == "distill" and "train answer" in steps and "eval stack" in steps and plan["total_hours"] > 0
     assert plan["done"] == {"arc_easy_train": 0, "arc_challenge_train": 0, "openbookqa_train": 0}
+    assert "teacher row" in steps and plan["eval"]["teacher_backend"] == "torch"
+    assert script.main([*argv, "--plan"]) == 0  # again: the probe times its teacher anew, not its earlier answers
+    assert json.loads((out / "plan.json").read_text())["teacher"]["cache_hits"] == 0
     assert not (out / "ledger.json").exists() or "distill" not in json.loads((out / "ledger.json").read_text())["steps"]
 
     publish_root = tmp_path / "repo"

@@ -100,17 +100,21 @@ def distill(
     def count_tokens(text: str) -> int:
         return len(student(text, add_special_tokens=False)["input_ids"])
 
-    return distill_records(
-        config,
-        data,
-        teacher,
-        out,
-        options=options,
-        count_tokens=count_tokens,
-        contamination=contamination,
-        stack_dir=stack_dir,
-        on_event=on_event,
-    )
+    try:
+        return distill_records(
+            config,
+            data,
+            teacher,
+            out,
+            options=options,
+            count_tokens=count_tokens,
+            contamination=contamination,
+            stack_dir=stack_dir,
+            on_event=on_event,
+        )
+    finally:  # the teacher made here is freed here: a step after it in this process (training) needs the memory
+        if (close := getattr(teacher, "close", None)) is not None:  # optional for a caller's own teacher object
+            close()
 
 
 def check_targets(out: Path, options: DistillOptions) -> None:
