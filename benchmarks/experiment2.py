@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         split); the chains the main eval generated are reused from its cache where the backend and budgets match."""
         if not args.gate:
             return
-        extra = {**json.loads(args.eval_extra), "stack_scoring": "gate"}
+        extra = {**json.loads(args.eval_extra), "stack_scoring": "gate", "chains_from": out / "eval"}
         options = EvalOptions(data_dir=args.data_dir, tasks=args.tasks, systems=["stack"], limit=args.eval_limit,
                               seed=args.eval_seed, **extra)  # fmt: skip
         with EventView() as view:
@@ -538,6 +538,7 @@ def plan(args: argparse.Namespace, out: Path, stack: Any, sources: dict[str, Any
     import shutil
 
     from fslm.files import atomic_write_text
+    from fslm.steps.evaluate import EvalOptions
 
     shutil.rmtree(
         out / "plan", ignore_errors=True
@@ -611,14 +612,18 @@ def plan(args: argparse.Namespace, out: Path, stack: Any, sources: dict[str, Any
                 hours,
             )
         )
-    if args.gate:  # direct scoring for every question, the chain for the unsure share (at most all of them)
-        sec = per_system["single"] + ev["stack_seconds_per_question"] - ev["base_seconds_per_question"]
+    if args.gate:
+        # Test items: direct scoring, and scoring after the chain for the unsure share (here: all); the chains
+        # themselves come from the eval step (--chains-from). Dev items that tune τ: direct + a chain generated.
+        sec = 2 * per_system["single"]
+        tune = EvalOptions.model_fields["tune_limit"].default * len(items)
+        tune_sec = per_system["single"] + per_system["stack"]
         rows.append(
             (
                 "gate stack",
-                f"{n_items} test items, chain for the unsure share (here: all)",
-                f"<= {sec:.2f} s/question",
-                n_items * sec / 3600,
+                f"{n_items} test items, the eval step's chains reused; {tune} dev items tune τ",
+                f"<= {sec:.2f} s/test question, {tune_sec:.2f} s/dev question",
+                (n_items * sec + tune * tune_sec) / 3600,
             )
         )
     if args.teacher_row and args.teacher:

@@ -708,6 +708,7 @@ def eval_cmd(
     bootstrap: int = flag(EvalOptions, "bootstrap", min=100),
     precision: str = flag(EvalOptions, "precision"),
     backend: str | None = flag(EvalOptions, "backend"),
+    chains_from: Path | None = flag(EvalOptions, "chains_from"),
 ) -> None:
     """Score base model vs single adapter vs stack on offline benchmarks (lm-evaluation-harness)."""
     _grant(trust_remote_code)

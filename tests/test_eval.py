@@ -258,6 +258,25 @@ def test_stack_options_keep_other_rows_and_stage_texts_resume(eval_stack, data_d
     assert resumed["stage_seconds"] == pytest.approx(second["systems"]["stack"]["stage_seconds"], abs=0.01)
 
 
+def test_a_gate_row_borrows_the_chain_rows_stage_texts(eval_stack, data_dir, tmp_path, monkeypatch):
+    """--chains-from: a gate eval after the chain eval takes its greedy stage texts instead of generating them again
+    (their seconds count in the gate row), and only those generated the same way (here: the stage budget)."""
+    from fslm.steps.evaluate import EvalOptions, evaluate, lm_eval_model
+
+    options = dict(tasks=["arc_easy"], data_dir=data_dir, limit=4, systems=["stack"], stage_backend="torch")
+    chain = evaluate(eval_stack, tmp_path / "chain", EvalOptions(**options, stage_tokens=3)).results
+    calls = []
+    original = lm_eval_model.run_stages
+    monkeypatch.setattr(lm_eval_model, "run_stages", lambda s, c, *a: calls.append(len(c)) or original(s, c, *a))
+    gate = dict(options, stack_scoring="gate", gate_threshold=1.0, chains_from=tmp_path / "chain")  # all unsure
+    row = evaluate(eval_stack, tmp_path / "gate", EvalOptions(**gate, stage_tokens=3)).results["systems"]["stack"]
+    assert calls == [] and row["stage_chains_borrowed"] == 4
+    assert row["items"] == chain["systems"]["stack"]["items"]  # every question answered through its chain
+    assert row["stage_seconds"] == pytest.approx(chain["systems"]["stack"]["stage_seconds"], abs=0.01)
+    other = evaluate(eval_stack, tmp_path / "gate2", EvalOptions(**gate, stage_tokens=2)).results["systems"]["stack"]
+    assert sum(calls) == 4 and "stage_chains_borrowed" not in other  # another budget: generated anew
+
+
 def test_missing_single_adapter_is_a_clear_error(tmp_path, data_dir, eval_stack):
     import shutil
 

@@ -81,6 +81,11 @@ class EvalOptions(Options):
         description="PyTorch compute precision of scoring (and of stages generating on torch): fp32 (default: "
         "system=base matches lm-eval's hf model), bf16 (autocast), auto (bf16 where the hardware computes it natively).",
     )
+    chains_from: Path | None = Field(
+        None,
+        description="An earlier eval's --out directory of this stack: its greedy stage texts are reused where they "
+        "were generated the same way (adapters, --stage-tokens, stage backend); their recorded seconds count here.",
+    )
     backend: Literal["torch", "llamacpp"] | None = Field(
         None,
         description="Where choices are scored: torch (default; lm-eval's hf model) or llamacpp (the GGUF export, "

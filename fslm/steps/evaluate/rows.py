@@ -33,6 +33,15 @@ def row_key(setup: dict[str, Any], system: str, stages: list[str]) -> str:
     return hashlib.sha256(json.dumps(own, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def chain_key(setup: dict[str, Any], stages: list[str]) -> str:
+    """What a greedy chain's stage texts depend on, hashed: the stages' adapters, their token budget, where they
+    generate (backend, batch, precision). Another eval of the same stack (a gate row after the chain row, another
+    task list) reuses a chain only under this key."""
+    own = {k: setup.get(k) for k in ("stage_tokens", "stage_backend", "stage_batch", "precision")}
+    own["adapters"] = {a: h for a, h in setup["adapters"].items() if a in stages}
+    return hashlib.sha256(json.dumps(own, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def adapter_hashes(directory: Path) -> dict[str, str]:
     """sha256 of every adapter's weights: a retrained adapter must not reuse a finished row."""
     adapters = StackDir(directory).adapters
@@ -103,6 +112,8 @@ def stack_details(lm: Any, setup: dict[str, Any], tuning: dict[str, Any], option
     details: dict[str, Any] = {"stage_backend": lm.stage_backend, "stage_seconds": round(lm.stage_seconds, 2)}
     if lm.resumed_chains:
         details["stage_chains_resumed"] = lm.resumed_chains  # from a killed run; their seconds are included
+    if lm.borrowed_chains:
+        details["stage_chains_borrowed"] = lm.borrowed_chains  # from --chains-from; their seconds are included
     details["stack_scoring"] = {
         **setup["stack_scoring"],
         **({"tuned": {t: v["value"] for t, v in tuning.items()}} if tuning else {}),

@@ -28,7 +28,7 @@ from fslm.steps.evaluate.checks import check_options, contamination_warnings, ta
 from fslm.steps.evaluate.harness import run_lm_eval, task_manager
 from fslm.steps.evaluate.options import GENERATIVE, EvalOptions, EvalResult, tuning_needed
 from fslm.steps.evaluate.report import results_json, write_report
-from fslm.steps.evaluate.rows import row_key, row_name, setup, stack_details, system_row
+from fslm.steps.evaluate.rows import chain_key, row_key, row_name, setup, stack_details, system_row
 from fslm.steps.evaluate.stages import load_stage_stack, resolve, stage_agreement
 from fslm.steps.evaluate.tuning import tune_on_dev
 
@@ -147,6 +147,10 @@ class _Evaluation:
             gen_tokens=options.gen_tokens,
             stage_log=self.saved / f"{name}.stages.jsonl" if system == "stack" else None,
             stage_log_key=key,
+            chain_key=chain_key(self.setup, self.stage_names),
+            chains_from=options.chains_from / "systems" / "stack.stages.jsonl"
+            if options.chains_from is not None and system == "stack" and ablated is None
+            else None,
         )
 
     def _saved_tuning(self) -> dict[str, Any]:
