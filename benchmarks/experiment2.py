@@ -63,6 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--filters", default="empty,overlong,repetition,leak", help="distill's quality filters")
     p.add_argument("--alpaca-glob", default=ALPACA, help="Alpaca files under the data dir (regime alpaca)")
     p.add_argument("--budgets", default="intent=48,plan=64,reasoning=128,answer=48", help="stage max_new_tokens")
+    p.add_argument(
+        "--prompt",
+        choices=("full", "compact"),
+        default="full",
+        help="the prompt form every adapter trains on and the stack then runs with (fslm train --prompt)",
+    )
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -183,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "ledger.json").write_bytes((args.sync / "ledger.json").read_bytes())  # seconds of earlier sittings
     else:
         name_places(out / "ledger.json", places)
+    add_new_settings(out / "ledger.json", LATER_SETTINGS)
     try:
         ledger = Ledger(out / "ledger.json", settings)
     except FslmError as e:  # another experiment's --out: refuse before touching it
@@ -242,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         records = sum(1 for line in data.read_text(encoding="utf-8").splitlines() if line.strip())
         steps = max(1, math.ceil(args.epochs * math.floor(records * 0.9) / args.batch_size))
         ledger.data["steps_per_adapter"] = steps
-        common = {"max_steps": steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
+        common = {"max_steps": steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                  "prompt": args.prompt}  # fmt: skip
         for label, extra in (("stages", {}), (SINGLE, {"single": True}), (MULTITASK, {"multitask": True})):
             names = stack.load().stage_names if label == "stages" else [label]
             trained = all(
@@ -429,7 +437,7 @@ def probe_teacher(args: argparse.Namespace, out: Path, stack: Any, sources: dict
     }
 
 
-def probe_train(stack: Any, data: Path, batch_size: int, steps: int = 3) -> dict:
+def probe_train(stack: Any, data: Path, batch_size: int, steps: int = 3, form: str = "full") -> dict:
     """Example lengths per adapter (from the probe's records) and seconds of one optimizer step on the answer stage's
     longest examples, as `fslm train` takes it (LoRA, the sliced loss, and the micro-batches and checkpointing its
     default `--gradient-checkpointing auto` picks at the default memory budget), on PyTorch."""
@@ -454,10 +462,10 @@ def probe_train(stack: Any, data: Path, batch_size: int, steps: int = 3) -> dict
     records, _ = read_distilled(data)
     lengths = {}
     for name in [*loaded.config.stage_names, SINGLE, MULTITASK]:
-        examples = build_examples(loaded, records, [], name).train
+        examples = build_examples(loaded, records, [], name, form=form).train
         lengths[name] = {"examples_per_record": round(len(examples) / max(len(records), 1), 2),
                          "tokens_per_example": round(sum(len(e["input_ids"]) for e in examples) / max(len(examples), 1), 1)}  # fmt: skip
-    examples = build_examples(loaded, records, [], loaded.config.final_stage.name).train
+    examples = build_examples(loaded, records, [], loaded.config.final_stage.name, form=form).train
     if not examples:
         raise FslmError(f"{data}: the teacher probe kept no record to time training on; raise --plan-questions")
     batch_examples = sorted(examples, key=lambda e: -len(e["input_ids"]))[:batch_size]
@@ -546,7 +554,7 @@ def plan(args: argparse.Namespace, out: Path, stack: Any, sources: dict[str, Any
     done = done_so_far(out, sources)
     teacher = probe_teacher(args, out, stack, sources, policy)
     kept_share = args.kept_share if args.kept_share is not None else max(teacher["kept_share"], 0.05)
-    train = probe_train(stack, teacher["file"], args.batch_size)
+    train = probe_train(stack, teacher["file"], args.batch_size, form=args.prompt)
     manifest = json.loads(teacher["file"].with_name(teacher["file"].name + ".manifest.json").read_text())
     targets = manifest.get("target_tokens") or {}
     earlier = [s for s in stack.load().stage_names[:-1] if s in targets]
@@ -682,6 +690,22 @@ def portable(text: str, places: dict[str, str]) -> str:
     for path in sorted(places, key=len, reverse=True):
         text = text.replace(path, places[path])
     return text
+
+
+LATER_SETTINGS = {"prompt": "full"}  # settings added after ledgers were written, at what the older code did
+
+
+def add_new_settings(ledger: Path, later: dict[str, Any]) -> None:
+    """Give a ledger written before a setting existed that setting's old behaviour, so it resumes; a run that
+    asks for another value is then refused like any other change of settings."""
+    from fslm.files import atomic_write_text
+
+    if ledger.is_file():
+        data = json.loads(ledger.read_text(encoding="utf-8"))
+        missing = {k: v for k, v in later.items() if k not in data.get("settings", {})}
+        if missing and "settings" in data:
+            data["settings"].update(missing)
+            atomic_write_text(ledger, json.dumps(data, indent=2) + "\n")
 
 
 def name_places(ledger: Path, places: dict[str, str]) -> None:

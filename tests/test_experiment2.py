@@ -7,7 +7,10 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 from conftest import load_benchmark, make_benchmark_dir, make_model_dir
+
+from fslm.errors import FslmError
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -203,3 +206,15 @@ def test_a_ledger_written_before_places_were_named_resumes(tmp_path):
     script.name_places(ledger, {home: "~"})
     assert json.loads(ledger.read_text())["settings"] == {"teacher": "~/.cache/t.gguf", "seed": 0}
     script.Ledger(ledger, {"teacher": "~/.cache/t.gguf", "seed": 0})  # resumes: no error
+
+
+def test_a_ledger_written_before_a_setting_existed_resumes_at_its_old_value(tmp_path):
+    """--prompt came after the campaign's ledger: that ledger resumes as the full form (what the older code trained),
+    and asking for the compact form is refused, naming the setting, as any change of settings is."""
+    script = _script()
+    ledger = tmp_path / "ledger.json"
+    ledger.write_text(json.dumps({"settings": {"seed": 0}, "steps": {}}))
+    script.add_new_settings(ledger, script.LATER_SETTINGS)
+    script.Ledger(ledger, {"seed": 0, "prompt": "full"})  # resumes: no error
+    with pytest.raises(FslmError, match="prompt"):
+        script.Ledger(ledger, {"seed": 0, "prompt": "compact"})
