@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def teacher_scoring(args: argparse.Namespace) -> str:
     """The backend that scores the teacher's row: the one it distilled on where that can score (llama.cpp scores
-    a GGUF in its own quantisation, several times faster here than PyTorch over the same weights dequantised)."""
+    the GGUF in its own quantisation, the model that wrote the targets; PyTorch would run it de-quantised to fp32)."""
     return "llamacpp" if args.teacher_backend == "llamacpp" else "torch"
 
 
