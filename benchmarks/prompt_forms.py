@@ -116,7 +116,8 @@ def evaluate_form(root: Path, out: Path, args: argparse.Namespace, stage_tokens:
     rows = {}
     for scoring in ("chain", "gate"):
         wanted = systems if scoring == "chain" else ["stack"]
-        extra = {"gate_threshold": args.gate_threshold} if scoring == "gate" else {}
+        # the gate row takes the chain row's stage texts (--chains-from; their seconds count in its own)
+        extra = {"gate_threshold": args.gate_threshold, "chains_from": out / "eval-chain"} if scoring == "gate" else {}
         options = EvalOptions(
             data_dir=args.data_dir, tasks=["arc_easy"], systems=wanted, limit=args.dev, seed=args.seed + 1234,
             split="dev", stage_tokens=stage_tokens, stack_scoring=scoring, stage_check=0, **extra,
