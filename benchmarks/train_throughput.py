@@ -31,6 +31,13 @@ import time
 from pathlib import Path
 
 
+def shown(path: Path) -> str:
+    """A data file as a committed report names it: relative to here when below it, else its name (the sha256 beside
+    it says which file it was); never this machine's absolute path."""
+    path = Path(path).resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else path.name
+
+
 def alpaca_to_distilled(src: Path, dst: Path, limit: int, stage: str) -> int:
     """Alpaca records as distilled records whose final-stage target is the reference (for --single)."""
     rows = json.loads(src.read_text(encoding="utf-8"))[:limit]
@@ -178,7 +185,7 @@ def main() -> None:
         "benchmark": "train_throughput",
         "base": args.base,
         "adapter": name,
-        "data": str(source),
+        "data": shown(source),
         "data_sha256": sha256_file(source),
         "records": n,
         "train_examples": len(ex.train),
@@ -256,8 +263,9 @@ def grid(args: argparse.Namespace) -> None:
               f"{row['tokens_per_second']:>9,.1f} {row['val_loss']:>9.4f} {row['peak_rss_mib']:>9,.0f}")  # fmt: skip
     result = {
         "benchmark": "train_throughput_grid",
-        "command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:]),
-        "data": str(args.data or args.alpaca),
+        "command": "python benchmarks/train_throughput.py "
+        + " ".join(shown(Path(a)) if Path(a).is_file() else a for a in sys.argv[1:]),
+        "data": shown(args.data or args.alpaca),
         "data_sha256": sha256_of(args.data or args.alpaca),
         "steps": args.steps,
         "records": args.records,
