@@ -195,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     except FslmError as e:  # another experiment's --out: refuse before touching it
         err.print(f"[red]error:[/] {e}")
         return 2
+    from fslm import heap
+
+    allocators = ledger.data.setdefault("allocators", [])  # every sitting's malloc (training speed depends on it)
+    if heap.allocator_in_use() not in allocators:
+        allocators.append(heap.allocator_in_use())
     sources = (
         {name: (args.data_dir / rel, fmt, getattr(args, name.removesuffix("_train"))) for name, (rel, fmt) in MC_SOURCES.items()}
         if args.regime == "mc"
@@ -777,6 +782,9 @@ def publish(out: Path, ledger: dict[str, Any], args: argparse.Namespace, places:
 
 
 if __name__ == "__main__":
+    from fslm import heap
+
+    heap.restart_under_allocator()  # it trains in-process: under tcmalloc as `fslm train` is (docs/train.md)
     try:
         sys.exit(main())
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the ledger has the step's seconds, the parts resume

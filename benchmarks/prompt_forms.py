@@ -180,4 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from fslm import heap
+
+    heap.restart_under_allocator()  # it trains in-process: under tcmalloc as `fslm train` is (docs/train.md)
     sys.exit(main())

@@ -117,7 +117,20 @@ def preload_allocator(argv: Sequence[str]) -> None:
     command line after the program name.
     """
     command = next((arg for arg in argv if not arg.startswith("-")), None)
-    if command not in PRELOAD_COMMANDS or os.environ.get(PRELOADED_ENV):
+    if command in PRELOAD_COMMANDS:
+        restart_under_allocator()
+
+
+def allocator_in_use() -> str:
+    """The malloc this process runs under, for reports: the library it was restarted with, or the C library's."""
+    return os.environ.get(PRELOADED_ENV) or "system"
+
+
+def restart_under_allocator() -> None:
+    """Re-execute this process (same interpreter, same command line) under the allocator `allocator_library` picks,
+    once, unless the user preloaded a malloc: for any program that trains in-process (benchmarks/experiment2.py,
+    benchmarks/prompt_forms.py) as `fslm train` does. Returns when there is nothing to do."""
+    if os.environ.get(PRELOADED_ENV):
         return
     preloaded = os.environ.get("LD_PRELOAD", "")
     if "malloc" in preloaded:  # the user already chose an allocator

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import load_benchmark, make_benchmark_dir, make_model_dir
@@ -218,3 +220,26 @@ def test_a_ledger_written_before_a_setting_existed_resumes_at_its_old_value(tmp_
     script.Ledger(ledger, {"seed": 0, "prompt": "full"})  # resumes: no error
     with pytest.raises(FslmError, match="prompt"):
         script.Ledger(ledger, {"seed": 0, "prompt": "compact"})
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux only")
+def test_the_script_restarts_under_the_training_allocator_and_records_it(tmp_path):
+    """experiment2 trains in-process, so it restarts under the allocator `fslm train` gets (tcmalloc where installed;
+    glibc ran the campaign's training probe at 97 tokens/s against 170) and the ledger names it. A stand-in library
+    plays the allocator here (tests/test_heap.py)."""
+    import subprocess
+
+    from test_heap import _stand_in_library
+
+    model_dir = make_model_dir(tmp_path, "llama", chat=True, context=2048)
+    data_dir = make_benchmark_dir(tmp_path / "bench")
+    out = tmp_path / "run"
+    unset = ("FSLM_ALLOCATOR", "FSLM_ALLOCATOR_PRELOADED", "LD_PRELOAD")
+    env = {k: v for k, v in os.environ.items() if k not in unset} | {"FSLM_ALLOCATOR": _stand_in_library()}
+    args = ["--regime", "mc", "--data-dir", data_dir, "--out", out, "--base", model_dir, "--until", "init"]
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "experiment2.py"
+    done = subprocess.run(
+        [sys.executable, script, *map(str, args)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "ledger.json").read_text())["allocators"] == [_stand_in_library()]
