@@ -200,6 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     allocators = ledger.data.setdefault("allocators", [])  # every sitting's malloc (training speed depends on it)
     if heap.allocator_in_use() not in allocators:
         allocators.append(heap.allocator_in_use())
+    threads, cores = torch_threads()
+    ledger.data.setdefault("torch_threads", [])  # every sitting's, as the allocators: the step rates depend on it
+    if threads not in ledger.data["torch_threads"]:
+        ledger.data["torch_threads"].append(threads)
+    if threads < cores:
+        err.print(f"[yellow]warning:[/] PyTorch runs on {threads} of the {cores} cores this process may use "
+                  "(OMP_NUM_THREADS / MKL_NUM_THREADS); training and evaluation will be slower")  # fmt: skip
     sources = (
         {name: (args.data_dir / rel, fmt, getattr(args, name.removesuffix("_train"))) for name, (rel, fmt) in MC_SOURCES.items()}
         if args.regime == "mc"
@@ -546,6 +553,17 @@ def eval_items(args: argparse.Namespace) -> dict[str, int]:
     return {t: min(args.eval_limit, sizes.get(t, args.eval_limit)) for t in args.tasks.split(",")}
 
 
+def torch_threads() -> tuple[int, int]:
+    """PyTorch's intra-op threads and the cores this process may run on. MKL_NUM_THREADS=1 beside OMP_NUM_THREADS=2
+    (a common way to quiet numpy) also holds PyTorch to one thread: a campaign sitting once trained at half speed so."""
+    import os
+
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return torch.get_num_threads(), cores
+
+
 def plan(args: argparse.Namespace, out: Path, stack: Any, sources: dict[str, Any], policy: str, ledger: dict) -> dict:
     """Expected wall time of every step left, from rates measured now (module docstring: --plan)."""
     import shutil
@@ -655,7 +673,7 @@ def plan(args: argparse.Namespace, out: Path, stack: Any, sources: dict[str, Any
     total = sum(r[3] for r in rows)
     lines = [
         f"Plan of `experiment2.py --regime {args.regime}` (measured {teacher['questions']} teacher questions, "
-        f"{train['batch_tokens']}-token training steps ({train['step_plan']}), 8 eval questions per system on this machine; kept share "
+        f"{train['batch_tokens']}-token training steps ({train['step_plan']}), 8 eval questions per system on this machine, PyTorch on {torch_threads()[0]} threads; kept share "
         f"{kept_share:.0%} {'given' if args.kept_share is not None else 'from the probe'}; {steps} optimizer steps "
         f"per adapter = {args.epochs} epoch of {train_records} records):",
         "",

@@ -224,9 +224,10 @@ def test_a_ledger_written_before_a_setting_existed_resumes_at_its_old_value(tmp_
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux only")
 def test_the_script_restarts_under_the_training_allocator_and_records_it(tmp_path):
-    """experiment2 trains in-process, so it restarts under the allocator `fslm train` gets (tcmalloc where installed;
-    glibc ran the campaign's training probe at 97 tokens/s against 170) and the ledger names it. A stand-in library
-    plays the allocator here (tests/test_heap.py)."""
+    """experiment2 trains in-process, so it restarts under the allocator `fslm train` gets (tcmalloc where installed)
+    and the ledger names it, with PyTorch's thread count, which it warns about when the environment holds PyTorch
+    below the cores it has (MKL_NUM_THREADS=1 did so silently for a campaign sitting). A stand-in library plays the
+    allocator here (tests/test_heap.py)."""
     import subprocess
 
     from test_heap import _stand_in_library
@@ -236,10 +237,15 @@ def test_the_script_restarts_under_the_training_allocator_and_records_it(tmp_pat
     out = tmp_path / "run"
     unset = ("FSLM_ALLOCATOR", "FSLM_ALLOCATOR_PRELOADED", "LD_PRELOAD")
     env = {k: v for k, v in os.environ.items() if k not in unset} | {"FSLM_ALLOCATOR": _stand_in_library()}
+    env |= {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "1"}  # PyTorch takes the smaller
     args = ["--regime", "mc", "--data-dir", data_dir, "--out", out, "--base", model_dir, "--until", "init"]
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "experiment2.py"
     done = subprocess.run(
         [sys.executable, script, *map(str, args)], env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr
-    assert json.loads((out / "ledger.json").read_text())["allocators"] == [_stand_in_library()]
+    ledger = json.loads((out / "ledger.json").read_text())
+    assert ledger["allocators"] == [_stand_in_library()]
+    assert ledger["torch_threads"] == [1]
+    if len(os.sched_getaffinity(0)) > 1:
+        assert "PyTorch runs on 1 of the" in " ".join(done.stderr.split())
