@@ -72,6 +72,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument(
+        "--train-precision",
+        choices=("fp32", "bf16", "auto"),
+        default="fp32",
+        help="training compute, pinned: `auto` would train in bfloat16 on a machine with AMX and in float32 on one "
+        "without, and a campaign resumed across machines would mix them",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the samples and of training")
     p.add_argument("--systems", default="base,single,multitask,stack")
     p.add_argument("--tasks", default="arc_easy,arc_challenge,openbookqa,mmlu")
@@ -86,8 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--sync",
         type=Path,
         default=None,
-        help="a folder (e.g. data/exp2-mc) that receives the distilled files every few minutes while they grow, and "
-        "from which a new OUT is seeded, so a campaign resumes from what was committed",
+        help="a folder (e.g. data/exp2-mc) that receives the distilled files every few minutes while they grow, the "
+        "trained adapters (bfloat16) once trained, and the eval folders as their rows land; a new OUT is seeded from "
+        "it, so a campaign resumes from what was committed",
     )
     p.add_argument(
         "--until", choices=STEPS, default=STEPS[-1], help="stop after this step (" + " -> ".join(STEPS) + ")"
@@ -169,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     from fslm.stackdir import MULTITASK, SINGLE, StackDir
     from fslm.steps.distill import DistillOptions, distill
     from fslm.steps.evaluate import EvalOptions, evaluate
+    from fslm.steps.evaluate.rows import adapter_hashes
     from fslm.steps.init import InitOptions, init
     from fslm.steps.train import TrainOptions, train
     from fslm.teachers import TeacherSpec
@@ -215,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     policy = args.reference or ("hint-on-retry" if args.regime == "mc" else "hidden")
     data = out / "train.jsonl"
 
+    def eval_handler(view: Any, folder: str) -> Any:
+        """The progress view, plus the eval folder's rows and stage texts copied to --sync every few minutes."""
+        if args.sync is None:
+            return view
+        return syncing(view, lambda: sync_tree(out / folder, args.sync / folder, places))
+
     def make_stack() -> None:
         if not stack.exists():
             init(stack.root, InitOptions(base=args.base))
@@ -248,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             err.print(f"[bold]distil {name}[/]: {n} questions, {args.teacher_mode} teacher, reference {policy}")
             with EventView() as view:
-                handler = view if args.sync is None else syncing(view, part, args.sync, places)
+                handler = (
+                    view if args.sync is None else syncing(view, lambda part=part: sync_files(part, args.sync, places))
+                )
                 distill(path, stack.root, part, options, on_event=handler)
             if args.sync is not None:
                 sync_files(part, args.sync, places)
@@ -262,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         steps = max(1, math.ceil(args.epochs * math.floor(records * 0.9) / args.batch_size))
         ledger.data["steps_per_adapter"] = steps
         common = {"max_steps": steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-                  "prompt": args.prompt}  # fmt: skip
+                  "prompt": args.prompt, "precision": args.train_precision}  # fmt: skip
         for label, extra in (("stages", {}), (SINGLE, {"single": True}), (MULTITASK, {"multitask": True})):
             names = stack.load().stage_names if label == "stages" else [label]
             trained = all(
@@ -275,6 +292,12 @@ def main(argv: list[str] | None = None) -> int:
             resume = (stack.train_state / "run.json").is_file()
             with EventView() as view:
                 train(stack.root, data, TrainOptions(**common, **extra, resume=resume, fresh=not resume), on_event=view)
+        halved = adapters_to_bf16(stack.adapters)  # before any eval: what is evaluated is what is committed
+        ledger.data["adapters"] = {"dtype": "bfloat16", "sha256": adapter_hashes(stack.root)}
+        if halved:
+            err.print(f"adapters stored in bfloat16: {', '.join(halved)}")
+        if args.sync is not None:
+            sync_stack(stack.root, args.sync / "stack", places)
 
     def evaluate_all() -> None:
         options = EvalOptions(
@@ -286,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
             **json.loads(args.eval_extra),
         )
         with EventView() as view:
-            result = evaluate(stack.root, out / "eval", options, on_event=view)
+            result = evaluate(stack.root, out / "eval", options, on_event=eval_handler(view, "eval"))
+        if args.sync is not None:
+            sync_tree(out / "eval", args.sync / "eval", places)
         ledger.data["results"] = result.results
         ledger.data["eval_options"] = options.model_dump(mode="json")
         ledger.save()
@@ -301,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
         options = EvalOptions(data_dir=args.data_dir, tasks=args.tasks, systems=["stack"], limit=args.eval_limit,
                               seed=args.eval_seed, **extra)  # fmt: skip
         with EventView() as view:
-            result = evaluate(stack.root, out / "eval-gate", options, on_event=view)
+            result = evaluate(stack.root, out / "eval-gate", options, on_event=eval_handler(view, "eval-gate"))
+        if args.sync is not None:
+            sync_tree(out / "eval-gate", args.sync / "eval-gate", places)
         ledger.data["results_gate"] = result.results
 
     def evaluate_teacher() -> None:
@@ -315,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         options = EvalOptions(data_dir=args.data_dir, tasks=args.tasks, systems=["base"], limit=args.eval_limit,
                               seed=args.eval_seed, backend=teacher_scoring(args))  # fmt: skip
         with EventView() as view:
-            result = evaluate(teacher_stack, out / "eval-teacher", options, on_event=view)
+            result = evaluate(teacher_stack, out / "eval-teacher", options, on_event=eval_handler(view, "eval-teacher"))
+        if args.sync is not None:
+            sync_tree(out / "eval-teacher", args.sync / "eval-teacher", places)
         ledger.data["results_teacher"] = result.results
 
     if args.plan:
@@ -341,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
         "train": stack.root / "adapters",
         "eval": out / "eval",
     }
+    if args.sync is not None:  # a new machine: the trained stack and the eval rows of earlier sittings
+        seed_stack(args.sync / "stack", stack.root)
+        for folder in EVAL_FOLDERS:
+            seed_tree(args.sync / folder, out / folder)
     for name, made in outputs.items():  # a ledger seeded from --sync: a step is done only where its output is here
         if ledger.done(name) and not made.exists():
             ledger.data["steps"][name]["finished"] = False
@@ -715,7 +748,8 @@ def portable(text: str, places: dict[str, str]) -> str:
     return text
 
 
-LATER_SETTINGS = {"prompt": "full"}  # settings added after ledgers were written, at what the older code did
+# Settings added after ledgers were written, at what the older code did.
+LATER_SETTINGS = {"prompt": "full", "train_precision": "auto"}
 
 
 def add_new_settings(ledger: Path, later: dict[str, Any]) -> None:
@@ -765,8 +799,8 @@ def seed_from(folder: Path, part: Path) -> None:
     print(f"resuming {part.name} from {folder}", file=sys.stderr)
 
 
-def syncing(view: Any, part: Path, folder: Path, places: dict[str, str], every: float = 300.0) -> Any:
-    """The progress view, plus a copy of the part's files to `folder` at most every `every` seconds."""
+def syncing(view: Any, act: Any, every: float = 300.0) -> Any:
+    """The progress view, plus `act()` (a copy to --sync) at most every `every` seconds."""
     import time
 
     last = time.monotonic()
@@ -775,10 +809,95 @@ def syncing(view: Any, part: Path, folder: Path, places: dict[str, str], every: 
         nonlocal last
         view(event)
         if time.monotonic() - last >= every:
-            sync_files(part, folder, places)
+            act()
             last = time.monotonic()
 
     return handler
+
+
+EVAL_FOLDERS = ("eval", "eval-gate", "eval-teacher")
+STACK_FILES = ("stack.yaml", "README.md")
+
+
+def adapters_to_bf16(adapters: Path) -> list[str]:
+    """Store each adapter's float32 weights in bfloat16, in place: half the bytes, so the campaign's final adapters
+    can be committed, and the eval then runs on exactly the committed bytes. LoRA factors lose nothing that shows:
+    PEFT and the GGUF export read them back as float32 (bfloat16 is the top half of a float32)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from fslm.files import atomic_write_bytes
+
+    done = []
+    for weights in sorted(adapters.glob("*/adapter_model.safetensors")):
+        tensors = load_file(weights)
+        if not any(t.dtype == torch.float32 for t in tensors.values()):
+            continue
+        halved = {k: t.to(torch.bfloat16) if t.dtype == torch.float32 else t for k, t in tensors.items()}
+        tmp = weights.with_name(weights.name + ".bf16")
+        save_file(halved, str(tmp), metadata={"format": "pt"})
+        atomic_write_bytes(weights, tmp.read_bytes())
+        tmp.unlink()
+        done.append(weights.parent.name)
+    return done
+
+
+def sync_stack(stack: Path, folder: Path, places: dict[str, str]) -> None:
+    """The trained stack into `folder`: stack.yaml (machine paths named by `places`), the model card, every adapter
+    folder, so a new machine evaluates the same adapters instead of training again."""
+    import shutil
+
+    from fslm.files import atomic_write_text
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in STACK_FILES:
+        if (stack / name).is_file():
+            atomic_write_text(folder / name, portable((stack / name).read_text(encoding="utf-8"), places))
+    for adapter in sorted(p for p in (stack / "adapters").glob("*") if p.is_dir()):
+        target = folder / "adapters" / adapter.name
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(adapter, target)
+
+
+def seed_stack(folder: Path, stack: Path) -> None:
+    """Start OUT's stack from `folder`'s trained one when OUT has no trained adapter yet (a new machine); stack.yaml
+    keeps the place names sync_stack gave its paths (they only say where the training data was)."""
+    import shutil
+
+    if not any(folder.glob("adapters/*/adapter_model.safetensors")) or any(
+        stack.glob("adapters/*/adapter_model.safetensors")
+    ):
+        return
+    stack.mkdir(parents=True, exist_ok=True)
+    for name in STACK_FILES:
+        if (folder / name).is_file():
+            shutil.copyfile(folder / name, stack / name)
+    shutil.copytree(folder / "adapters", stack / "adapters", dirs_exist_ok=True)
+    print(f"resuming the trained stack from {folder}", file=sys.stderr)
+
+
+def sync_tree(source: Path, folder: Path, places: dict[str, str]) -> None:
+    """Copy an eval folder's files into `folder`, each atomically; JSON and reports with machine paths named by
+    `places` (stage texts byte for byte: a resumed eval reads them back)."""
+    from fslm.files import atomic_write_bytes, atomic_write_text
+
+    for f in sorted(p for p in source.rglob("*") if p.is_file()):
+        target = folder / f.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if f.suffix in (".json", ".md"):
+            atomic_write_text(target, portable(f.read_text(encoding="utf-8"), places))
+        else:
+            atomic_write_bytes(target, f.read_bytes())
+
+
+def seed_tree(folder: Path, target: Path) -> None:
+    """Start an eval folder from `folder`'s copy when OUT has none: its rows resume where the copy stopped (a row is
+    reused by its key, hashes of data and adapters, not by any path)."""
+    import shutil
+
+    if folder.is_dir() and not target.exists():
+        shutil.copytree(folder, target)
+        print(f"resuming {target.name} from {folder}", file=sys.stderr)
 
 
 def publish(out: Path, ledger: dict[str, Any], args: argparse.Namespace, places: dict[str, str]) -> None:

@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import load_benchmark, make_benchmark_dir, make_model_dir
 
 from fslm.errors import FslmError
+from fslm.files import sha256_file
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -133,8 +135,8 @@ def test_experiment2_mc_regime_plan_run_and_publish(tmp_path, monkeypatch):
     assert json.loads((out / "plan.json").read_text())["teacher"]["cache_hits"] == 0
     assert not (out / "ledger.json").exists() or "distill" not in json.loads((out / "ledger.json").read_text())["steps"]
 
-    publish_root = tmp_path / "repo"
-    assert script.main([*argv, "--publish", "--publish-root", str(publish_root)]) == 0
+    publish_root, sync = tmp_path / "repo", tmp_path / "committed"
+    assert script.main([*argv, "--publish", "--publish-root", str(publish_root), "--sync", str(sync)]) == 0
     ledger = json.loads((out / "ledger.json").read_text())
     assert all(s["finished"] for s in ledger["steps"].values())
     parts = ledger["distilled"]["parts"]
@@ -160,6 +162,28 @@ def test_experiment2_mc_regime_plan_run_and_publish(tmp_path, monkeypatch):
     assert (publish_root / "docs" / "results" / "exp2-mc" / "summary.md").is_file()
     assert (publish_root / "data" / "exp2-mc" / "train.jsonl").read_text() == (out / "train.jsonl").read_text()
     assert (publish_root / "data" / "exp2-mc" / "distilled-openbookqa_train.jsonl.manifest.json").is_file()
+
+    # --sync holds the trained adapters in bfloat16, the very bytes every eval row ran on, and the eval folders
+    from safetensors.torch import load_file
+
+    synced = sorted((sync / "stack" / "adapters").glob("*/adapter_model.safetensors"))
+    assert {p.parent.name for p in synced} == {"intent", "plan", "reasoning", "answer", "single", "multitask"}
+    assert all(t.dtype == torch.bfloat16 for p in synced for t in load_file(p).values())
+    assert ledger["adapters"]["sha256"] == {p.parent.name: sha256_file(p) for p in synced}
+    assert ledger["results"]["adapters"] == ledger["adapters"]["sha256"]  # the eval's setup: the adapters it read
+    assert str(out) not in (sync / "stack" / "stack.yaml").read_text()
+    assert (sync / "eval" / "systems" / "stack.stages.jsonl").is_file() and (
+        sync / "eval-gate" / "results.json"
+    ).is_file()
+
+    # a new machine: a fresh OUT seeded from the committed folder trains nothing and evaluates nothing again
+    fresh = tmp_path / "fresh"
+    argv2 = [*argv[: argv.index("--out") + 1], str(fresh), *argv[argv.index("--out") + 2 :]]
+    assert script.main([*argv2, "--sync", str(sync)]) == 0
+    again = json.loads((fresh / "ledger.json").read_text())
+    for step in ("train", "eval", "gate", "teacher"):
+        assert again["steps"][step]["invocations"] == ledger["steps"][step]["invocations"], step
+    assert again["results"]["systems"] == ledger["results"]["systems"]
 
 
 def test_diagnosis_reads_the_stacks_chains_and_rescoring_them_reproduces_the_eval(tmp_path):
@@ -217,9 +241,10 @@ def test_a_ledger_written_before_a_setting_existed_resumes_at_its_old_value(tmp_
     ledger = tmp_path / "ledger.json"
     ledger.write_text(json.dumps({"settings": {"seed": 0}, "steps": {}}))
     script.add_new_settings(ledger, script.LATER_SETTINGS)
-    script.Ledger(ledger, {"seed": 0, "prompt": "full"})  # resumes: no error
+    today = {"seed": 0, **script.LATER_SETTINGS}
+    script.Ledger(ledger, today)  # resumes: no error
     with pytest.raises(FslmError, match="prompt"):
-        script.Ledger(ledger, {"seed": 0, "prompt": "compact"})
+        script.Ledger(ledger, {**today, "prompt": "compact"})
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux only")
