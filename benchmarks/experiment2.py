@@ -36,7 +36,7 @@ MC_SOURCES = {  # name -> (path under the data dir, format)
 }
 ALPACA = "alpaca/alpaca_data_52k_shards/*.json"
 REPO = Path(__file__).resolve().parent.parent
-STEPS = ("init", "distill", "train", "eval", "gate", "teacher")
+STEPS = ("init", "distill", "train", "eval", "gate", "teacher", "ablate")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -110,6 +110,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="skip the teacher's own row (the teacher scored on the same items, on llama.cpp with the default "
         "--teacher-backend, else on PyTorch)",
     )
+    p.add_argument(
+        "--ablate-limit",
+        type=int,
+        default=200,
+        help="items per task of the per-stage ablation (a stack row per stage, that stage on the bare base; "
+        "seeded as the eval; 0 skips it)",
+    )
+    p.add_argument("--ablate-tasks", default="arc_easy,arc_challenge", help="tasks of the per-stage ablation")
     p.add_argument(
         "--plan",
         action="store_true",
@@ -187,8 +195,20 @@ def main(argv: list[str] | None = None) -> int:
     stack = StackDir(out / "stack")
     # What identifies the experiment: not where it writes, how far this invocation goes, or the eval's extra options
     # (the eval reuses only rows computed with its exact setup; the ledger records what it ran).
-    skip = ("out", "data_dir", "until", "publish", "publish_root", "eval_extra", "sync", "plan", "plan_questions",
-            "kept_share")  # fmt: skip
+    skip = (
+        "out",
+        "data_dir",
+        "until",
+        "publish",
+        "publish_root",
+        "eval_extra",
+        "sync",
+        "plan",
+        "plan_questions",
+        "kept_share",
+        "ablate_limit",
+        "ablate_tasks",
+    )  # fmt: skip (the ablation is a diagnosis beside the rows)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in skip}
     # Committed files name this machine's places by what they are (OUT, DATA_DIR, ~), so another machine resumes.
     places = {str(out.resolve()): "OUT", str(args.data_dir.expanduser().resolve()): "DATA_DIR", str(Path.home()): "~"}
@@ -347,6 +367,20 @@ def main(argv: list[str] | None = None) -> int:
             sync_tree(out / "eval-teacher", args.sync / "eval-teacher", places)
         ledger.data["results_teacher"] = result.results
 
+    def evaluate_ablation() -> None:
+        """Per-stage ablation (the diagnosis): each stage in turn on the bare base, the others trained, on a few
+        hundred items; the un-ablated row reuses the eval step's chains."""
+        if args.ablate_limit <= 0:
+            return
+        extra = {**json.loads(args.eval_extra), "chains_from": out / "eval"}
+        options = EvalOptions(data_dir=args.data_dir, tasks=args.ablate_tasks, systems=["stack"], ablate=True,
+                              limit=args.ablate_limit, seed=args.eval_seed, **extra)  # fmt: skip
+        with EventView() as view:
+            result = evaluate(stack.root, out / "eval-ablate", options, on_event=eval_handler(view, "eval-ablate"))
+        if args.sync is not None:
+            sync_tree(out / "eval-ablate", args.sync / "eval-ablate", places)
+        ledger.data["results_ablation"] = result.results
+
     if args.plan:
         try:
             make_stack()
@@ -363,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         ("eval", evaluate_all),
         ("gate", evaluate_gate),
         ("teacher", evaluate_teacher),
+        ("ablate", evaluate_ablation),
     )
     outputs = {
         "init": stack.root / "stack.yaml",
@@ -425,7 +460,8 @@ def write_summary(out: Path, ledger: dict[str, Any], args: argparse.Namespace) -
     lines += ["", f"Training set: {distilled.get('records', '-')} records (sha256 `{distilled.get('sha256', '-')}`), "
               f"{len(dropped)} dropped because their question is in a test split; "
               f"{ledger.get('steps_per_adapter', '-')} optimizer steps per adapter.", ""]  # fmt: skip
-    for folder, title in (("eval", None), ("eval-gate", "The stack's gate row"), ("eval-teacher", "The teacher's row")):
+    for folder, title in (("eval", None), ("eval-gate", "The stack's gate row"), ("eval-teacher", "The teacher's row"),
+                          ("eval-ablate", "Per-stage ablation")):  # fmt: skip
         report = out / folder / "report.md"
         if report.is_file():
             lines += ([f"### {title}", ""] if title else []) + [report.read_text(encoding="utf-8").strip(), ""]
@@ -580,10 +616,10 @@ def probe_teacher_row(args: argparse.Namespace, out: Path) -> dict:
     return {"teacher_seconds_per_question": row["seconds_per_query"], "teacher_backend": backend}
 
 
-def eval_items(args: argparse.Namespace) -> dict[str, int]:
+def eval_items(args: argparse.Namespace, tasks: str | None = None) -> dict[str, int]:
     """Test items per task the eval will score (its seeded subset, or the whole split when smaller)."""
     sizes = {"arc_easy": 2376, "arc_challenge": 1172, "openbookqa": 500, "mmlu": 14079}
-    return {t: min(args.eval_limit, sizes.get(t, args.eval_limit)) for t in args.tasks.split(",")}
+    return {t: min(args.eval_limit, sizes.get(t, args.eval_limit)) for t in (tasks or args.tasks).split(",")}
 
 
 def torch_threads() -> tuple[int, int]:
@@ -698,6 +734,17 @@ def plan(args: argparse.Namespace, out: Path, stack: Any, sources: dict[str, Any
                 f"{n_items} test items, the teacher on {ev['teacher_backend']}",
                 f"{sec:.2f} s/question",
                 n_items * sec / 3600,
+            )
+        )
+    if args.ablate_limit > 0:
+        stages = stack.load().stage_names
+        ablate_items = sum(min(args.ablate_limit, n) for n in eval_items(args, args.ablate_tasks).values())
+        rows.append(
+            (
+                "ablate stages",
+                f"{len(stages)} rows x {ablate_items} test items ({args.ablate_tasks}), each a chain of its own",
+                f"{per_system['stack']:.2f} s/question",
+                len(stages) * ablate_items * per_system["stack"] / 3600,
             )
         )
     for name in STEPS:
@@ -815,7 +862,7 @@ def syncing(view: Any, act: Any, every: float = 300.0) -> Any:
     return handler
 
 
-EVAL_FOLDERS = ("eval", "eval-gate", "eval-teacher")
+EVAL_FOLDERS = ("eval", "eval-gate", "eval-teacher", "eval-ablate")
 STACK_FILES = ("stack.yaml", "README.md")
 
 

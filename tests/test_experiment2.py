@@ -119,7 +119,7 @@ def test_experiment2_mc_regime_plan_run_and_publish(tmp_path, monkeypatch):
         "--regime": "mc", "--data-dir": data_dir, "--out": out, "--base": model_dir, "--teacher-backend": "torch",
         "--arc-easy": 4, "--arc-challenge": 3, "--openbookqa": 3, "--batch-size": 2, "--filters": "empty,options",
         "--tasks": "arc_easy", "--eval-limit": 3, "--budgets": "intent=8,plan=8,reasoning=8,answer=8",
-        "--plan-questions": 2,
+        "--plan-questions": 2, "--ablate-tasks": "arc_easy", "--ablate-limit": 2,
     }  # fmt: skip
     argv = [str(x) for flag in flags.items() for x in flag] + ["--teacher", str(model_dir)]  # its row: the tiny model
     test_split = data_dir / "arc" / "ARC-Easy-Test.jsonl"
@@ -130,7 +130,7 @@ def test_experiment2_mc_regime_plan_run_and_publish(tmp_path, monkeypatch):
     steps = [row["step"] for row in plan["rows"]]
     assert steps[0] == "distill" and "train answer" in steps and "eval stack" in steps and plan["total_hours"] > 0
     assert plan["done"] == {"arc_easy_train": 0, "arc_challenge_train": 0, "openbookqa_train": 0}
-    assert "teacher row" in steps and plan["eval"]["teacher_backend"] == "torch"
+    assert "teacher row" in steps and plan["eval"]["teacher_backend"] == "torch" and steps[-1] == "ablate stages"
     assert script.main([*argv, "--plan"]) == 0  # again: the probe times its teacher anew, not its earlier answers
     assert json.loads((out / "plan.json").read_text())["teacher"]["cache_hits"] == 0
     assert not (out / "ledger.json").exists() or "distill" not in json.loads((out / "ledger.json").read_text())["steps"]
@@ -155,10 +155,14 @@ def test_experiment2_mc_regime_plan_run_and_publish(tmp_path, monkeypatch):
     gate = ledger["results_gate"]["systems"]["stack"]
     assert gate["stack_scoring"]["mode"] == "gate" and gate["tasks"]["arc_easy"]["n"] == 3
     assert ledger["results_teacher"]["systems"]["base"]["tasks"]["arc_easy"]["n"] == 3
+    ablation = ledger["results_ablation"]["systems"]
+    assert set(ablation) == {"stack", *(f"stack-ablate-{s}" for s in ("intent", "plan", "reasoning", "answer"))}
+    assert all(row["tasks"]["arc_easy"]["n"] == 2 for row in ablation.values())
     assert ledger["steps_per_adapter"] == 5  # ceil(1 epoch x floor(10 x 0.9) / batch 2), the same for every adapter
     summary = (out / "summary.md").read_text()
     assert "| distilled-arc_easy_train.jsonl | 4 | 4 |" in summary and "| teacher |" in summary
     assert "### The stack's gate row" in summary and "### The teacher's row" in summary
+    assert "### Per-stage ablation" in summary
     assert (publish_root / "docs" / "results" / "exp2-mc" / "summary.md").is_file()
     assert (publish_root / "data" / "exp2-mc" / "train.jsonl").read_text() == (out / "train.jsonl").read_text()
     assert (publish_root / "data" / "exp2-mc" / "distilled-openbookqa_train.jsonl.manifest.json").is_file()
@@ -181,7 +185,7 @@ def test_experiment2_mc_regime_plan_run_and_publish(tmp_path, monkeypatch):
     argv2 = [*argv[: argv.index("--out") + 1], str(fresh), *argv[argv.index("--out") + 2 :]]
     assert script.main([*argv2, "--sync", str(sync)]) == 0
     again = json.loads((fresh / "ledger.json").read_text())
-    for step in ("train", "eval", "gate", "teacher"):
+    for step in ("train", "eval", "gate", "teacher", "ablate"):
         assert again["steps"][step]["invocations"] == ledger["steps"][step]["invocations"], step
     assert again["results"]["systems"] == ledger["results"]["systems"]
 
