@@ -60,7 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--openbookqa", type=int, default=500, help="OpenBookQA train questions (regime mc)")
     p.add_argument("--alpaca", type=int, default=2000, help="Alpaca instructions (regime alpaca)")
     p.add_argument("--samples", type=int, default=1, help="chains per question")
-    p.add_argument("--filters", default="empty,overlong,repetition,leak", help="distill's quality filters")
+    p.add_argument(
+        "--filters",
+        default="empty,overlong,repetition,leak,options",
+        help="distill's quality filters (regime A's campaign ran without `options`, the default before 2026-12-07)",
+    )
     p.add_argument("--alpaca-glob", default=ALPACA, help="Alpaca files under the data dir (regime alpaca)")
     p.add_argument("--budgets", default="intent=48,plan=64,reasoning=128,answer=48", help="stage max_new_tokens")
     p.add_argument(
