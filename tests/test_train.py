@@ -237,3 +237,19 @@ def test_single_baseline(llama_stack, tmp_path):
     settings = final.generation.model_copy(update={"max_new_tokens": 8})
     with_single = stack.backend.generate([p], name, settings)[0].text
     assert with_single != stack.backend.generate([p], None, settings)[0].text
+
+
+def test_an_interrupt_mid_adapter_reaches_the_caller_and_leaves_a_bare_base(llama_stack, tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM turned into KeyboardInterrupt) while an adapter trains: the caller sees the interrupt, not
+    an AttributeError from the cleanup, and the loaded stack's model has no LoRA layer left in it."""
+    import fslm.steps.train.trainer as trainer
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt("signal 15")
+
+    monkeypatch.setattr(trainer, "fit", interrupted)
+    data = write_distilled(tmp_path / "d.jsonl", n=8)
+    stack = Stack.load(llama_stack)
+    with pytest.raises(KeyboardInterrupt):
+        train(llama_stack, data, TrainOptions(stages=["intent"], max_steps=2), loaded=stack)
+    assert not any("lora" in name for name, _ in stack.backend.model.named_modules())

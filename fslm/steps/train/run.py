@@ -110,6 +110,7 @@ class _Training:
         self.backend = self.stack.backend
         self.backend.require(TRAIN, "training")
         self.base: Any = None  # the bare base model while adapters train (the backend holds it again after)
+        self.wrapped: Any = None  # the PeftModel around the base while one adapter trains (an interrupt unloads it)
         self.inputs_from = _answer_inputs(directory, self.config, names, options)
         self.examples, self.skipped = self._examples()
         identity = {
@@ -153,7 +154,9 @@ class _Training:
                         log.info("%s: already trained in the interrupted run; skipping", name)
                     continue
                 result.adapters[name] = self._train_one(name, f"{name} ({index}/{len(self.names)})", precision)
-        finally:
+        finally:  # also on Ctrl-C mid-adapter: the base gets its LoRA layers removed before the backend takes it
+            if self.wrapped is not None:
+                self.base, self.wrapped = self.wrapped.unload(), None
             self.backend.take_model(self.base)
         self.stack.attach_adapters()
         if self.is_main:
@@ -176,7 +179,7 @@ class _Training:
                 self.stack, self.directory, self.data, options, self.inputs_from, self.state, self.on_event
             )
         set_seed(options.seed)  # the fresh LoRA's initial weights depend only on the seed
-        model = get_peft_model(self.base, lora_config(self.config.lora))
+        model = self.wrapped = get_peft_model(self.base, lora_config(self.config.lora))
         resume_from = self._resume_point(name)
         callbacks = [release_heap()]
         if self.on_event is not None and self.is_main:
@@ -206,7 +209,7 @@ class _Training:
         training.checkpoint_every_n_layers = step.every_n_layers  # type: ignore[attr-defined]
         target = self._save(name, model, training)
         del trainer
-        self.base = model.unload()
+        self.base, self.wrapped = model.unload(), None
         heap.release()
         if step.every_n_layers is not None:  # the Trainer turned it on; inference on the base must not see it
             self.base.activation_checkpointing_disable()
