@@ -175,8 +175,17 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "versions": versions(),
     }
-    (out / "prompt_forms.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "prompt_forms.json").write_text(without_machine_paths(json.dumps(report, indent=2), args) + "\n")
     return 0
+
+
+def without_machine_paths(text: str, args: argparse.Namespace) -> str:
+    """A report as it is committed: the data file by its name (its sha256 is beside it), the data dir and the output
+    folder by what they are, never this machine's absolute paths."""
+    places = {str(args.data): args.data.name, str(args.data_dir): "DATA_DIR", str(args.out): "OUT"}
+    for path in sorted(places, key=len, reverse=True):
+        text = text.replace(path, places[path])
+    return text
 
 
 if __name__ == "__main__":

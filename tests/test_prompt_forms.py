@@ -100,3 +100,17 @@ def test_baselines_and_eval_scoring_use_the_adapters_form(tmp_path, stack_dir):
     )
     base = FslmLM(stack=str(stack_dir), system="base")  # the bare base: the full form
     assert stack.config.final_stage.role in base._final_prompt("Question: Which colour?\nAnswer:", None)
+
+
+def test_the_benchmarks_report_names_no_machine_path(tmp_path):
+    """benchmarks/prompt_forms.py's committed JSON names its data file, data dir and output folder, not where they
+    were on the machine that ran it."""
+    import argparse
+
+    from conftest import load_benchmark
+
+    args = argparse.Namespace(data=tmp_path / "d" / "data.jsonl", data_dir=tmp_path / "shared", out=tmp_path / "out")
+    text = json.dumps({"command": f"--data {args.data} --data-dir {args.data_dir} --out {args.out}"})
+    shown = load_benchmark("prompt_forms").without_machine_paths(text, args)
+    assert str(tmp_path) not in shown
+    assert json.loads(shown)["command"] == "--data data.jsonl --data-dir DATA_DIR --out OUT"
