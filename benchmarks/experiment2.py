@@ -199,20 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     stack = StackDir(out / "stack")
     # What identifies the experiment: not where it writes, how far this invocation goes, or the eval's extra options
     # (the eval reuses only rows computed with its exact setup; the ledger records what it ran).
-    skip = (
-        "out",
-        "data_dir",
-        "until",
-        "publish",
-        "publish_root",
-        "eval_extra",
-        "sync",
-        "plan",
-        "plan_questions",
-        "kept_share",
-        "ablate_limit",
-        "ablate_tasks",
-    )  # fmt: skip (the ablation is a diagnosis beside the rows)
+    # The ablation is a diagnosis beside the rows: its flags do not identify the experiment either.
+    skip = ("out", "data_dir", "until", "publish", "publish_root", "eval_extra", "sync", "plan", "plan_questions",
+            "kept_share", "ablate_limit", "ablate_tasks")  # fmt: skip
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in skip}
     # Committed files name this machine's places by what they are (OUT, DATA_DIR, ~), so another machine resumes.
     places = {str(out.resolve()): "OUT", str(args.data_dir.expanduser().resolve()): "DATA_DIR", str(Path.home()): "~"}
@@ -875,7 +864,7 @@ def adapters_to_bf16(adapters: Path) -> list[str]:
     can be committed, and the eval then runs on exactly the committed bytes. LoRA factors lose nothing that shows:
     PEFT and the GGUF export read them back as float32 (bfloat16 is the top half of a float32)."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     from fslm.files import atomic_write_bytes
 
@@ -885,10 +874,7 @@ def adapters_to_bf16(adapters: Path) -> list[str]:
         if not any(t.dtype == torch.float32 for t in tensors.values()):
             continue
         halved = {k: t.to(torch.bfloat16) if t.dtype == torch.float32 else t for k, t in tensors.items()}
-        tmp = weights.with_name(weights.name + ".bf16")
-        save_file(halved, str(tmp), metadata={"format": "pt"})
-        atomic_write_bytes(weights, tmp.read_bytes())
-        tmp.unlink()
+        atomic_write_bytes(weights, save(halved, metadata={"format": "pt"}))
         done.append(weights.parent.name)
     return done
 
@@ -896,18 +882,13 @@ def adapters_to_bf16(adapters: Path) -> list[str]:
 def sync_stack(stack: Path, folder: Path, places: dict[str, str]) -> None:
     """The trained stack into `folder`: stack.yaml (machine paths named by `places`), the model card, every adapter
     folder, so a new machine evaluates the same adapters instead of training again."""
-    import shutil
-
     from fslm.files import atomic_write_text
 
     folder.mkdir(parents=True, exist_ok=True)
     for name in STACK_FILES:
         if (stack / name).is_file():
             atomic_write_text(folder / name, portable((stack / name).read_text(encoding="utf-8"), places))
-    for adapter in sorted(p for p in (stack / "adapters").glob("*") if p.is_dir()):
-        target = folder / "adapters" / adapter.name
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(adapter, target)
+    sync_tree(stack / "adapters", folder / "adapters", places)
 
 
 def seed_stack(folder: Path, stack: Path) -> None:
@@ -928,7 +909,7 @@ def seed_stack(folder: Path, stack: Path) -> None:
 
 
 def sync_tree(source: Path, folder: Path, places: dict[str, str]) -> None:
-    """Copy an eval folder's files into `folder`, each atomically; JSON and reports with machine paths named by
+    """Copy a folder's files (an eval's, the adapters) into `folder`, each atomically; JSON and reports with machine paths named by
     `places` (stage texts byte for byte: a resumed eval reads them back)."""
     from fslm.files import atomic_write_bytes, atomic_write_text
 
