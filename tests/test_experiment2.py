@@ -189,6 +189,46 @@ def test_experiment2_mc_regime_plan_run_and_publish(tmp_path, monkeypatch):
         assert again["steps"][step]["invocations"] == ledger["steps"][step]["invocations"], step
     assert again["results"]["systems"] == ledger["results"]["systems"]
 
+    # a sitting that stopped in the middle of the stack's row, resumed on a new machine: what --sync held then (the
+    # ledger with eval unfinished, the finished rows, the stack's first chain) is enough; only the other chains run
+    import shutil
+
+    import fslm.steps.evaluate.lm_eval_model as lm_eval_model
+
+    mid = tmp_path / "committed-mid-eval"
+    shutil.copytree(sync, mid, ignore=shutil.ignore_patterns("eval-gate", "eval-teacher", "eval-ablate"))
+    stopped = json.loads((mid / "ledger.json").read_text())
+    stopped["steps"] = {k: v for k, v in stopped["steps"].items() if k in ("init", "distill", "train", "eval")}
+    stopped["steps"]["eval"]["finished"] = False
+    for k in ("results", "results_gate", "results_teacher", "results_ablation", "eval_options"):
+        stopped.pop(k, None)
+    (mid / "ledger.json").write_text(json.dumps(stopped))
+    for f in ("stack.json", "tuning.json"):
+        (mid / "eval" / "systems" / f).unlink(missing_ok=True)
+    for f in ("results.json", "report.md", "accuracy_vs_cost.png"):
+        (mid / "eval" / f).unlink(missing_ok=True)
+    chains = (mid / "eval" / "systems" / "stack.stages.jsonl").read_text().splitlines()
+    assert len(chains) == 3  # one greedy chain per question
+    (mid / "eval" / "systems" / "stack.stages.jsonl").write_text(chains[0] + "\n")
+    generated = []
+
+    def counting(stack, instructions, *a, **k):
+        generated.extend(instructions)
+        return run_stages(stack, instructions, *a, **k)
+
+    run_stages = lm_eval_model.run_stages
+    monkeypatch.setattr(lm_eval_model, "run_stages", counting)
+    fresh2 = tmp_path / "fresh-mid-eval"
+    argv3 = [*argv[: argv.index("--out") + 1], str(fresh2), *argv[argv.index("--out") + 2 :]]
+    assert script.main([*argv3, "--sync", str(mid), "--until", "eval"]) == 0
+    resumed = json.loads((fresh2 / "ledger.json").read_text())
+    assert resumed["steps"]["train"]["invocations"] == ledger["steps"]["train"]["invocations"]  # not trained again
+    assert len(generated) == 2  # the two chains the stopped sitting had not written
+    assert json.loads(chains[0])["context"].strip() not in generated
+    assert resumed["results"]["systems"]["stack"]["items"] == ledger["results"]["systems"]["stack"]["items"]
+    for system in ("base", "single", "multitask"):  # finished rows are read back, not scored again
+        assert resumed["results"]["systems"][system] == ledger["results"]["systems"][system]
+
 
 def test_diagnosis_reads_the_stacks_chains_and_rescoring_them_reproduces_the_eval(tmp_path):
     """benchmarks/exp2_diagnosis.py on a tiny evaluated stack: the chain statistics and traces come from the eval's
