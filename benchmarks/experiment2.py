@@ -128,6 +128,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="measure the rates (teacher, training, eval) in a few minutes and print the expected wall time of every "
         "step left; runs nothing long (OUT/plan.json, OUT/plan.md)",
     )
+    p.add_argument(
+        "--rows-from",
+        type=Path,
+        default=None,
+        help="an earlier campaign's --sync folder (e.g. data/exp2-mc for regime B): its base row and the teacher's "
+        "row, which read no adapter, are reused where the eval setup is the same (fslm eval checks each row's key: "
+        "items, data hashes, options), and computed anew where it is not",
+    )
     p.add_argument("--plan-questions", type=int, default=8, help="questions the plan's teacher probe distils")
     p.add_argument("--kept-share", type=float, default=None, help="plan: expected kept share (default: the probe's)")
     return p.parse_args(argv)
@@ -201,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     # (the eval reuses only rows computed with its exact setup; the ledger records what it ran).
     # The ablation is a diagnosis beside the rows: its flags do not identify the experiment either.
     skip = ("out", "data_dir", "until", "publish", "publish_root", "eval_extra", "sync", "plan", "plan_questions",
-            "kept_share", "ablate_limit", "ablate_tasks")  # fmt: skip
+            "kept_share", "ablate_limit", "ablate_tasks", "rows_from")  # fmt: skip
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in skip}
     # Committed files name this machine's places by what they are (OUT, DATA_DIR, ~), so another machine resumes.
     places = {str(out.resolve()): "OUT", str(args.data_dir.expanduser().resolve()): "DATA_DIR", str(Path.home()): "~"}
@@ -402,6 +410,12 @@ def main(argv: list[str] | None = None) -> int:
         seed_stack(args.sync / "stack", stack.root)
         for folder in EVAL_FOLDERS:
             seed_tree(args.sync / folder, out / folder)
+    if args.rows_from is not None:  # after --sync: a row this campaign already has is its own
+        borrowed = borrow_rows(args.rows_from, out)
+        if borrowed:
+            ledger.data.setdefault("rows_from", {}).update(
+                {"folder": portable(str(args.rows_from.resolve()), {str(REPO): "REPO", **places}), **borrowed}
+            )
     for name, made in outputs.items():  # a ledger seeded from --sync: a step is done only where its output is here
         if ledger.done(name) and not made.exists():
             ledger.data["steps"][name]["finished"] = False
@@ -458,6 +472,17 @@ def write_summary(out: Path, ledger: dict[str, Any], args: argparse.Namespace) -
         report = out / folder / "report.md"
         if report.is_file():
             lines += ([f"### {title}", ""] if title else []) + [report.read_text(encoding="utf-8").strip(), ""]
+    borrowed = dict(ledger.get("rows_from") or {})
+    folder = borrowed.pop("folder", "")
+    for rel, key in borrowed.items():
+        row = out / rel
+        same = row.is_file() and json.loads(row.read_text(encoding="utf-8")).get("key") == key
+        how = (
+            f"reused from `{folder}` (the same key: items, data and options)"
+            if same
+            else "computed anew (its setup differed)"
+        )
+        lines += [f"Row `{rel}`: {how}.", ""]
     lines += ["| step | wall-clock | invocations |", "|---|---:|---:|"]
     for name, step in ledger.get("steps", {}).items():
         lines.append(f"| {name} | {step['seconds'] / 3600:.2f} h | {step['invocations']} |")
@@ -645,7 +670,8 @@ def plan(args: argparse.Namespace, out: Path, stack: Any, sources: dict[str, Any
     earlier = [s for s in stack.load().stage_names[:-1] if s in targets]
     stage_tokens = max(8, round(sum(targets[s]["mean"] for s in earlier) / max(len(earlier), 1)))
     ev = probe_eval(args, out, stack, stage_tokens)
-    if args.teacher_row and args.teacher:
+    lent = {r for r in BORROWABLE if args.rows_from is not None and (args.rows_from / r).is_file()}
+    if args.teacher_row and args.teacher and "eval-teacher/systems/base.json" not in lent:
         ev.update(probe_teacher_row(args, out))
 
     rows = []
@@ -695,12 +721,14 @@ def plan(args: argparse.Namespace, out: Path, stack: Any, sources: dict[str, Any
     eval_h = 0.0
     for system in args.systems.split(","):
         sec = per_system.get(system, per_system["stack"])
-        hours = n_items * sec / 3600
+        reused = system == "base" and "eval/systems/base.json" in lent
+        hours = 0.0 if reused else n_items * sec / 3600
         eval_h += hours
         rows.append(
             (
                 f"eval {system}",
-                f"{n_items} test items ({', '.join(f'{t} {n}' for t, n in items.items())})",
+                f"{n_items} test items ({', '.join(f'{t} {n}' for t, n in items.items())})"
+                + (f"; reused from {args.rows_from} where its key matches" if reused else ""),
                 f"{sec:.2f} s/question",
                 hours,
             )
@@ -719,7 +747,11 @@ def plan(args: argparse.Namespace, out: Path, stack: Any, sources: dict[str, Any
                 (n_items * sec + tune * tune_sec) / 3600,
             )
         )
-    if args.teacher_row and args.teacher:
+    if args.teacher_row and args.teacher and "eval-teacher/systems/base.json" in lent:
+        rows.append(
+            ("teacher row", f"{n_items} test items, reused from {args.rows_from} where its key matches", "-", 0.0)
+        )
+    elif args.teacher_row and args.teacher:
         sec = ev["teacher_seconds_per_question"]
         rows.append(
             (
@@ -920,6 +952,23 @@ def sync_tree(source: Path, folder: Path, places: dict[str, str]) -> None:
             atomic_write_text(target, portable(f.read_text(encoding="utf-8"), places))
         else:
             atomic_write_bytes(target, f.read_bytes())
+
+
+BORROWABLE = ("eval/systems/base.json", "eval-teacher/systems/base.json")  # rows that read no adapter
+
+
+def borrow_rows(folder: Path, out: Path) -> dict[str, str]:
+    """Copy another campaign's rows that read no adapter (BORROWABLE) into OUT where OUT has none; returns each
+    copied row's key, so the summary can tell a reused row (same key after the eval) from one computed anew."""
+    borrowed = {}
+    for rel in BORROWABLE:
+        source, target = folder / rel, out / rel
+        if source.is_file() and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read_bytes())
+            borrowed[rel] = json.loads(source.read_text(encoding="utf-8")).get("key", "")
+            print(f"borrowing {rel} from {folder}", file=sys.stderr)
+    return borrowed
 
 
 def seed_tree(folder: Path, target: Path) -> None:

@@ -56,6 +56,23 @@ def test_experiment2_runs_every_step_and_resumes(tmp_path):
     again = json.loads((out / "ledger.json").read_text())
     assert all(again["steps"][s]["invocations"] == 1 for s in again["steps"])
 
+    # another campaign on other instructions (so other adapters), as regime B beside A: it reuses A's base row, which
+    # reads no adapter, and scores its own single adapter
+    other = tmp_path / "other"
+    argv2 = [
+        str(x) for flag in {**flags, "--out": other, "--alpaca": 4, "--systems": "base,single"}.items() for x in flag
+    ]
+    assert _script().main([*argv2, "--rows-from", str(out)]) == 0
+    theirs = json.loads((other / "ledger.json").read_text())
+    assert theirs["distilled"]["records"] == 4 and theirs["adapters"]["sha256"] != ledger["adapters"]["sha256"]
+    assert theirs["results"]["systems"]["base"] == systems["base"]  # its seconds too: read back, not scored again
+    assert set(theirs["results"]["systems"]) == {"base", "single"}
+    assert (
+        theirs["rows_from"]["eval/systems/base.json"] == json.loads((out / "eval/systems/base.json").read_text())["key"]
+    )
+    assert "Row `eval/systems/base.json`: reused from" in (other / "summary.md").read_text()
+    assert "rows_from" not in theirs["settings"]  # where rows come from does not identify the experiment
+
 
 def _mc_data(root):
     """Train files of the three regime-A sources (ARC-Easy, ARC-Challenge, OpenBookQA) beside the test splits; the
