@@ -702,6 +702,7 @@ def eval_cmd(
     chain_temperature: float = flag(EvalOptions, "chain_temperature", min=0.0),
     ensemble_weight: float | None = flag(EvalOptions, "ensemble_weight", min=0.0, max=1.0),
     gate_threshold: float | None = flag(EvalOptions, "gate_threshold", min=0.0, max=1.0),
+    gate_max_chain_rate: float | None = flag(EvalOptions, "gate_max_chain_rate", min=0.0, max=1.0),
     tune_limit: int = flag(EvalOptions, "tune_limit", min=1),
     generative: bool = flag(EvalOptions, "generative"),
     gen_tokens: int | None = flag(EvalOptions, "gen_tokens", min=1),

@@ -62,6 +62,12 @@ def test_tuning_picks_the_best_value_and_breaks_ties_cheaply():
     # smallest grid value is 0.1
     assert gate["value"] == pytest.approx(0.1)
     assert gate["chain_rate"] == pytest.approx(1 / 3)
+    assert gate["chain_rates"]["0.0"] == 0.0 and gate["chain_rates"]["1.0"] == 1.0 and "max_chain_rate" not in gate
+    # a cost cap below the best τ's chain rate: the best of the cheaper values (τ = 0, no chain: q2 wrong)
+    capped = eval_scoring.tune_threshold(questions, golds, max_chain_rate=0.2)
+    assert capped["value"] == 0.0 and capped["chain_rate"] == 0.0 and capped["dev_accuracy"] == pytest.approx(2 / 3)
+    assert capped["max_chain_rate"] == 0.2 and capped["grid"] == gate["grid"]  # the frontier is the same
+    assert eval_scoring.tune_threshold(questions, golds, max_chain_rate=1 / 3)["value"] == pytest.approx(0.1)
     weight = eval_scoring.tune_weight(questions, golds)
     assert weight["dev_accuracy"] == 1.0
     # q1 needs λ > 0.341, q2 needs λ < 0.933: 0.4 .. 0.9 are perfect, the largest wins
@@ -232,6 +238,15 @@ def test_eval_gate_tunes_on_dev_only_and_reports_pairs(eval_stack, data_dir, tmp
     seen.clear()
     evaluate(eval_stack, tmp_path / "report", options)
     assert seen == []
+    # a cost cap: τ is the best of the values that chained no dev question (4 dev items: rates step by 0.25)
+    capped = options.model_copy(update={"gate_max_chain_rate": 0.1})
+    result = evaluate(eval_stack, tmp_path / "capped", capped).results
+    tuned = result["tuning"]["arc_easy"]
+    assert (
+        tuned["chain_rate"] == 0.0 and tuned["max_chain_rate"] == 0.1 and tuned["chain_rates"][str(tuned["value"])] == 0
+    )
+    assert result["stack_scoring"]["max_chain_rate"] == 0.1  # in the setup, so in the stack row's key
+    assert "max_chain_rate" not in json.loads((tmp_path / "report" / "results.json").read_text())["stack_scoring"]
 
 
 def test_eval_refuses_to_tune_without_a_dev_split(eval_stack, data_dir, tmp_path):

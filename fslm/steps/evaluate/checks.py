@@ -54,6 +54,10 @@ def check_options(directory: Path, options: EvalOptions) -> list[tuple[str, str 
     rows: list[tuple[str, str | None]] = [(s, None) for s in options.systems]
     if options.ablate:
         rows += [("stack", s.name) for s in config.stages]
+    if options.gate_max_chain_rate is not None and not (options.stack_scoring == "gate" and tuning_needed(options)):
+        log.warning(
+            "--gate-max-chain-rate caps a τ tuned on dev: it has no effect without --stack-scoring gate, or with --gate-threshold"
+        )
     needs = tuning_needed(options) if any(s == "stack" for s, _ in rows) else None
     if needs:
         flag = "--ensemble-weight" if needs == "weight" else "--gate-threshold"

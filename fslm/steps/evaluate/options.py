@@ -70,6 +70,13 @@ class EvalOptions(Options):
         le=1.0,
         description="τ, the direct margin below which the chain runs (gate); default: tuned on dev.",
     )
+    gate_max_chain_rate: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="A cost cap on the tuned τ (gate): only values whose chain rate on dev is at most this compete "
+        "(the gate costs about the direct path plus this share of a chain); default: no cap.",
+    )
     tune_limit: int = Field(100, ge=1, description="Dev questions per task that tune λ / τ (a seeded subset).")
     generative: bool = Field(
         False, description="Also let each system answer freely and read the option off its text (metric gen)."

@@ -42,6 +42,13 @@ def chain_key(setup: dict[str, Any], stages: list[str]) -> str:
     return hashlib.sha256(json.dumps(own, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def gate_capped(options: EvalOptions) -> bool:
+    """The gate's τ is tuned under a chain-rate cap (a given τ ignores the cap)."""
+    return (
+        options.stack_scoring == "gate" and options.gate_threshold is None and options.gate_max_chain_rate is not None
+    )
+
+
 def adapter_hashes(directory: Path) -> dict[str, str]:
     """sha256 of every adapter's weights: a retrained adapter must not reuse a finished row."""
     adapters = StackDir(directory).adapters
@@ -69,6 +76,7 @@ def setup(directory: Path, options: EvalOptions, stage_backend: str, data_hashes
             "mode": options.stack_scoring,
             **(ensemble if options.stack_scoring == "ensemble" else {}),
             **({"threshold": options.gate_threshold} if options.stack_scoring == "gate" else {}),
+            **({"max_chain_rate": options.gate_max_chain_rate} if gate_capped(options) else {}),  # earlier keys kept
             **({"tune_limit": options.tune_limit} if tuning_needed(options) else {}),
         },
         "generative": options.generative,

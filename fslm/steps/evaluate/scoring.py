@@ -25,7 +25,8 @@ Modes:
   question plus a chain for the unsure share.
 
 λ and τ are tuned per task on its dev split (`tune_weight`, `tune_threshold`: a grid, highest dev accuracy, ties to
-the cheaper setting), never on the test items they are then used on.
+the cheaper setting), never on the test items they are then used on. The gate's τ may be capped by its chain rate on dev
+(`--gate-max-chain-rate`): the gate costs about the direct path plus that share of a chain.
 """
 
 from __future__ import annotations
@@ -109,19 +110,29 @@ def tune_weight(questions: Sequence[Question], golds: Sequence[int], grid: Seque
     return {"value": best, "dev_accuracy": table[best], "grid": {str(w): round(a, 4) for w, a in table.items()}}
 
 
-def tune_threshold(questions: Sequence[Question], golds: Sequence[int], grid: Sequence[float] = THRESHOLD_GRID) -> dict:
+def tune_threshold(
+    questions: Sequence[Question],
+    golds: Sequence[int],
+    grid: Sequence[float] = THRESHOLD_GRID,
+    max_chain_rate: float | None = None,
+) -> dict:
     """τ with the highest accuracy over `questions` (each with direct and greedy-chain scores); ties to the smaller
-    τ (fewer chains). Returns the choice, its chain rate and the accuracy of every grid value."""
+    τ (fewer chains). `max_chain_rate`: only the values whose chain rate is at most this compete (a cost cap; τ = 0
+    runs no chain, so one always does). Returns the choice, its chain rate, and the accuracy and chain rate of every
+    grid value: the accuracy a chain buys on dev, so a user can pick a cheaper τ by hand."""
     table, rate = {}, {}
     for t in grid:
         picks = [gate(q.direct, q.chains[0] if q.chains else None, t) for q in questions]
         right = sum(argmax(s) == g for (s, _), g in zip(picks, golds, strict=True))
         table[t] = right / max(len(questions), 1)
         rate[t] = sum(used for _, used in picks) / max(len(questions), 1)
-    best = max(grid, key=lambda t: (table[t], -t))
+    allowed = [t for t in grid if max_chain_rate is None or rate[t] <= max_chain_rate + 1e-12] or [min(grid)]
+    best = max(allowed, key=lambda t: (table[t], -t))
     return {
         "value": best,
         "dev_accuracy": table[best],
         "chain_rate": rate[best],
+        **({"max_chain_rate": max_chain_rate} if max_chain_rate is not None else {}),
         "grid": {str(t): round(a, 4) for t, a in table.items()},
+        "chain_rates": {str(t): round(r, 4) for t, r in rate.items()},
     }

@@ -42,7 +42,7 @@ def tune_on_dev(
         if options.stack_scoring == "ensemble":
             choice = tune_weight(questions, golds)
         else:
-            choice = tune_threshold(questions, golds)
+            choice = tune_threshold(questions, golds, max_chain_rate=options.gate_max_chain_rate)
         tuned[t] = {
             "parameter": "ensemble_weight" if options.stack_scoring == "ensemble" else "gate_threshold",
             **choice,
