@@ -234,6 +234,12 @@ def test_eval_gate_tunes_on_dev_only_and_reports_pairs(eval_stack, data_dir, tmp
     pairs = {(r["a"], r["b"], r["metric"]) for r in result["paired"]}
     assert {("base", "single", "acc"), ("base", "stack", "acc"), ("single", "stack", "acc")} <= pairs
     assert "## Paired differences" in (tmp_path / "report" / "report.md").read_text()
+    # the gate's per-item paths: the chain answered exactly where the direct margin was below τ, else the direct path
+    gate = stack_row["items"]["arc_easy"]
+    assert gate["chained"] == [int(m < tuned["value"]) for m in gate["direct_margin"]]
+    assert all(a == d for a, d, c in zip(gate["acc"], gate["direct_acc"], gate["chained"], strict=True) if not c)
+    assert sum(gate["chained"]) == stack_row["stack_scoring"]["questions_with_chain"]
+    assert "direct_margin" not in result["systems"]["single"]["items"]["arc_easy"]
     # a rerun reuses the tuning and the rows
     seen.clear()
     evaluate(eval_stack, tmp_path / "report", options)

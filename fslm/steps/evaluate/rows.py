@@ -99,6 +99,8 @@ def system_row(
             g = result["results"][f"fslm_{t}_gen"]
             metrics[t].update(gen=g["gen,none"], gen_stderr=g.get("gen_stderr,none"), answered=g.get("answered,none"))
         items[t] = _item_records(samples.get(f"fslm_{t}", []), samples.get(f"fslm_{t}_gen"))
+        if getattr(lm, "scoring", "chain") == "gate" and lm.records:
+            items[t].update(_gate_records(lm.records, t, samples.get(f"fslm_{t}", [])))
         queries += n
     return {
         "system": lm.system,
@@ -150,6 +152,23 @@ def _metrics(task_result: dict[str, Any]) -> dict[str, Any]:
                 out["acc_norm_stderr"] = task_result.get("acc_norm_stderr,none")
             return out
     raise FslmError(f"lm-eval returned no accuracy metric ({', '.join(task_result)})")
+
+
+def _gate_records(records: dict[tuple[str, Any], Any], task: str, samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """The gate's per-item path record, in `_item_records`' order: the direct path's margin, whether the direct path
+    alone was right (acc), and whether the chain answered. With the chain row's per-item acc (the same greedy chains,
+    e.g. through --chains-from) this gives the test accuracy at any τ, e.g. a τ picked on dev under a cost cap."""
+    from fslm.steps.evaluate.scoring import argmax
+
+    rows = sorted({s["doc_id"]: s for s in samples}.values(), key=lambda s: s["doc_id"])
+    picked = [records.get((f"fslm_{task}", s["doc_id"])) for s in rows]
+    if any(r is None for r in picked):
+        return {}
+    return {
+        "direct_margin": [round(r.margin, 6) for r in picked],
+        "direct_acc": [int(argmax(r.direct) == int(s["doc"]["gold"])) for r, s in zip(picked, rows, strict=True)],
+        "chained": [int(r.chain_ran) for r in picked],
+    }
 
 
 def _item_records(samples: list[dict[str, Any]], gen_samples: list[dict[str, Any]] | None) -> dict[str, Any]:
