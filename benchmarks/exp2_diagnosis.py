@@ -12,7 +12,13 @@ its per-item correctness (`EVAL/results.json`), for each multiple-choice task ev
   mode, options hidden: what the student would have to write) and the student's answer stage scores the options
   after *those* notes, beside its score after its own chain on the same items: how much a better chain would be
   worth to this answer stage;
-- **traces**: a few chains the stack got right and wrong, as text.
+- **traces**: a few chains the stack got right and wrong, as text;
+- **gate under a cost cap** (with --gate, the gate row's eval folder): for each cap R on the chain rate (--caps), the
+  τ the dev tuning would have picked under that cap (`fslm eval --gate-max-chain-rate`, from the tuning's per-τ dev
+  accuracy and chain rate), and the test accuracy it gives, derived per item from the gate row (direct margin,
+  direct-path correctness) and the chain row (the same greedy chains): a derived row, not a timed run; its seconds
+  are an estimate, the single adapter's plus the test chain rate times the chain row's. At the tuned τ the
+  derivation must reproduce the gate row's measured accuracy (`reproduces_gate_row`).
 
 Writes OUT/diagnosis.json and OUT/diagnosis.md; the teacher's notes are cached in OUT/teacher-notes.jsonl (resumable).
 Test items are only read here, never trained or tuned on.
@@ -43,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher-batch", type=int, default=16)
     p.add_argument("--ceiling", type=int, default=200, help="items per task for the ceiling")
     p.add_argument("--traces", type=int, default=3, help="right and wrong chains shown per task")
+    p.add_argument("--gate", type=Path, default=None, help="the fslm eval report folder of the stack's gate row")
+    p.add_argument("--caps", default="0.05,0.1,0.2", help="chain-rate caps of the derived gate rows (with --gate)")
     return p.parse_args(argv)
 
 
@@ -97,6 +105,66 @@ def read_eval(eval_dir: Path) -> tuple[dict, dict[str, dict[str, str]]]:
         if row.get("chain") in (None, 0):  # the greedy chain (sampled ones are numbered)
             chains[row["context"].strip()] = row["outputs"]
     return results, chains
+
+
+def capped_tau(tuning: dict[str, Any], cap: float | None) -> float:
+    """The τ `fslm eval --gate-max-chain-rate cap` picks from a tuning record (scoring.tune_threshold's rule: the best
+    dev accuracy among the values whose dev chain rate is at most the cap, ties to the smaller τ)."""
+    grid = {float(k): v for k, v in tuning["grid"].items()}
+    rates = {float(k): v for k, v in tuning["chain_rates"].items()}
+    allowed = [t for t in grid if cap is None or rates[t] <= cap + 1e-12] or [min(grid)]
+    return max(allowed, key=lambda t: (grid[t], -t))
+
+
+def gate_at_caps(gate: dict, chain: dict, caps: list[float]) -> dict[str, Any]:
+    """Per task: the gate's test accuracy and chain rate at the tuned τ and at each cap's τ, derived per item (module
+    docstring). A task whose gate row lacks the per-item paths or whose tuning lacks chain rates is skipped."""
+    from fslm.steps.evaluate.stats import paired
+
+    g_row, c_row = gate["systems"]["stack"], chain["systems"]["stack"]
+    single = chain["systems"].get("single")
+    out: dict[str, Any] = {}
+    for task, tuning in gate.get("tuning", {}).items():
+        items = g_row["items"].get(task, {})
+        if "direct_margin" not in items or "chain_rates" not in tuning:
+            continue
+        chain_acc = dict(zip(c_row["items"][task]["ids"], c_row["items"][task]["acc"], strict=True))
+        ids = items["ids"]
+
+        def at(tau: float, ids: list[str] = ids, items: dict = items, chain_acc: dict = chain_acc) -> tuple:
+            picks = [m < tau for m in items["direct_margin"]]
+            acc = [chain_acc[i] if c else d for i, c, d in zip(ids, picks, items["direct_acc"], strict=True)]
+            return acc, sum(picks) / len(ids)
+
+        tuned_acc, tuned_rate = at(float(tuning["value"]))
+        entry: dict[str, Any] = {
+            "items": len(ids),
+            "tuned": {
+                "tau": tuning["value"],
+                "accuracy": round(sum(tuned_acc) / len(ids), 4),
+                "chain_rate": round(tuned_rate, 4),
+            },  # fmt: skip
+            "reproduces_gate_row": [int(a) for a in tuned_acc] == [int(a) for a in items["acc"]],
+            "caps": {},
+        }
+        for cap in caps:
+            tau = capped_tau(tuning, cap)
+            acc, rate = at(tau)
+            row: dict[str, Any] = {"tau": tau, "dev_accuracy": tuning["grid"][str(tau)],
+                                   "dev_chain_rate": tuning["chain_rates"][str(tau)],
+                                   "accuracy": round(sum(acc) / len(ids), 4), "chain_rate": round(rate, 4)}  # fmt: skip
+            if single is not None:
+                s_acc = dict(zip(single["items"][task]["ids"], single["items"][task]["acc"], strict=True))
+                diff = paired(task, "acc", "gate", [int(a) for a in acc], "single", [int(s_acc[i]) for i in ids])
+                row["minus_single"] = {"difference": round(diff.diff, 4), "ci95": [round(diff.ci_low, 4),
+                                       round(diff.ci_high, 4)], "mcnemar_p": diff.p_value}  # fmt: skip
+                row["est_seconds_per_question"] = round(
+                    single["seconds_per_query"] + rate * c_row["seconds_per_query"], 3
+                )
+                row["est_times_single"] = round(row["est_seconds_per_question"] / single["seconds_per_query"], 2)
+            entry["caps"][str(cap)] = row
+        out[task] = entry
+    return out
 
 
 def teacher_notes(args: argparse.Namespace, config: Any, task: str, items: list[tuple[str, dict]]) -> dict:
@@ -173,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         entry["traces"] = traces(mine, items, correct, args.traces)
         report["tasks"][task] = entry
         lines += task_lines(task, entry)
+    if args.gate is not None:
+        gate = json.loads((args.gate / "results.json").read_text())
+        report["gate_caps"] = gate_at_caps(gate, results, [float(c) for c in args.caps.split(",")])
+        lines += gate_lines(report["gate_caps"])
     (args.out / "diagnosis.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "diagnosis.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -203,6 +275,27 @@ def task_lines(task: str, entry: dict) -> list[str]:
             lines += [f"**{side}** `{t['id']}`: {t['question']!r} (gold: {t['gold']})", ""]
             lines += [f"- {k}: {v!r}" for k, v in t.items() if k not in ("id", "question", "gold")] + [""]
     return lines
+
+
+def gate_lines(caps: dict[str, Any]) -> list[str]:
+    lines = ["## The gate under a cost cap (derived per item, τ picked on dev; seconds estimated)", ""]
+    lines += ["| task | cap R | τ | dev acc | dev chain rate | test acc | test chain rate | − single [95 % CI] | ≈ × single |",
+              "|---|---:|---:|---:|---:|---:|---:|---|---:|"]  # fmt: skip
+    for task, entry in caps.items():
+        tuned = entry["tuned"]
+        lines.append(
+            f"| {task} | none (tuned) | {tuned['tau']} | | | {tuned['accuracy']} | {tuned['chain_rate']} | | |"
+        )
+        for cap, r in entry["caps"].items():
+            d = r.get("minus_single")
+            diff = f"{d['difference']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d else "-"
+            lines.append(f"| {task} | {cap} | {r['tau']} | {r['dev_accuracy']} | {r['dev_chain_rate']} | "
+                         f"{r['accuracy']} | {r['chain_rate']} | {diff} | {r.get('est_times_single', '-')} |")  # fmt: skip
+        if not entry["reproduces_gate_row"]:
+            lines.append(
+                f"| {task} | **the derivation does not reproduce the gate row at the tuned τ** | | | | | | | |"
+            )
+    return [*lines, ""]
 
 
 if __name__ == "__main__":

@@ -171,6 +171,8 @@ def test_experiment2_mc_regime_plan_run_and_publish(tmp_path, monkeypatch):
     assert set(ledger["results"]["systems"]) == {"base", "single", "multitask", "stack"}
     gate = ledger["results_gate"]["systems"]["stack"]
     assert gate["stack_scoring"]["mode"] == "gate" and gate["tasks"]["arc_easy"]["n"] == 3
+    derived = load_benchmark("exp2_diagnosis").gate_at_caps(ledger["results_gate"], ledger["results"], [0.5])
+    assert derived["arc_easy"]["reproduces_gate_row"]  # the gate row's per-item paths + the chain row = the gate row
     assert ledger["results_teacher"]["systems"]["base"]["tasks"]["arc_easy"]["n"] == 3
     ablation = ledger["results_ablation"]["systems"]
     assert set(ablation) == {"stack", *(f"stack-ablate-{s}" for s in ("intent", "plan", "reasoning", "answer"))}
@@ -335,3 +337,27 @@ def test_the_script_restarts_under_the_training_allocator_and_records_it(tmp_pat
     assert ledger["torch_threads"] == [1]
     if len(os.sched_getaffinity(0)) > 1:
         assert "PyTorch runs on 1 of the" in " ".join(done.stderr.split())
+
+
+def test_the_gate_under_a_cost_cap_is_derived_per_item_and_reproduces_the_gate_row():
+    diagnosis = load_benchmark("exp2_diagnosis")
+    tuning = {"value": 0.5, "grid": {"0.0": 0.5, "0.5": 0.75, "1.0": 0.6},
+              "chain_rates": {"0.0": 0.0, "0.5": 0.3, "1.0": 1.0}}  # fmt: skip
+    ids = ["a", "b", "c", "d"]
+    # τ 0.5 chains a and c (margins below it): the chain's answers there, the direct path's on b and d
+    gate_items = {"ids": ids, "acc": [1, 1, 0, 0], "direct_margin": [0.1, 0.9, 0.3, 0.7], "direct_acc": [0, 1, 1, 0],
+                  "chained": [1, 0, 1, 0]}  # fmt: skip
+    gate = {"tuning": {"arc_easy": tuning}, "systems": {"stack": {"items": {"arc_easy": gate_items}}}}
+    chain = {"systems": {
+        "stack": {"items": {"arc_easy": {"ids": ids, "acc": [1, 0, 0, 1]}}, "seconds_per_query": 3.0},
+        "single": {"items": {"arc_easy": {"ids": ids, "acc": [0, 1, 1, 1]}}, "seconds_per_query": 0.5},
+    }}  # fmt: skip
+    out = diagnosis.gate_at_caps(gate, chain, [0.1, 0.5])["arc_easy"]
+    assert out["reproduces_gate_row"] and out["tuned"] == {"tau": 0.5, "accuracy": 0.5, "chain_rate": 0.5}
+    cheap, full = out["caps"]["0.1"], out["caps"]["0.5"]
+    assert cheap["tau"] == 0.0 and cheap["accuracy"] == 0.5 and cheap["chain_rate"] == 0.0  # the direct path alone
+    assert cheap["est_times_single"] == 1.0 and cheap["minus_single"]["difference"] == -0.25
+    assert full["tau"] == 0.5 and full["dev_accuracy"] == 0.75 and full["est_seconds_per_question"] == 2.0
+    gate_items["acc"] = [1, 1, 1, 0]  # a gate row the derivation cannot reproduce is flagged, not trusted
+    assert not diagnosis.gate_at_caps(gate, chain, [0.1])["arc_easy"]["reproduces_gate_row"]
+    assert "does not reproduce" in "\n".join(diagnosis.gate_lines(diagnosis.gate_at_caps(gate, chain, [0.1])))
