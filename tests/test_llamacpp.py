@@ -512,5 +512,7 @@ def test_a_stack_on_a_bare_gguf_evaluates_on_llamacpp(tmp_path, exported):
     assert "backend" not in torch_row and llama_row["backend"] == "llamacpp"  # part of each row's key
     assert llama_row["systems"]["base"]["items"] == torch_row["systems"]["base"]["items"]
     assert llama_row["systems"]["base"]["tasks"]["arc_easy"]["n"] == 6
+    assert torch_row["systems"]["base"]["precision"] == "fp32"  # the row says what computed it: not fp32 on llama.cpp
+    assert llama_row["systems"]["base"]["precision"] == "llamacpp: the model file's own formats"
     bad = CliRunner().invoke(app, [*args, "--backend", "vllm", "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "backend" in bad.output

@@ -104,7 +104,9 @@ class _Evaluation:
         task_names = [f"fslm_{t}" for t in self.options.tasks] + [f"fslm_{t}_gen" for t in self.gen_tasks]
         result = run_lm_eval(lm, task_names, self.manager, self.options.seed)
         seconds = time.perf_counter() - start + lm.resumed_seconds
-        row = system_row(lm, result, self.options.tasks, self.gen_tasks, seconds, self.setup["precision"])
+        backend = self.setup.get("backend", "torch")  # a llama.cpp row computes in its GGUF's own formats
+        precision = self.setup["precision"] if backend == "torch" else f"{backend}: the model file's own formats"
+        row = system_row(lm, result, self.options.tasks, self.gen_tasks, seconds, precision)
         del result  # the per-sample log holds every request; keep only the per-item records
         if system == "stack":
             row.update(stack_details(lm, self.setup, self.tuning, self.options))
