@@ -62,6 +62,10 @@ def test_experiment2_runs_every_step_and_resumes(tmp_path):
     argv2 = [
         str(x) for flag in {**flags, "--out": other, "--alpaca": 4, "--systems": "base,single"}.items() for x in flag
     ]
+    assert _script().main([*argv2, "--rows-from", str(out), "--plan", "--plan-questions", "2"]) == 0
+    rows = {r["step"]: r for r in json.loads((other / "plan.json").read_text())["rows"]}
+    assert rows["eval base"]["hours"] == 0 and "reused from" in rows["eval base"]["work"]
+    assert "reused" not in rows["eval single"]["work"]  # its own adapter: scored here (a tiny model's hours round to 0)
     assert _script().main([*argv2, "--rows-from", str(out)]) == 0
     theirs = json.loads((other / "ledger.json").read_text())
     assert theirs["distilled"]["records"] == 4 and theirs["adapters"]["sha256"] != ledger["adapters"]["sha256"]
