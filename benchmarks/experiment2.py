@@ -262,6 +262,14 @@ def main(argv: list[str] | None = None) -> int:
                         stage["generation"]["max_new_tokens"] = wanted[stage["name"]]
 
             update_config(stack.root, edit)
+        have = {s.name: s.generation.max_new_tokens for s in stack.load().stages}
+        differ = {n: (have.get(n), b) for n, b in budgets(args.budgets).items() if have.get(n) != b}
+        if differ:  # e.g. a --plan made the stack with other budgets: training would silently use those
+            raise FslmError(
+                f"{stack.root / 'stack.yaml'}: stage budgets differ from --budgets ("
+                + ", ".join(f"{n} {h} vs {b}" for n, (h, b) in differ.items())
+                + "); use that stack's budgets or start from an empty --out"
+            )
 
     def distil() -> None:
         parts = []
@@ -433,6 +441,10 @@ def main(argv: list[str] | None = None) -> int:
         err.print(f"[red]error:[/] {e}")
         return 2
     finally:  # also when stopped: the committed ledger then has the interrupted step's seconds too
+        if args.sync is not None:  # and the eval rows and chains written since the last copy
+            for folder in EVAL_FOLDERS:
+                if (out / folder).is_dir():
+                    sync_tree(out / folder, args.sync / folder, places)
         if args.sync is not None and (out / "ledger.json").is_file():
             args.sync.mkdir(parents=True, exist_ok=True)
             (args.sync / "ledger.json").write_text(portable((out / "ledger.json").read_text(), places))

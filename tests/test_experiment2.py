@@ -243,11 +243,26 @@ def test_experiment2_mc_regime_plan_run_and_publish(tmp_path, monkeypatch):
     monkeypatch.setattr(lm_eval_model, "run_stages", counting)
     fresh2 = tmp_path / "fresh-mid-eval"
     argv3 = [*argv[: argv.index("--out") + 1], str(fresh2), *argv[argv.index("--out") + 2 :]]
-    assert script.main([*argv3, "--sync", str(mid), "--until", "eval"]) == 0
-    resumed = json.loads((fresh2 / "ledger.json").read_text())
-    assert resumed["steps"]["train"]["invocations"] == ledger["steps"]["train"]["invocations"]  # not trained again
+    # that sitting is stopped again (SIGTERM: KeyboardInterrupt) right after it wrote the other chains
+    log_chains = lm_eval_model.FslmLM._log_chains
+
+    def then_stopped(self, *a, **k):
+        log_chains(self, *a, **k)
+        raise KeyboardInterrupt("the sitting's end")
+
+    monkeypatch.setattr(lm_eval_model.FslmLM, "_log_chains", then_stopped)
+    with pytest.raises(KeyboardInterrupt):
+        script.main([*argv3, "--sync", str(mid), "--until", "eval"])
     assert len(generated) == 2  # the two chains the stopped sitting had not written
     assert json.loads(chains[0])["context"].strip() not in generated
+    assert len((mid / "eval" / "systems" / "stack.stages.jsonl").read_text().splitlines()) == 3  # copied at the stop
+    monkeypatch.setattr(lm_eval_model.FslmLM, "_log_chains", log_chains)
+    shutil.rmtree(fresh2)  # and resumed on yet another machine: every chain comes from the committed folder
+    generated.clear()
+    assert script.main([*argv3, "--sync", str(mid), "--until", "eval"]) == 0
+    assert generated == []
+    resumed = json.loads((fresh2 / "ledger.json").read_text())
+    assert resumed["steps"]["train"]["invocations"] == ledger["steps"]["train"]["invocations"]  # not trained again
     assert resumed["results"]["systems"]["stack"]["items"] == ledger["results"]["systems"]["stack"]["items"]
     for system in ("base", "single", "multitask"):  # finished rows are read back, not scored again
         assert resumed["results"]["systems"][system] == ledger["results"]["systems"][system]
@@ -365,3 +380,19 @@ def test_the_gate_under_a_cost_cap_is_derived_per_item_and_reproduces_the_gate_r
     gate_items["acc"] = [1, 1, 1, 0]  # a gate row the derivation cannot reproduce is flagged, not trusted
     assert not diagnosis.gate_at_caps(gate, chain, [0.1])["arc_easy"]["reproduces_gate_row"]
     assert "does not reproduce" in "\n".join(diagnosis.gate_lines(diagnosis.gate_at_caps(gate, chain, [0.1])))
+
+
+def test_a_stack_made_with_other_budgets_is_refused_not_silently_used(tmp_path, capsys):
+    """A --plan (or an earlier run) made OUT/stack with some stage budgets; a run asking for others must not train
+    with the old ones while its ledger records the new."""
+    from fslm.steps.init import InitOptions, init
+
+    model_dir = make_model_dir(tmp_path, "llama", chat=True, context=2048)
+    out = tmp_path / "run"
+    init(out / "stack", InitOptions(base=str(model_dir)))  # the recipe's own budgets
+    data_dir = make_benchmark_dir(tmp_path / "bench")
+    argv = ["--regime", "alpaca", "--data-dir", str(data_dir), "--out", str(out), "--base", str(model_dir),
+            "--budgets", "intent=4,plan=4,reasoning=4,answer=4", "--plan"]  # fmt: skip
+    assert _script().main(argv) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "stack.yaml: stage budgets differ from --budgets (intent" in err and "vs 4" in err
