@@ -98,8 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=None,
         help="a folder (e.g. data/exp2-mc) that receives the distilled files every few minutes while they grow, the "
-        "trained adapters (bfloat16) once trained, and the eval folders as their rows land; a new OUT is seeded from "
-        "it, so a campaign resumes from what was committed",
+        "trained adapters (bfloat16; kept out of git by .gitignore) once trained, and the eval folders as their rows "
+        "land; a new OUT is seeded from it, so a campaign resumes from what was committed (and retrains the adapters "
+        "where their weights are absent)",
     )
     p.add_argument(
         "--until", choices=STEPS, default=STEPS[-1], help="stop after this step (" + " -> ".join(STEPS) + ")"
@@ -321,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             resume = (stack.train_state / "run.json").is_file()
             with EventView() as view:
                 train(stack.root, data, TrainOptions(**common, **extra, resume=resume, fresh=not resume), on_event=view)
-        halved = adapters_to_bf16(stack.adapters)  # before any eval: what is evaluated is what is committed
+        halved = adapters_to_bf16(stack.adapters)  # before any eval: what is evaluated is what is synced
         ledger.data["adapters"] = {"dtype": "bfloat16", "sha256": adapter_hashes(stack.root)}
         if halved:
             err.print(f"adapters stored in bfloat16: {', '.join(halved)}")
@@ -904,8 +905,8 @@ STACK_FILES = ("stack.yaml", "README.md")
 
 
 def adapters_to_bf16(adapters: Path) -> list[str]:
-    """Store each adapter's float32 weights in bfloat16, in place: half the bytes, so the campaign's final adapters
-    can be committed, and the eval then runs on exactly the committed bytes. LoRA factors lose nothing that shows:
+    """Store each adapter's float32 weights in bfloat16, in place: half the bytes to keep and copy to --sync (not to
+    git: .gitignore), and the eval then runs on exactly the synced bytes. LoRA factors lose nothing that shows:
     PEFT and the GGUF export read them back as float32 (bfloat16 is the top half of a float32)."""
     import torch
     from safetensors.torch import load_file, save
