@@ -108,12 +108,11 @@ def read_eval(eval_dir: Path) -> tuple[dict, dict[str, dict[str, str]]]:
 
 
 def capped_tau(tuning: dict[str, Any], cap: float | None) -> float:
-    """The τ `fslm eval --gate-max-chain-rate cap` picks from a tuning record (scoring.tune_threshold's rule: the best
-    dev accuracy among the values whose dev chain rate is at most the cap, ties to the smaller τ)."""
+    """The τ `fslm eval --gate-max-chain-rate cap` picks from a tuning record (its per-τ dev accuracy and chain rate)."""
+    from fslm.steps.evaluate.scoring import pick_threshold
+
     grid = {float(k): v for k, v in tuning["grid"].items()}
-    rates = {float(k): v for k, v in tuning["chain_rates"].items()}
-    allowed = [t for t in grid if cap is None or rates[t] <= cap + 1e-12] or [min(grid)]
-    return max(allowed, key=lambda t: (grid[t], -t))
+    return pick_threshold(grid, {float(k): v for k, v in tuning["chain_rates"].items()}, cap)
 
 
 def gate_at_caps(gate: dict, chain: dict, caps: list[float]) -> dict[str, Any]:
@@ -143,7 +142,7 @@ def gate_at_caps(gate: dict, chain: dict, caps: list[float]) -> dict[str, Any]:
                 "tau": tuning["value"],
                 "accuracy": round(sum(tuned_acc) / len(ids), 4),
                 "chain_rate": round(tuned_rate, 4),
-            },  # fmt: skip
+            },
             "reproduces_gate_row": [int(a) for a in tuned_acc] == [int(a) for a in items["acc"]],
             "caps": {},
         }

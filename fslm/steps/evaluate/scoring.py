@@ -110,6 +110,13 @@ def tune_weight(questions: Sequence[Question], golds: Sequence[int], grid: Seque
     return {"value": best, "dev_accuracy": table[best], "grid": {str(w): round(a, 4) for w, a in table.items()}}
 
 
+def pick_threshold(accuracy: dict[float, float], rate: dict[float, float], max_chain_rate: float | None) -> float:
+    """The τ with the best accuracy among those whose chain rate is at most `max_chain_rate` (any, without a cap);
+    ties to the smaller τ. τ = 0 chains nothing, so a grid holding it always has a candidate."""
+    allowed = [t for t in accuracy if max_chain_rate is None or rate[t] <= max_chain_rate + 1e-12] or [min(accuracy)]
+    return max(allowed, key=lambda t: (accuracy[t], -t))
+
+
 def tune_threshold(
     questions: Sequence[Question],
     golds: Sequence[int],
@@ -126,8 +133,7 @@ def tune_threshold(
         right = sum(argmax(s) == g for (s, _), g in zip(picks, golds, strict=True))
         table[t] = right / max(len(questions), 1)
         rate[t] = sum(used for _, used in picks) / max(len(questions), 1)
-    allowed = [t for t in grid if max_chain_rate is None or rate[t] <= max_chain_rate + 1e-12] or [min(grid)]
-    best = max(allowed, key=lambda t: (table[t], -t))
+    best = pick_threshold(table, rate, max_chain_rate)
     return {
         "value": best,
         "dev_accuracy": table[best],
