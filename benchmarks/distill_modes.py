@@ -4,7 +4,7 @@
         --teacher-model "$(python benchmarks/get_teacher.py)" --out OUT \\
         --runs "joint/shown/hidden,stages/shown/hidden,joint/shown/hint-on-retry"
 
-Each run is `teacher_mode/options/reference`, distilled into OUT/<run>.jsonl on a stack made by `fslm init` (the
+Each run is `teacher_mode/options/reference`, with `/words` for `--word-limits`, distilled into OUT/<run>.jsonl on a stack made by `fslm init` (the
 default recipe, stage budgets from --budgets) with its own teacher cache, so no run profits from another's answers.
 Prints one table (questions/h, kept/h, kept share, teacher calls and tokens per question, why records were dropped)
 and writes OUT/distill_modes.json. Resumable: a finished run is read back from its manifest, not redone.
@@ -55,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         update_config(stack, edit)
     rows = []
     for run in args.runs.split(","):
-        mode, shown, reference = run.split("/")
+        mode, shown, reference, *extra = run.split("/")
+        if set(extra) - {"words"}:
+            print(f"distill_modes: unknown run part {'/'.join(extra)!r} in {run!r} (known: words)", file=sys.stderr)
+            return 2
         name = run.replace("/", "-")
         target = out / f"{name}.jsonl"
         manifest_path = target.with_name(target.name + ".manifest.json")
@@ -66,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                 teacher_mode=mode,
                 options=shown,
                 reference=reference,
+                word_limits="words" in extra,
                 limit=args.limit,
                 seed=args.seed,
             )

@@ -464,6 +464,7 @@ def distill(
     samples: int = flag(DistillOptions, "samples", min=1, max=16),
     sample_temperature: float = flag(DistillOptions, "sample_temperature"),
     sample_top_p: float = flag(DistillOptions, "sample_top_p"),
+    word_limits: bool = flag(DistillOptions, "word_limits"),
     max_new_tokens: int | None = flag(DistillOptions, "max_new_tokens", min=1),
     filters: str = flag(DistillOptions, "filters"),
     overlong_factor: float = flag(DistillOptions, "overlong_factor", min=0.0),

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from fslm.cli import app
 from fslm.config import load_config
 from fslm.data import DatasetRecord, read_dataset
+from fslm.errors import FslmError
 from fslm.steps.distill import DistillOptions, distill_records
 from fslm.steps.distill.checks import option_references
 from fslm.steps.distill.prompts import joint_messages, split_sections
@@ -202,3 +203,31 @@ def test_cli_flags(config, tmp_path, tiny_llama):
          str(tmp_path / "o.jsonl"), "--teacher-mode", "both"],
     )  # fmt: skip
     assert r.exit_code == 2 and "--teacher-mode" in r.output and "Traceback" not in r.output
+
+
+def test_word_limits_give_each_section_its_length(config):
+    rec = DatasetRecord("Explain tides.", None, None, "f", 0, 1)
+    system, _ = joint_messages(config, rec, word_limits=True)
+    for stage in config.stages:
+        words = int(stage.generation.max_new_tokens * 0.6)
+        assert f"{(stage.brief or stage.role).strip()} At most {words} words." in system
+    assert "At most" not in joint_messages(config, rec)[0]  # off by default
+    # A multiple-choice answer section under --options shown is a copied option: no length to give.
+    choice = DatasetRecord("Q?", None, "oxygen", "f", 0, 1, ["oxygen", "iron"], 0, "text")
+    system, _ = joint_messages(config, choice, options_shown=True, word_limits=True)
+    assert system.count("At most") == len(config.stages) - 1
+
+
+def test_word_limits_are_part_of_the_run(config, tmp_path):
+    teacher = JointTeacher()
+    _, rows, _ = run(config, tmp_path, teacher, options="answer", word_limits=True)
+    assert rows and all("At most" in system for label, system, _ in teacher.asked if label == "joint")
+    answers = [user for label, _, user in teacher.asked if label == "answer"]
+    final = config.final_stage.generation.max_new_tokens
+    assert answers and all(u.endswith(f"(Write at most {int(final * 0.6)} words.)") for u in answers)
+    manifest = json.loads((tmp_path / "d.jsonl.manifest.json").read_text())
+    assert manifest["run"]["options"]["word_limits"] is True
+    # The same output without word limits is another run: refused, nothing appended.
+    with pytest.raises(FslmError, match="word_limits"):
+        run(config, tmp_path, JointTeacher(), options="answer")
+    assert len((tmp_path / "d.jsonl").read_text().splitlines()) == len(rows)

@@ -71,7 +71,8 @@ class Asker:
     ) -> list[tuple[str, bool]]:
         """(text, cut) per (record, earlier outputs, note) for one stage."""
         settings = self.settings(stage.generation, sample, max_new_tokens)
-        messages = [teacher_messages(stage, rec, outputs, note) for rec, outputs, note in asks]
+        limits = self.options.word_limits
+        messages = [teacher_messages(stage, rec, outputs, note, limits) for rec, outputs, note in asks]
         return self.ask_messages(stage.name, messages, settings)
 
     def ask_messages(
@@ -228,7 +229,8 @@ class ChainWriter:
         chains = {r.id: Chain(noted=note_of(r) is not None) for r in recs}
         if not recs:
             return chains
-        messages = [joint_messages(config, r, note_of(r), self.shown) for r in recs]
+        limits = self.options.word_limits
+        messages = [joint_messages(config, r, note_of(r), self.shown, limits) for r in recs]
         base = final.generation.model_copy(update={"repetition_penalty": 1.0})  # headers repeat by design
         settings = self.asker.settings(base, self.sample, joint_budget(config, recs, self.count_tokens))
         for r, (text, cut) in zip(recs, self.asker.ask_messages("joint", messages, settings), strict=True):

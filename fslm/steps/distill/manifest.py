@@ -36,7 +36,7 @@ def run_identity(config: StackConfig, dataset: Dataset, teacher: Teacher, option
         "dataset_sha256": dataset.sha256,
         "dataset": {k: v for k, v in dataset.describe().items() if k not in ("file",)},
         "teacher": teacher.id,
-        "prompts_sha256": prompts_hash(config, options.teacher_mode, options.options),
+        "prompts_sha256": prompts_hash(config, options.teacher_mode, options.options, options.word_limits),
         "options": options.recipe(),
     }
 

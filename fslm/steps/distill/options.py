@@ -46,6 +46,11 @@ class DistillOptions(Options):
     samples: int = Field(1, ge=1, le=16, description="Chains per record (sampled when above 1; duplicates dropped).")
     sample_temperature: float = Field(0.7, gt=0.0, le=2.0, description="Temperature of sampled chains.")
     sample_top_p: float = Field(0.95, gt=0.0, le=1.0, description="top-p of sampled chains.")
+    word_limits: bool = Field(
+        False,
+        description="Tell the teacher each stage's length in words (0.6 a token of the stage's max_new_tokens), so "
+        "fewer targets are dropped as overlong.",
+    )
     max_new_tokens: int | None = Field(
         None, ge=1, description="Override every stage's budget for the teacher (joint: the whole response's)."
     )
@@ -104,6 +109,8 @@ class DistillOptions(Options):
             recipe["teacher_mode"] = self.teacher_mode
         if self.options != "hidden":
             recipe["options"] = self.options
+        if self.word_limits:
+            recipe["word_limits"] = True
         if self.samples > 1:
             recipe.update(samples=self.samples, temperature=self.sample_temperature, top_p=self.sample_top_p)
         return recipe

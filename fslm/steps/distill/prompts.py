@@ -12,7 +12,8 @@ sections headed `### <Stage>` (`joint_messages`; each section described by the s
 multiple-choice question's options; the teacher may: `--options answer` shows them only in the request where it names
 its final answer (the final stage's prompt, reading the earlier stages it wrote blind: `OPTIONS_NOTE`), `shown` in
 every request (`JOINT_OPTIONS_NOTE` in joint mode). Earlier-stage targets must not point at them
-(`fslm.steps.distill.checks.option_references`).
+(`fslm.steps.distill.checks.option_references`). With `--word-limits` every request also states the stage's length in
+words (`word_limit`), so fewer targets exceed the budget the overlong filter holds them to.
 """
 
 from __future__ import annotations
@@ -48,6 +49,18 @@ OPTIONS_NOTE = (
 # Appended to the prompt where the teacher names its final answer (`--options answer|shown`).
 ANSWER_OPTIONS_NOTE = "\n\nAnswer options:\n{options}\n\nAnswer with the correct option, copied exactly."
 
+# A stage's length in words (`--word-limits`), from its token budget: English runs ~1.35 student tokens a word, and a
+# teacher overshoots a stated limit, so the limit is set at 0.6 words a token (64 tokens -> 38 words).
+WORDS_PER_TOKEN = 0.6
+WORD_LIMIT = " At most {words} words."  # joint mode: appended to each section's brief
+WORD_LIMIT_NOTE = "\n\n(Write at most {words} words.)"  # stage mode: appended to each request
+
+
+def word_limit(stage: StageConfig) -> int:
+    """The words a stage's target may hold so that the overlong filter keeps it."""
+    return max(4, int(stage.generation.max_new_tokens * WORDS_PER_TOKEN))
+
+
 # The joint teacher's system message: one response, every stage as a section, in order.
 JOINT_SYSTEM = (
     "You write the notes that lead to the answer of a request, in {n} sections, in this order. Start each section "
@@ -68,12 +81,17 @@ JOINT_OPTIONS_NOTE = (
 
 
 def teacher_messages(
-    stage: StageConfig, record: DatasetRecord, outputs: dict[str, str], note: str | None = None
+    stage: StageConfig,
+    record: DatasetRecord,
+    outputs: dict[str, str],
+    note: str | None = None,
+    word_limits: bool = False,
 ) -> tuple[str, str]:
     """(system, user) for the teacher: the stage's role and its template over the earlier teacher outputs, with an
-    optional note appended (the shown reference, the retry's hint, the options)."""
+    optional note appended (the shown reference, the retry's hint, the options), then the stage's word limit."""
     user = render_user_message(stage.template, stage_variables(record.instruction, record.input, outputs, stage.reads))
-    return stage.role, user + (note or "")
+    limit = WORD_LIMIT_NOTE.format(words=word_limit(stage)) if word_limits else ""
+    return stage.role, user + (note or "") + limit
 
 
 def header(stage: StageConfig) -> str:
@@ -82,15 +100,22 @@ def header(stage: StageConfig) -> str:
 
 
 def joint_messages(
-    config: StackConfig, record: DatasetRecord, note: str | None = None, options_shown: bool = False
+    config: StackConfig,
+    record: DatasetRecord,
+    note: str | None = None,
+    options_shown: bool = False,
+    word_limits: bool = False,
 ) -> tuple[str, str]:
-    """(system, user) asking for every stage of the stack in one response, one `### Stage` section each."""
+    """(system, user) asking for every stage of the stack in one response, one `### Stage` section each (each
+    section's brief followed by its word limit, with `word_limits`)."""
     briefs = []
     for stage in config.stages:
-        brief = stage.brief or stage.role
+        brief = (stage.brief or stage.role).strip()
         if stage is config.final_stage and options_shown and record.choices:
             brief = JOINT_CHOICE_ANSWER
-        briefs.append(f"{header(stage)}\n{brief.strip()}")
+        elif word_limits:
+            brief += WORD_LIMIT.format(words=word_limit(stage))
+        briefs.append(f"{header(stage)}\n{brief}")
     system = JOINT_SYSTEM.format(n=len(config.stages), sections="\n\n".join(briefs), last=config.final_stage.name)
     user = "Request: " + teacher_view(record.instruction)
     if record.input and record.input.strip():
@@ -183,9 +208,10 @@ def gold_text(record: DatasetRecord) -> str:
     return record.reference or ""
 
 
-def prompts_hash(config: StackConfig, mode: str = "stages", options: str = "hidden") -> str:
+def prompts_hash(config: StackConfig, mode: str = "stages", options: str = "hidden", word_limits: bool = False) -> str:
     """What the teacher is asked, independent of data: roles, templates, reads, budgets, the notes. The defaults
-    (per-stage mode, options hidden) hash exactly as before these existed, so old manifests still match."""
+    (per-stage mode, options hidden, no word limits) hash exactly as before these existed, so old manifests still
+    match."""
     stages = []
     for stage in config.stages:
         dumped = stage.model_dump(mode="json", include={"name", "role", "template", "reads", "generation", "brief"})
@@ -199,5 +225,7 @@ def prompts_hash(config: StackConfig, mode: str = "stages", options: str = "hidd
         notes["answer_options_note"] = ANSWER_OPTIONS_NOTE
     if options == "shown":
         notes["options_note"] = JOINT_OPTIONS_NOTE if mode == "joint" else OPTIONS_NOTE
+    if word_limits:
+        notes.update(words_per_token=WORDS_PER_TOKEN, word_limit=WORD_LIMIT if mode == "joint" else WORD_LIMIT_NOTE)
     blob = json.dumps({"stages": stages, **notes}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
