@@ -30,6 +30,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budgets", default="intent=48,plan=64,reasoning=96,answer=48", help="stage max_new_tokens")
     p.add_argument("--runs", default="joint/shown/hidden,stages/shown/hidden")
     p.add_argument("--base", default="smollm2-135m-instruct", help="the student (its tokenizer counts targets)")
+    p.add_argument("--filters", default=None, help="fslm distill --filters (default: distill's own)")
+    p.add_argument(
+        "--against",
+        type=Path,
+        default=None,
+        help="an earlier distill output (OUT.jsonl, its .rejected.jsonl beside it) over these questions: each run is "
+        "paired with it question by question (kept in both, only here, only there; why there)",
+    )
     return p.parse_args(argv)
 
 
@@ -70,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 options=shown,
                 reference=reference,
                 word_limits="words" in extra,
+                **({"filters": args.filters} if args.filters is not None else {}),
                 limit=args.limit,
                 seed=args.seed,
             )
@@ -99,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                 "resumed": last["resumed_records"],
             }
         )
+        if args.against is not None:
+            rows[-1]["against"] = against(target, args.against)
     print("| run | q/h | kept | kept/h | calls/q | new tok/q | prompt tok/q | blind acc | rejected |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
@@ -108,6 +119,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['kept_per_hour']} | {r['teacher_calls_per_question']} | {r['output_tokens_per_question']} | "
             f"{r['prompt_tokens_per_question']} | {r['teacher_blind_accuracy']} | {rejected} |"
         )
+    for r in rows:
+        if "against" in r:
+            a = r["against"]
+            print(
+                f"{r['run']} vs {args.against.name}, {a['questions']} shared questions: kept in both {a['both']}, "
+                f"only here {a['only_here']}, only there {a['only_there']}, in neither {a['neither']}; "
+                f"why the ones kept only here were dropped there: {a['only_here_dropped_there_as'] or '-'}"
+            )
     from fslm.files import sha256_file
     from fslm.provenance import versions
 
@@ -117,10 +136,45 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "budgets": args.budgets,
         "versions": versions(),
+        "against": str(args.against) if args.against else None,
         "runs": rows,
     }
     (out / "distill_modes.json").write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def against(here: Path, there: Path) -> dict:
+    """Question-by-question pairing of two distill outputs over the same questions (matched by instruction text):
+    which were kept by each, and the reasons the other run dropped the ones only this run kept."""
+    from collections import Counter
+
+    def fate(out: Path) -> dict[str, str | None]:
+        """instruction -> None (kept) or the filter that rejected it (first row per question decides kept)."""
+        seen: dict[str, str | None] = {}
+        for path, kept in ((out, True), (out.with_name(out.name + ".rejected.jsonl"), False)):
+            for line in path.read_text().splitlines() if path.is_file() else []:
+                row = json.loads(line)
+                q = row["instruction"]
+                if kept:
+                    seen[q] = None
+                elif q not in seen:
+                    seen[q] = row["rejected"]["filter"]
+        return seen
+
+    a, b = fate(here), fate(there)
+    shared = sorted(set(a) & set(b))
+    dropped_there = Counter(b[q] for q in shared if a[q] is None and b[q] is not None)
+    return {
+        "questions": len(shared),
+        "both": sum(a[q] is None and b[q] is None for q in shared),
+        "only_here": sum(a[q] is None and b[q] is not None for q in shared),
+        "only_there": sum(a[q] is not None and b[q] is None for q in shared),
+        "neither": sum(a[q] is not None and b[q] is not None for q in shared),
+        "only_here_dropped_there_as": dict(dropped_there),
+        "only_there_dropped_here_as": dict(Counter(a[q] for q in shared if b[q] is None and a[q] is not None)),
+        "rejected_here": dict(Counter(a[q] for q in shared if a[q] is not None)),
+        "rejected_there": dict(Counter(b[q] for q in shared if b[q] is not None)),
+    }
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ and benchmarks/recipe_leak.py's table on runs where a rate could not be computed
 from __future__ import annotations
 
 import hashlib
+import json
 import zipfile
 
 import pytest
@@ -68,3 +69,21 @@ def test_recipe_leak_table_when_a_rate_is_missing():
     assert rl.table_row("hidden", row) == ["hidden", "-", "-", "-", "-", "-", "0/0", "0", "3 wrong"]
     row["leaks"]["intent"]["rate"] = 0.25
     assert rl.table_row("shown", row)[1] == "25.0%"
+
+
+def test_distill_modes_pairs_two_runs_question_by_question(tmp_path):
+    dm = load_benchmark("distill_modes")
+
+    def write(name, kept, rejected):
+        out = tmp_path / f"{name}.jsonl"
+        out.write_text("".join(json.dumps({"instruction": q}) + "\n" for q in kept))
+        lines = [json.dumps({"instruction": q, "rejected": {"filter": f}}) + "\n" for q, f in rejected]
+        out.with_name(out.name + ".rejected.jsonl").write_text("".join(lines))
+        return out
+
+    here = write("here", ["a", "b", "c"], [("d", "wrong"), ("x", "overlong")])  # x: not in the other run
+    there = write("there", ["a", "d"], [("b", "overlong"), ("c", "wrong"), ("c", "overlong")])
+    paired = dm.against(here, there)
+    assert paired["questions"] == 4 and paired["both"] == 1 and paired["neither"] == 0
+    assert paired["only_here"] == 2 and paired["only_here_dropped_there_as"] == {"overlong": 1, "wrong": 1}
+    assert paired["only_there"] == 1 and paired["only_there_dropped_here_as"] == {"wrong": 1}
