@@ -65,6 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="empty,overlong,repetition,leak,options",
         help="distill's quality filters (regime A's campaign ran without `options`, the default before 2026-12-07)",
     )
+    p.add_argument(
+        "--word-limits",
+        action="store_true",
+        help="fslm distill --word-limits: each teacher request states its stage's length in words (regime A ran "
+        "without)",
+    )
     p.add_argument("--alpaca-glob", default=ALPACA, help="Alpaca files under the data dir (regime alpaca)")
     p.add_argument("--budgets", default="intent=48,plan=64,reasoning=128,answer=48", help="stage max_new_tokens")
     p.add_argument(
@@ -285,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                 reference=policy,
                 samples=args.samples,
                 filters=args.filters,
+                word_limits=args.word_limits,
                 format=fmt,
                 limit=n,
                 seed=args.seed,
@@ -532,6 +539,7 @@ def probe_teacher(args: argparse.Namespace, out: Path, stack: Any, sources: dict
         options=args.options,
         reference=policy,
         filters=args.filters,
+        word_limits=args.word_limits,
         format=fmt,
         limit=args.plan_questions,
         seed=args.seed + 7919,  # another sample than the campaign's
@@ -834,7 +842,7 @@ def portable(text: str, places: dict[str, str]) -> str:
 
 
 # Settings added after ledgers were written, at what the older code did.
-LATER_SETTINGS = {"prompt": "full", "train_precision": "auto"}
+LATER_SETTINGS = {"prompt": "full", "train_precision": "auto", "word_limits": False}
 
 
 def add_new_settings(ledger: Path, later: dict[str, Any]) -> None:
