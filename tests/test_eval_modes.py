@@ -244,6 +244,13 @@ def test_eval_gate_tunes_on_dev_only_and_reports_pairs(eval_stack, data_dir, tmp
     seen.clear()
     evaluate(eval_stack, tmp_path / "report", options)
     assert seen == []
+    # a tuning killed before it finished (no tuning.json, no stack row yet) resumes from its dev chains' stage log
+    saved = tmp_path / "report" / "systems"
+    (saved / "tuning.json").unlink()
+    (saved / "stack.json").unlink()
+    again = evaluate(eval_stack, tmp_path / "report", options).results
+    assert seen == [] and again["tuning"]["arc_easy"]["value"] == tuned["value"]
+    assert len((saved / "tuning.stages.jsonl").read_text().splitlines()) == 4
     # a cost cap: τ is the best of the values that chained no dev question (4 dev items: rates step by 0.25)
     capped = options.model_copy(update={"gate_max_chain_rate": 0.1})
     result = evaluate(eval_stack, tmp_path / "capped", capped).results

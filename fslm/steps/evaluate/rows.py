@@ -42,6 +42,13 @@ def chain_key(setup: dict[str, Any], stages: list[str]) -> str:
     return hashlib.sha256(json.dumps(own, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def tuning_chains_key(setup: dict[str, Any], stages: list[str], options: EvalOptions) -> str:
+    """What the dev chains of a λ / τ tuning depend on: the greedy chain's key, and the sampled chains' count,
+    temperature and seed."""
+    sampled = {"chains": options.chains, "temperature": options.chain_temperature, "seed": options.seed}
+    return chain_key(setup, stages) + ":" + hashlib.sha256(json.dumps(sampled).encode()).hexdigest()[:8]
+
+
 def gate_capped(options: EvalOptions) -> bool:
     """The gate's τ is tuned under a chain-rate cap (a given τ ignores the cap)."""
     return (

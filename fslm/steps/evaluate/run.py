@@ -28,7 +28,15 @@ from fslm.steps.evaluate.checks import check_options, contamination_warnings, ta
 from fslm.steps.evaluate.harness import run_lm_eval, task_manager
 from fslm.steps.evaluate.options import GENERATIVE, EvalOptions, EvalResult, tuning_needed
 from fslm.steps.evaluate.report import results_json, write_report
-from fslm.steps.evaluate.rows import chain_key, row_key, row_name, setup, stack_details, system_row
+from fslm.steps.evaluate.rows import (
+    chain_key,
+    row_key,
+    row_name,
+    setup,
+    stack_details,
+    system_row,
+    tuning_chains_key,
+)
 from fslm.steps.evaluate.stages import load_stage_stack, resolve, stage_agreement
 from fslm.steps.evaluate.tuning import tune_on_dev
 
@@ -129,7 +137,14 @@ class _Evaluation:
         if system == "stack" and self.runner is None:
             self.runner = load_stage_stack(self.stack_dir, self.setup["stage_backend"], self.loaded)
         if system == "stack" and tuning_needed(options) and not self.tuning:
-            self.tuning = tune_on_dev(self.loaded, self.runner, options, self.on_event)
+            self.tuning = tune_on_dev(
+                self.loaded,
+                self.runner,
+                options,
+                self.on_event,
+                stage_log=self.saved / "tuning.stages.jsonl",
+                stage_log_key=tuning_chains_key(self.setup, self.stage_names, options),
+            )
             tuning = json.dumps({"key": self.stack_key, "tuning": self.tuning}, indent=2)
             atomic_write_text(self.saved / "tuning.json", tuning + "\n")
 

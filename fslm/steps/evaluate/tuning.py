@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from fslm.benchmark_files import DEV_FILES
@@ -17,23 +18,32 @@ log = logging.getLogger("fslm")
 
 
 def tune_on_dev(
-    loaded: Any, runner: Any, options: EvalOptions, on_event: EventHandler | None = None
+    loaded: Any,
+    runner: Any,
+    options: EvalOptions,
+    on_event: EventHandler | None = None,
+    stage_log: Path | None = None,
+    stage_log_key: str = "",
 ) -> dict[str, dict[str, Any]]:
     """λ (ensemble) or τ (gate) per task, from every path's scores on a seeded subset of the task's dev split.
 
     The stack scores each dev question on the direct path and on the chains the mode uses (all of them: the value
     is not known yet); a grid of values is then evaluated offline on those scores (fslm/steps/evaluate/scoring.py).
-    The test items are never seen here."""
+    The test items are never seen here. The dev chains' stage texts go to `stage_log` as they are written (under
+    `stage_log_key`), so a tuning killed half-way resumes without writing them again."""
     from fslm.steps.evaluate.lm_eval_model import FslmLM  # imports lm-eval: only when a row runs
 
     def report(what: str, n: int, total: int) -> None:
         emit(on_event, Progress("eval", f"tune on dev: {what}", n, total))
 
-    lm = FslmLM.for_options(loaded, options, report, stages=runner)
+    lm = FslmLM.for_options(loaded, options, report, stages=runner, stage_log=stage_log, stage_log_key=stage_log_key)
     start = time.perf_counter()
-    result = run_lm_eval(
-        lm, [f"fslm_{t}" for t in options.tasks], task_manager(options, "dev", options.tune_limit), options.seed
-    )
+    try:
+        result = run_lm_eval(
+            lm, [f"fslm_{t}" for t in options.tasks], task_manager(options, "dev", options.tune_limit), options.seed
+        )
+    finally:
+        lm.close()
     tuned = {}
     for t in options.tasks:
         samples = sorted(result["samples"][f"fslm_{t}"], key=lambda s: s["doc_id"])
