@@ -4,10 +4,12 @@
         --teacher-model "$(python benchmarks/get_teacher.py)" --out OUT \\
         --runs "joint/shown/hidden,stages/shown/hidden,joint/shown/hint-on-retry"
 
-Each run is `teacher_mode/options/reference`, with `/words` for `--word-limits`, distilled into OUT/<run>.jsonl on a stack made by `fslm init` (the
-default recipe, stage budgets from --budgets) with its own teacher cache, so no run profits from another's answers.
-Prints one table (questions/h, kept/h, kept share, teacher calls and tokens per question, why records were dropped)
-and writes OUT/distill_modes.json. Resumable: a finished run is read back from its manifest, not redone.
+Each run is `teacher_mode/options/reference` (a trailing `/words` adds `--word-limits`), distilled into
+OUT/<run>.jsonl on a stack made by `fslm init` (the default recipe, stage budgets from --budgets) with its own teacher
+cache, so no run profits from another's answers. Prints one table (questions/h, kept/h, kept share, teacher calls and
+tokens per question, why records were dropped) and writes OUT/distill_modes.json. Resumable: a finished run is read
+back from its manifest, not redone. `--against OUT.jsonl` pairs each run with an earlier distill output over the same
+questions (kept in both, only here, only there, and why).
 """
 
 from __future__ import annotations
