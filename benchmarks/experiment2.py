@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import signal
 import sys
 from pathlib import Path
@@ -104,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=None,
         help="a folder (e.g. data/exp2-mc) that receives the distilled files every few minutes while they grow, the "
-        "trained adapters (bfloat16; kept out of git by .gitignore) once trained, and the eval folders as their rows "
+        "trained adapters (bfloat16, committed once final) once trained, and the eval folders as their rows "
         "land; a new OUT is seeded from it, so a campaign resumes from what was committed (and retrains the adapters "
         "where their weights are absent)",
     )
@@ -220,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in skip}
     # Committed files name this machine's places by what they are (OUT, DATA_DIR, ~), so another machine resumes.
     places = {str(out.resolve()): "OUT", str(args.data_dir.expanduser().resolve()): "DATA_DIR", str(Path.home()): "~"}
+    if "/" in str(args.data_dir) and not args.data_dir.is_absolute():  # manifests spell it as given: ../shared/data
+        places[str(args.data_dir)] = "DATA_DIR"
     if settings.get("teacher"):
         settings["teacher"] = portable(settings["teacher"], places)
     if args.sync is not None and not (out / "ledger.json").exists() and (args.sync / "ledger.json").is_file():
@@ -835,9 +838,10 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def portable(text: str, places: dict[str, str]) -> str:
-    """`text` with this machine's paths named by what they are (`places`: path -> name, the longest path first)."""
+    """`text` with this machine's paths named by what they are (`places`: path -> name, the longest path first),
+    each only as a whole path or a path's start: `../shared/data` names a place, `x../shared/database` does not."""
     for path in sorted(places, key=len, reverse=True):
-        text = text.replace(path, places[path])
+        text = re.sub(rf"(?<![\w.~/-]){re.escape(path)}(?![\w.-])", lambda _m, name=places[path]: name, text)
     return text
 
 
@@ -913,8 +917,8 @@ STACK_FILES = ("stack.yaml", "README.md")
 
 
 def adapters_to_bf16(adapters: Path) -> list[str]:
-    """Store each adapter's float32 weights in bfloat16, in place: half the bytes to keep and copy to --sync (not to
-    git: .gitignore), and the eval then runs on exactly the synced bytes. LoRA factors lose nothing that shows:
+    """Store each adapter's float32 weights in bfloat16, in place: half the bytes to keep, copy to --sync and commit
+    (6 adapters, ~59 MB), and the eval then runs on exactly the synced bytes. LoRA factors lose nothing that shows:
     PEFT and the GGUF export read them back as float32 (bfloat16 is the top half of a float32)."""
     import torch
     from safetensors.torch import load_file, save

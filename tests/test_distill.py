@@ -88,13 +88,19 @@ def test_distill_cli_format_resume_and_cache(tmp_path, stack_dir):
     assert manifest["last_run"]["teacher_calls"] == 3 * 8 + no_ref
     first = out.read_bytes()
 
+    assert [run["teacher_calls"] for run in manifest["runs"]] == [3 * 8 + no_ref]
+    manifest_path = tmp_path / "out" / "d.jsonl.manifest.json"
+
     r = invoke(*args)  # same command again: nothing to do
     assert r.exit_code == 0, r.output
     assert "8 resumed, 0 teacher calls" in r.stdout and out.read_bytes() == first
+    again = json.loads(manifest_path.read_text())  # a no-op resume keeps what the records cost
+    assert again["last_run"]["teacher_calls"] == 0 and again["runs"] == manifest["runs"]
 
     r = invoke(*args, "--overwrite")  # rewritten from the cache: the teacher is not asked again
     assert r.exit_code == 0, r.output
     assert "0 resumed, 0 teacher calls" in r.stdout and out.read_bytes() == first
+    assert [run["teacher_calls"] for run in json.loads(manifest_path.read_text())["runs"]] == [0]  # a new history
 
     r = invoke(*args[:-6], "--max-new-tokens", "7", "--filters", "none", "--batch-size", "3")
     assert r.exit_code == 2 and "different distill run (differs in options)" in r.output

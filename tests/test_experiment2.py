@@ -316,6 +316,19 @@ def test_a_ledger_written_before_places_were_named_resumes(tmp_path):
     script.Ledger(ledger, {"teacher": "~/.cache/t.gguf", "seed": 0})  # resumes: no error
 
 
+def test_committed_files_name_places_only_as_whole_paths():
+    """Manifests spell the data folder as it was given (`../shared/data/arc/...`): it is named there too, but a
+    longer name that merely starts with it, or text around it, is left alone."""
+    places = {"/w/runs/x": "OUT", "/w/shared/data": "DATA_DIR", "../shared/data": "DATA_DIR"}
+    text = '{"file": "../shared/data/arc/t.jsonl", "a": "/w/shared/data", "b": "/w/runs/x/stack", "c": "../shared/database"}'
+    assert json.loads(_script().portable(text, places)) == {
+        "file": "DATA_DIR/arc/t.jsonl",
+        "a": "DATA_DIR",
+        "b": "OUT/stack",
+        "c": "../shared/database",
+    }
+
+
 def test_a_ledger_written_before_a_setting_existed_resumes_at_its_old_value(tmp_path):
     """--prompt came after the campaign's ledger: that ledger resumes as the full form (what the older code trained),
     and asking for the compact form is refused, naming the setting, as any change of settings is."""

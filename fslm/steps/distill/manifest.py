@@ -69,7 +69,9 @@ def start_manifest(
     contamination: dict[str, Any] | None,
     stack_dir: str | Path | None,
 ) -> dict[str, Any]:
-    """The manifest written at the start (status running): what this run is, so a rerun can tell it is the same."""
+    """The manifest written at the start (status running): what this run is, so a rerun can tell it is the same.
+    A resumed run carries the earlier runs' `runs` over: a resume that distils nothing must not erase how many
+    teacher calls and seconds the records cost."""
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -89,6 +91,7 @@ def start_manifest(
         "contamination": contamination or {"checked": False},
         "versions": versions(),
         "started": now(),
+        "runs": [] if options.overwrite else earlier_runs(read_manifest(paths["manifest"]), run),
     }
     atomic_write_text(paths["manifest"], json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return manifest
@@ -134,7 +137,22 @@ def complete_manifest(
         },
         output_sha256=sha256_file(out),
     )
+    if records > 0:  # the history keeps the runs that distilled something
+        manifest["runs"] = [*manifest.get("runs", []), {"started": manifest["started"], "finished": manifest["finished"],
+                                                         **manifest["last_run"]}]  # fmt: skip
     return manifest
+
+
+def earlier_runs(previous: dict[str, Any] | None, run: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs of the same distillation before this one (a manifest from before `runs` existed gives its last)."""
+    if previous is None or previous.get("run") != run:
+        return []
+    if "runs" in previous:
+        return list(previous["runs"])
+    last = previous.get("last_run")
+    if not last or not last.get("records"):
+        return []
+    return [{"started": previous.get("started"), "finished": previous.get("finished"), **last}]
 
 
 def read_manifest(path: Path) -> dict[str, Any] | None:
