@@ -13,6 +13,8 @@ its per-item correctness (`EVAL/results.json`), for each multiple-choice task ev
   after *those* notes, beside its score after its own chain on the same items: how much a better chain would be
   worth to this answer stage;
 - **traces**: a few chains the stack got right and wrong, as text;
+- **taught** (with --train, the distilled files): how often the teacher's kept notes name the gold option's text or
+  a wrong option's, per file: what the student was shown, beside what its own chains name;
 - **gate under a cost cap** (with --gate, the gate row's eval folder): for each cap R on the chain rate (--caps), the
   τ the dev tuning would have picked under that cap (`fslm eval --gate-max-chain-rate`, from the tuning's per-τ dev
   accuracy and chain rate), and the test accuracy it gives, derived per item from the gate row (direct margin,
@@ -50,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ceiling", type=int, default=200, help="items per task for the ceiling")
     p.add_argument("--traces", type=int, default=3, help="right and wrong chains shown per task")
     p.add_argument("--gate", type=Path, default=None, help="the fslm eval report folder of the stack's gate row")
+    p.add_argument("--train", nargs="*", default=[], help="distilled files the stack trained on (for `taught`)")
     p.add_argument("--caps", default="0.05,0.1,0.2", help="chain-rate caps of the derived gate rows (with --gate)")
     return p.parse_args(argv)
 
@@ -71,8 +74,15 @@ def names(text: str, option: str) -> bool:
     return bool(option) and f" {option} " in f" {normalise(text)} "
 
 
-def chain_stats(chains: dict[str, dict[str, str]], items: dict[str, dict], correct: dict[str, float]) -> dict:
-    """Shares of chains that name the gold / a wrong option, and the stack's accuracy on each side."""
+def chain_stats(
+    chains: dict[str, dict[str, str]],
+    items: dict[str, dict],
+    correct: dict[str, float],
+    others: dict[str, dict[str, float]] | None = None,
+) -> dict:
+    """Shares of chains that name the gold / a wrong option, and the stack's accuracy on each side. `others` (system
+    -> item id -> correct) gives the other systems' accuracy on the same two sides: a control, since the chain may
+    name the gold of items that are easy anyway."""
     rows = []
     for context, outputs in chains.items():
         item = items.get(context)
@@ -81,19 +91,45 @@ def chain_stats(chains: dict[str, dict[str, str]], items: dict[str, dict], corre
         notes = " ".join(outputs.values())
         gold = item["choices"][item["gold"]]
         wrong = [c for i, c in enumerate(item["choices"]) if i != item["gold"]]
-        rows.append((names(notes, gold), any(names(notes, w) for w in wrong), correct[item["id"]]))
+        rows.append((names(notes, gold), any(names(notes, w) for w in wrong), correct[item["id"]], item["id"]))
 
-    def acc(selected: list[tuple]) -> float | None:
-        return round(sum(r[2] for r in selected) / len(selected), 4) if selected else None
+    def acc(selected: list[tuple], of: dict[str, float] | None = None) -> float | None:
+        values = [r[2] if of is None else of[r[3]] for r in selected if of is None or r[3] in of]
+        return round(sum(values) / len(values), 4) if values else None
 
     gold_named = [r for r in rows if r[0]]
+    rest = [r for r in rows if not r[0]]
     return {
         "chains": len(rows),
         "name_gold": round(len(gold_named) / len(rows), 4) if rows else None,
         "name_a_wrong_option": round(sum(r[1] for r in rows) / len(rows), 4) if rows else None,
         "accuracy_when_gold_named": acc(gold_named),
-        "accuracy_when_not": acc([r for r in rows if not r[0]]),
+        "accuracy_when_not": acc(rest),
+        "others": {
+            name: {"when_gold_named": acc(gold_named, of), "when_not": acc(rest, of)}
+            for name, of in (others or {}).items()
+        },  # fmt: skip
     }
+
+
+def taught_stats(files: list[Path], stages: list[str]) -> dict[str, dict[str, Any]]:
+    """What the student was taught: per distilled file, the share of kept records whose intermediate targets (every
+    stage but the last) name the gold option's text, or a wrong option's: the teacher's notes, to set beside what the
+    student's own chains name on test items."""
+    out = {}
+    for path in files:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [r for r in rows if r.get("choices") and r.get("reference")]
+        if not rows:
+            continue
+        gold = wrong = 0
+        for r in rows:
+            notes = " ".join(r["targets"].get(s) or "" for s in stages[:-1])
+            gold += names(notes, r["reference"])
+            wrong += any(names(notes, c) for c in r["choices"] if c != r["reference"])
+        out[path.name] = {"records": len(rows), "name_gold": round(gold / len(rows), 4),
+                          "name_a_wrong_option": round(wrong / len(rows), 4)}  # fmt: skip
+    return out
 
 
 def read_eval(eval_dir: Path) -> tuple[dict, dict[str, dict[str, str]]]:
@@ -225,7 +261,12 @@ def main(argv: list[str] | None = None) -> int:
         per_item = stack_row["items"][task]
         correct = dict(zip(per_item["ids"], per_item["acc"], strict=True))
         mine = {c: o for c, o in chains.items() if c in items}
-        entry: dict[str, Any] = {"names": chain_stats(mine, items, correct)}
+        others = {
+            name: dict(zip(row["items"][task]["ids"], row["items"][task]["acc"], strict=True))
+            for name, row in results["systems"].items()
+            if name != "stack" and task in row.get("items", {})
+        }
+        entry: dict[str, Any] = {"names": chain_stats(mine, items, correct, others)}
         if args.teacher:
             from fslm.steps.evaluate.lm_eval_model import FslmLM
 
@@ -240,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         entry["traces"] = traces(mine, items, correct, args.traces)
         report["tasks"][task] = entry
         lines += task_lines(task, entry)
+    if args.train:
+        report["taught"] = taught_stats([Path(f) for f in args.train], config.stage_names)
+        lines += taught_lines(report["taught"])
     if args.gate is not None:
         gate = json.loads((args.gate / "results.json").read_text())
         report["gate_caps"] = gate_at_caps(gate, results, [float(c) for c in args.caps.split(",")])
@@ -265,6 +309,10 @@ def task_lines(task: str, entry: dict) -> list[str]:
     lines = [f"## {task}", "", f"{s['chains']} chains: the earlier stages name the gold option in {s['name_gold']}, a "
              f"wrong option in {s['name_a_wrong_option']}; stack accuracy {s['accuracy_when_gold_named']} when the "
              f"gold is named, {s['accuracy_when_not']} when not.", ""]  # fmt: skip
+    if s.get("others"):
+        lines += ["| system | acc where the chain names the gold | acc where it does not |", "|---|---:|---:|",
+                  f"| stack | {s['accuracy_when_gold_named']} | {s['accuracy_when_not']} |"]  # fmt: skip
+        lines += [f"| {name} | {o['when_gold_named']} | {o['when_not']} |" for name, o in s["others"].items()] + [""]
     if "ceiling" in entry:
         c = entry["ceiling"]
         lines += [f"Ceiling on {c['items']} items: the answer stage scores {c['answer_after_student_chain']} after "
@@ -274,6 +322,13 @@ def task_lines(task: str, entry: dict) -> list[str]:
             lines += [f"**{side}** `{t['id']}`: {t['question']!r} (gold: {t['gold']})", ""]
             lines += [f"- {k}: {v!r}" for k, v in t.items() if k not in ("id", "question", "gold")] + [""]
     return lines
+
+
+def taught_lines(taught: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["## What the student was taught (the teacher's kept notes, training records)", "",
+             "| file | records | notes name the gold | notes name a wrong option |", "|---|---:|---:|---:|"]  # fmt: skip
+    lines += [f"| {f} | {t['records']} | {t['name_gold']} | {t['name_a_wrong_option']} |" for f, t in taught.items()]
+    return [*lines, ""]
 
 
 def gate_lines(caps: dict[str, Any]) -> list[str]:

@@ -395,6 +395,26 @@ def test_the_gate_under_a_cost_cap_is_derived_per_item_and_reproduces_the_gate_r
     assert "does not reproduce" in "\n".join(diagnosis.gate_lines(diagnosis.gate_at_caps(gate, chain, [0.1])))
 
 
+def test_diagnosis_controls_names_gold_with_the_other_systems_and_reads_what_was_taught(tmp_path):
+    """Naming the gold may only mark easy items: the other systems' accuracy on the same two sides is the control.
+    `taught` counts the teacher's kept notes (not the answer stage) that name the gold or a wrong option."""
+    diagnosis = load_benchmark("exp2_diagnosis")
+    items = {"q1": {"id": "1", "choices": ["red fox", "blue whale"], "gold": 0},
+             "q2": {"id": "2", "choices": ["red fox", "blue whale"], "gold": 1},
+             "q3": {"id": "3", "choices": ["ice", "steam"], "gold": 1}}  # fmt: skip
+    chains = {"q1": {"reasoning": "It is a red fox."}, "q2": {"reasoning": "A red fox."}, "q3": {"reasoning": "?"}}
+    stats = diagnosis.chain_stats(chains, items, {"1": 1, "2": 0, "3": 1}, {"single": {"1": 1, "2": 1, "3": 0}})
+    assert stats["name_gold"] == round(1 / 3, 4) and stats["name_a_wrong_option"] == round(1 / 3, 4)
+    assert stats["accuracy_when_gold_named"] == 1 and stats["accuracy_when_not"] == 0.5
+    assert stats["others"] == {"single": {"when_gold_named": 1.0, "when_not": 0.5}}
+    rows = [{"reference": "steam", "choices": ["ice", "steam"], "targets": {"plan": "boil: steam", "answer": "steam"}},
+            {"reference": "ice", "choices": ["ice", "steam"], "targets": {"plan": "think", "answer": "ice"}},
+            {"reference": "x", "targets": {"plan": "x", "answer": "x"}}]  # fmt: skip
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    taught = diagnosis.taught_stats([tmp_path / "d.jsonl"], ["plan", "answer"])
+    assert taught == {"d.jsonl": {"records": 2, "name_gold": 0.5, "name_a_wrong_option": 0.0}}  # answers not counted
+
+
 def test_a_stack_made_with_other_budgets_is_refused_not_silently_used(tmp_path, capsys):
     """A --plan (or an earlier run) made OUT/stack with some stage budgets; a run asking for others must not train
     with the old ones while its ledger records the new."""
