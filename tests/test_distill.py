@@ -89,6 +89,7 @@ def test_distill_cli_format_resume_and_cache(tmp_path, stack_dir):
     first = out.read_bytes()
 
     assert [run["teacher_calls"] for run in manifest["runs"]] == [3 * 8 + no_ref]
+    assert manifest["runs"][0]["versions"] == manifest["versions"]  # each run says what it ran with
     manifest_path = tmp_path / "out" / "d.jsonl.manifest.json"
 
     r = invoke(*args)  # same command again: nothing to do

@@ -138,8 +138,8 @@ def complete_manifest(
         output_sha256=sha256_file(out),
     )
     if records > 0:  # the history keeps the runs that distilled something
-        manifest["runs"] = [*manifest.get("runs", []), {"started": manifest["started"], "finished": manifest["finished"],
-                                                         **manifest["last_run"]}]  # fmt: skip
+        this = {"started": manifest["started"], "finished": manifest["finished"], **manifest["last_run"]}
+        manifest["runs"] = [*manifest.get("runs", []), {**this, "versions": manifest["versions"]}]
     return manifest
 
 
@@ -152,7 +152,8 @@ def earlier_runs(previous: dict[str, Any] | None, run: dict[str, Any]) -> list[d
     last = previous.get("last_run")
     if not last or not last.get("records"):
         return []
-    return [{"started": previous.get("started"), "finished": previous.get("finished"), **last}]
+    return [{"started": previous.get("started"), "finished": previous.get("finished"), **last,
+             "versions": previous.get("versions")}]  # fmt: skip
 
 
 def read_manifest(path: Path) -> dict[str, Any] | None:
