@@ -439,13 +439,20 @@ def main(argv: list[str] | None = None) -> int:
         if ledger.done(name) and not made.exists():
             ledger.data["steps"][name]["finished"] = False
     try:
+        ran = False  # once a step runs, every later one runs too (each reuses what is still valid: rows by key)
         for name, fn in steps:
-            if ledger.done(name):
+            if name in AFTER_TRAIN and supersede_if_stale(ledger.data, name):
+                err.print(f"[yellow]{name}: done on other adapters than today's; it runs again[/]")
+            if ledger.done(name) and not ran:
                 err.print(f"[dim]{name}: done[/]")
             else:
                 err.print(f"[bold cyan]experiment2 ({args.regime}): {name}[/]")
+                entry = ledger.data["steps"].setdefault(name, {"seconds": 0.0, "invocations": 0, "finished": False})
+                if name in AFTER_TRAIN:
+                    entry["adapters"] = adapters_fingerprint(ledger.data)
                 ledger.step(name, fn)
                 ledger.finish(name)
+                ran = True
             if name == args.until:
                 break
     except FslmError as e:
@@ -835,6 +842,29 @@ def part_files(part: Path) -> list[Path]:
 
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+AFTER_TRAIN = STEPS[STEPS.index("train") + 1 :]
+
+
+def adapters_fingerprint(ledger: dict[str, Any]) -> str | None:
+    """One hash of the trained adapters' sha256s (the ledger's `adapters`), or None before training."""
+    import hashlib
+
+    hashes = (ledger.get("adapters") or {}).get("sha256")
+    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16] if hashes else None
+
+
+def supersede_if_stale(ledger: dict[str, Any], name: str) -> bool:
+    """A step after training that ran on other adapters than today's (retrained on a new machine), or on adapters it
+    did not record (a ledger from before this check), is not done: its entry moves to `superseded`, so the step's
+    seconds count the current adapters' run only. True when it moved."""
+    entry = ledger.get("steps", {}).get(name)
+    if entry is None or entry.get("adapters") == adapters_fingerprint(ledger):
+        return False
+    ledger.setdefault("superseded", []).append({"step": name, **entry})
+    del ledger["steps"][name]
+    return True
 
 
 def portable(text: str, places: dict[str, str]) -> str:

@@ -56,6 +56,15 @@ def test_experiment2_runs_every_step_and_resumes(tmp_path):
     again = json.loads((out / "ledger.json").read_text())
     assert all(again["steps"][s]["invocations"] == 1 for s in again["steps"])
 
+    # the adapters trained again to other bytes (a new machine's kernels): the eval, done on the old ones, runs again
+    again["adapters"]["sha256"]["single"] = "0" * 64
+    (out / "ledger.json").write_text(json.dumps(again))
+    assert _script().main(argv) == 0
+    third = json.loads((out / "ledger.json").read_text())
+    assert [e["step"] for e in third["superseded"]] == ["eval"] and third["steps"]["eval"]["invocations"] == 1
+    assert third["steps"]["eval"]["finished"]
+    assert third["steps"]["eval"]["adapters"] == _script().adapters_fingerprint(third)
+
     # another campaign on other instructions (so other adapters), as regime B beside A: it reuses A's base row, which
     # reads no adapter, and scores its own single adapter
     other = tmp_path / "other"
