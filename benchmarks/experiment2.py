@@ -439,11 +439,10 @@ def main(argv: list[str] | None = None) -> int:
         if ledger.done(name) and not made.exists():
             ledger.data["steps"][name]["finished"] = False
     try:
-        ran = False  # once a step runs, every later one runs too (each reuses what is still valid: rows by key)
         for name, fn in steps:
             if name in AFTER_TRAIN and supersede_if_stale(ledger.data, name):
                 err.print(f"[yellow]{name}: done on other adapters than today's; it runs again[/]")
-            if ledger.done(name) and not ran:
+            if ledger.done(name):
                 err.print(f"[dim]{name}: done[/]")
             else:
                 err.print(f"[bold cyan]experiment2 ({args.regime}): {name}[/]")
@@ -452,7 +451,6 @@ def main(argv: list[str] | None = None) -> int:
                     entry["adapters"] = adapters_fingerprint(ledger.data)
                 ledger.step(name, fn)
                 ledger.finish(name)
-                ran = True
             if name == args.until:
                 break
     except FslmError as e:
