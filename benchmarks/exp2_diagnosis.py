@@ -108,7 +108,7 @@ def chain_stats(
         "others": {
             name: {"when_gold_named": acc(gold_named, of), "when_not": acc(rest, of)}
             for name, of in (others or {}).items()
-        },  # fmt: skip
+        },
     }
 
 
@@ -116,19 +116,20 @@ def taught_stats(files: list[Path], stages: list[str]) -> dict[str, dict[str, An
     """What the student was taught: per distilled file, the share of kept records whose intermediate targets (every
     stage but the last) name the gold option's text, or a wrong option's: the teacher's notes, to set beside what the
     student's own chains name on test items."""
+    from fslm.distilled import read_distilled
+
     out = {}
     for path in files:
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        rows = [r for r in rows if r.get("choices") and r.get("reference")]
-        if not rows:
+        records = [r for r in read_distilled(path)[0] if r.extra.get("choices") and r.reference]
+        if not records:
             continue
         gold = wrong = 0
-        for r in rows:
-            notes = " ".join(r["targets"].get(s) or "" for s in stages[:-1])
-            gold += names(notes, r["reference"])
-            wrong += any(names(notes, c) for c in r["choices"] if c != r["reference"])
-        out[path.name] = {"records": len(rows), "name_gold": round(gold / len(rows), 4),
-                          "name_a_wrong_option": round(wrong / len(rows), 4)}  # fmt: skip
+        for r in records:
+            notes = " ".join(r.targets.get(s) or "" for s in stages[:-1])
+            gold += names(notes, r.reference)
+            wrong += any(names(notes, c) for c in r.extra["choices"] if c != r.reference)
+        out[path.name] = {"records": len(records), "name_gold": round(gold / len(records), 4),
+                          "name_a_wrong_option": round(wrong / len(records), 4)}  # fmt: skip
     return out
 
 

@@ -419,7 +419,9 @@ def test_diagnosis_controls_names_gold_with_the_other_systems_and_reads_what_was
     rows = [{"reference": "steam", "choices": ["ice", "steam"], "targets": {"plan": "boil: steam", "answer": "steam"}},
             {"reference": "ice", "choices": ["ice", "steam"], "targets": {"plan": "think", "answer": "ice"}},
             {"reference": "x", "targets": {"plan": "x", "answer": "x"}}]  # fmt: skip
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "d.jsonl").write_text(
+        "".join(json.dumps({"id": f"r{i}", "instruction": "q", **r}) + "\n" for i, r in enumerate(rows))
+    )
     taught = diagnosis.taught_stats([tmp_path / "d.jsonl"], ["plan", "answer"])
     assert taught == {"d.jsonl": {"records": 2, "name_gold": 0.5, "name_a_wrong_option": 0.0}}  # answers not counted
 
