@@ -45,8 +45,9 @@ def test_two_processes_train_the_adapters_one_process_would(tmp_path, tiny_llama
 
     Measured: two ranks equal gradient accumulation over the same micro-batches bit for bit (DDP averages the two
     ranks' gradients, whose loss is already normalised by the tokens of both); against one batch of 4 the max
-    |adapter diff| is 9.1e-5 on entries up to 0.13 -- float32 rounding of the other batch shape, amplified by
-    Adam while lora_A's gradient is near zero (in float64 the same comparison differs by 1e-14).
+    |adapter diff| is 9.1e-5 on one machine and 6.9e-4 on CI's, on entries up to 0.13 -- float32 rounding of the
+    other batch shape, amplified by Adam while lora_A's gradient is near zero (in float64 the same comparison differs
+    by 1e-14). The bound for it, 2e-3, stays six times below the sampler bug's 1.2e-2.
     """
     data = write_distilled(tmp_path / "d.jsonl", n=50)  # 45 training examples, 5 validation
     two = tmp_path / "two"
@@ -92,4 +93,4 @@ def test_two_processes_train_the_adapters_one_process_would(tmp_path, tiny_llama
             if accum == 2:
                 assert diff < 1e-6, f"{stage}: {diff:.3g} from gradient accumulation over the same micro-batches"
             else:
-                assert diff < 5e-4, f"{stage}: {diff:.3g} from one process at the same global batch"
+                assert diff < 2e-3, f"{stage}: {diff:.3g} from one process at the same global batch"
