@@ -438,16 +438,16 @@ def main(argv: list[str] | None = None) -> int:
     for name, made in outputs.items():  # a ledger seeded from --sync: a step is done only where its output is here
         if ledger.done(name) and not made.exists():
             ledger.data["steps"][name]["finished"] = False
+    for name in supersede_stale(ledger.data):
+        err.print(f"[yellow]{name}: done on other adapters than today's; it runs again[/]")
     try:
         for name, fn in steps:
-            if name in AFTER_TRAIN and supersede_if_stale(ledger.data, name):
-                err.print(f"[yellow]{name}: done on other adapters than today's; it runs again[/]")
             if ledger.done(name):
                 err.print(f"[dim]{name}: done[/]")
             else:
                 err.print(f"[bold cyan]experiment2 ({args.regime}): {name}[/]")
                 entry = ledger.data["steps"].setdefault(name, {"seconds": 0.0, "invocations": 0, "finished": False})
-                if name in AFTER_TRAIN:
+                if name in ON_ADAPTERS:
                     entry["adapters"] = adapters_fingerprint(ledger.data)
                 ledger.step(name, fn)
                 ledger.finish(name)
@@ -842,7 +842,8 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-AFTER_TRAIN = STEPS[STEPS.index("train") + 1 :]
+# The steps whose rows read the trained adapters (the teacher row reads none: its rows stay valid on any adapters).
+ON_ADAPTERS = ("eval", "gate", "ablate")
 
 
 def adapters_fingerprint(ledger: dict[str, Any]) -> str | None:
@@ -853,16 +854,18 @@ def adapters_fingerprint(ledger: dict[str, Any]) -> str | None:
     return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16] if hashes else None
 
 
-def supersede_if_stale(ledger: dict[str, Any], name: str) -> bool:
-    """A step after training that ran on other adapters than today's (retrained on a new machine), or on adapters it
-    did not record (a ledger from before this check), is not done: its entry moves to `superseded`, so the step's
-    seconds count the current adapters' run only. True when it moved."""
-    entry = ledger.get("steps", {}).get(name)
-    if entry is None or entry.get("adapters") == adapters_fingerprint(ledger):
-        return False
-    ledger.setdefault("superseded", []).append({"step": name, **entry})
-    del ledger["steps"][name]
-    return True
+def supersede_stale(ledger: dict[str, Any]) -> list[str]:
+    """The steps whose rows read the adapters (ON_ADAPTERS) and ran on other adapters than today's (retrained on a
+    new machine), or on adapters they did not record (a ledger from before this check), are not done: their entries
+    move to `superseded`, so a step's seconds count the current adapters' run only. Returns the steps moved."""
+    today, moved = adapters_fingerprint(ledger), []
+    for name in ON_ADAPTERS:
+        entry = ledger.get("steps", {}).get(name)
+        if entry is not None and entry.get("adapters") != today:
+            ledger.setdefault("superseded", []).append({"step": name, **entry})
+            del ledger["steps"][name]
+            moved.append(name)
+    return moved
 
 
 def portable(text: str, places: dict[str, str]) -> str:

@@ -440,3 +440,18 @@ def test_a_stack_made_with_other_budgets_is_refused_not_silently_used(tmp_path, 
     assert _script().main(argv) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "stack.yaml: stage budgets differ from --budgets (intent" in err and "vs 4" in err
+
+
+def test_only_steps_that_read_the_adapters_are_superseded_when_they_change():
+    """Adapters trained again (a new machine): eval, gate and ablate ran on the old ones and run again; the teacher's
+    row reads no adapter and stays done, its seconds kept."""
+    script = _script()
+    ledger = {"adapters": {"sha256": {"single": "a" * 64}}, "steps": {}}
+    old = script.adapters_fingerprint(ledger)
+    for step in ("train", "eval", "gate", "teacher", "ablate"):
+        ledger["steps"][step] = {"seconds": 5.0, "invocations": 1, "finished": True, "adapters": old}
+    assert script.supersede_stale(ledger) == []  # the same adapters: nothing moves
+    ledger["adapters"]["sha256"]["single"] = "b" * 64
+    assert script.supersede_stale(ledger) == ["eval", "gate", "ablate"]
+    assert list(ledger["steps"]) == ["train", "teacher"] and ledger["steps"]["teacher"]["seconds"] == 5.0
+    assert [e["step"] for e in ledger["superseded"]] == ["eval", "gate", "ablate"]
