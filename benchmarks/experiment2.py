@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def evaluate_ablation() -> None:
         """Per-stage ablation (the diagnosis): each stage in turn on the bare base, the others trained, on a few
-        hundred items; the un-ablated row reuses the eval step's chains."""
+        hundred items; each row borrows the eval step's chains up to its ablated stage (the un-ablated row: all)."""
         if args.ablate_limit <= 0:
             return
         extra = {**json.loads(args.eval_extra), "chains_from": out / "eval"}
@@ -793,12 +793,18 @@ def plan(args: argparse.Namespace, out: Path, stack: Any, sources: dict[str, Any
     if args.ablate_limit > 0:
         stages = stack.load().stage_names
         ablate_items = sum(min(args.ablate_limit, n) for n in eval_items(args, args.ablate_tasks).values())
+        # Each row borrows the eval's chain up to its ablated stage: stage k of n generates n-1-k of the n-1 earlier
+        # stages (the answer's ablation none): the n rows generate n/2 whole chains a question and score n times.
+        earlier = max(len(stages) - 1, 1)
+        chains = sum(earlier - k for k in range(earlier)) / earlier
+        generate = per_system["stack"] - per_system["single"]
         rows.append(
             (
                 "ablate stages",
-                f"{len(stages)} rows x {ablate_items} test items ({args.ablate_tasks}), each a chain of its own",
-                f"{per_system['stack']:.2f} s/question",
-                len(stages) * ablate_items * per_system["stack"] / 3600,
+                f"{len(stages)} rows x {ablate_items} test items ({args.ablate_tasks}), the eval's chains borrowed "
+                f"up to the ablated stage: {chains:g} chains generated a question",
+                f"{per_system['single']:.2f} s/question scoring, {generate:.2f} a chain",
+                ablate_items * (len(stages) * per_system["single"] + chains * generate) / 3600,
             )
         )
     for name in STEPS:

@@ -264,6 +264,7 @@ class Stack:
         stages: int | None = None,
         on_text: TextStream | None = None,
         overrides: Mapping[str, Any] | None = None,
+        given: Sequence[Mapping[str, str]] | None = None,
     ) -> list[Trace]:
         """Run each stage once for the whole batch (left-padded).
 
@@ -271,10 +272,35 @@ class Stack:
         stages: run only the first N stages (eval scores the last one itself).
         on_text: receives each stage's text as it is generated (as far as the backend streams).
         overrides: generation settings every stage runs with instead of its own (eval's budget, temperature, seed).
+        given: per item, the texts of the first stages, already written by an identical chain (an ablation reuses
+        the un-ablated chain up to the stage it takes away); only the stages after them run.
         """
         traces = [_to_trace(item, i) for i, item in enumerate(items)]
         update = {**(overrides or {}), **({} if max_new_tokens is None else {"max_new_tokens": max_new_tokens})}
-        return self._chain(self.config.stages[:stages], traces, adapters or {}, update, on_stage, on_text)
+        chosen, todo = adapters or {}, list(self.config.stages[:stages])
+        if given is not None:
+            done = self._given(traces, given, todo, chosen)
+            todo = todo[done:]
+        return self._chain(todo, traces, chosen, update, on_stage, on_text)
+
+    def _given(
+        self,
+        traces: list[Trace],
+        given: Sequence[Mapping[str, str]],
+        stages: Sequence[StageConfig],
+        adapters: Mapping[str, str | None],
+    ) -> int:
+        """Put `given` texts in the traces as their first stages (no prompt, no tokens, no seconds: nothing ran);
+        returns how many stages they cover, the same for every item."""
+        names = [s.name for s in stages]
+        done = len(given[0]) if given else 0
+        if len(given) != len(traces) or any(list(g) != names[:done] for g in given):
+            raise FslmError(f"given stage texts: each item needs the same first stages, in order ({names[:done]})")
+        for trace, texts in zip(traces, given, strict=True):
+            for name in names[:done]:
+                adapter = adapters[name] if name in adapters else self.stage_adapter(name)
+                trace.stages.append(StageResult(name, adapter, "", texts[name], 0, 0, 0.0))
+        return done
 
     def answer(
         self,

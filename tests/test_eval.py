@@ -278,6 +278,53 @@ def test_a_gate_row_borrows_the_chain_rows_stage_texts(eval_stack, data_dir, tmp
     assert sum(calls) == 4 and "stage_chains_borrowed" not in other  # another budget: generated anew
 
 
+def test_ablated_rows_borrow_the_chain_up_to_the_ablated_stage(eval_stack, data_dir, tmp_path, monkeypatch):
+    """--ablate with --chains-from: a row with stage k on the bare base runs the chain's stages before k exactly as
+    the un-ablated chain did, so it takes their texts from it and generates from stage k on (the answer's ablation
+    generates nothing); the first stage's ablation borrows nothing."""
+    from fslm.steps.evaluate import EvalOptions, evaluate, lm_eval_model
+
+    options = dict(tasks=["arc_easy"], data_dir=data_dir, limit=4, systems=["stack"], stage_backend="torch")
+    chain = evaluate(eval_stack, tmp_path / "chain", EvalOptions(**options, stage_tokens=3)).results
+    lent = {json.loads(line)["context"]: json.loads(line)["outputs"]
+            for line in (tmp_path / "chain" / "systems" / "stack.stages.jsonl").read_text().splitlines()}  # fmt: skip
+    calls: list[tuple[int, list[str] | None]] = []
+    original = lm_eval_model.run_stages
+
+    def spy(stack, contexts, adapters, n, update, given=None):
+        calls.append((len(contexts), sorted(given[0]) if given else None))
+        return original(stack, contexts, adapters, n, update, given)
+
+    monkeypatch.setattr(lm_eval_model, "run_stages", spy)
+    ablate = dict(options, ablate=True, chains_from=tmp_path / "chain", stage_tokens=3)
+    result = evaluate(eval_stack, tmp_path / "ablate", EvalOptions(**ablate)).results["systems"]
+    # the stack row and the answer's ablation borrow whole chains; intent generates all; plan and reasoning the rest
+    assert calls == [(4, None), (4, ["intent"]), (4, ["intent", "plan"])]
+    assert result["stack"]["stage_chains_borrowed"] == result["stack-ablate-answer"]["stage_chains_borrowed"] == 4
+    assert result["stack"]["items"] == chain["systems"]["stack"]["items"]
+    for stage, shared in (("plan", ["intent"]), ("reasoning", ["intent", "plan"])):
+        row = result[f"stack-ablate-{stage}"]
+        assert row["stage_prefixes_borrowed"] == 4 and "stage_chains_borrowed" not in row
+        written = [json.loads(line) for line in (tmp_path / "ablate" / "systems" / f"stack-ablate-{stage}.stages.jsonl")
+                   .read_text().splitlines()]  # fmt: skip
+        assert len(written) == 4
+        for line in written:  # its log holds the whole chain: the borrowed stages as lent, its own after them
+            assert {k: line["outputs"][k] for k in shared} == {k: lent[line["context"]][k] for k in shared}
+            assert set(line["outputs"]) == {"intent", "plan", "reasoning"}
+    assert "stage_prefixes_borrowed" not in result["stack-ablate-intent"]
+
+
+def test_given_stage_texts_must_be_the_same_first_stages(eval_stack):
+    from fslm.errors import FslmError
+    from fslm.stack import Stack
+
+    stack = Stack.load(eval_stack)
+    with pytest.raises(FslmError, match="the same first stages"):
+        stack.run_batch(["a", "b"], stages=3, given=[{"intent": "x"}, {"plan": "y"}])
+    trace = stack.run_batch(["a"], stages=2, max_new_tokens=2, given=[{"intent": "given text"}])[0]
+    assert trace.stages[0].output == "given text" and trace.stages[0].seconds == 0 and len(trace.stages) == 2
+
+
 def test_missing_single_adapter_is_a_clear_error(tmp_path, data_dir, eval_stack):
     import shutil
 

@@ -190,6 +190,9 @@ def test_experiment2_mc_regime_plan_run_and_publish(tmp_path, monkeypatch):
     ablation = ledger["results_ablation"]["systems"]
     assert set(ablation) == {"stack", *(f"stack-ablate-{s}" for s in ("intent", "plan", "reasoning", "answer"))}
     assert all(row["tasks"]["arc_easy"]["n"] == 2 for row in ablation.values())
+    # each ablated row took the eval's chains up to its ablated stage (the answer's ablation: whole chains)
+    assert ablation["stack-ablate-reasoning"]["stage_prefixes_borrowed"] == 2
+    assert ablation["stack-ablate-answer"]["stage_chains_borrowed"] == 2
     assert ledger["steps_per_adapter"] == 5  # ceil(1 epoch x floor(10 x 0.9) / batch 2), the same for every adapter
     summary = (out / "summary.md").read_text()
     assert "| distilled-arc_easy_train.jsonl | 4 | 4 |" in summary and "| teacher |" in summary

@@ -131,6 +131,8 @@ def stack_details(lm: Any, setup: dict[str, Any], tuning: dict[str, Any], option
         details["stage_chains_resumed"] = lm.resumed_chains  # from a killed run; their seconds are included
     if lm.borrowed_chains:
         details["stage_chains_borrowed"] = lm.borrowed_chains  # from --chains-from; their seconds are included
+    if lm.borrowed_prefixes:  # an ablated row: the stages before the ablated one, from --chains-from; not timed here
+        details["stage_prefixes_borrowed"] = lm.borrowed_prefixes
     details["stack_scoring"] = {
         **setup["stack_scoring"],
         **({"tuned": {t: v["value"] for t, v in tuning.items()}} if tuning else {}),

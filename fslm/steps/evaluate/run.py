@@ -166,7 +166,7 @@ class _Evaluation:
             stage_log_key=key,
             chain_key=chain_key(self.setup, self.stage_names),
             chains_from=options.chains_from / "systems" / "stack.stages.jsonl"
-            if options.chains_from is not None and system == "stack" and ablated is None
+            if options.chains_from is not None and system == "stack"
             else None,
         )
 

@@ -76,10 +76,13 @@ def run_stages(
     adapters: Mapping[str, str | None],
     stages: int,
     update: Mapping[str, Any] | None = None,
+    given: Sequence[Mapping[str, str]] | None = None,
 ) -> list[dict[str, str]]:
     """Stages 1..`stages` for many instructions at once (one `run_stage` per stage), each stage's generation
-    settings overridden by `update` (max_new_tokens, temperature, seed: eval's sampled chains)."""
-    return [t.outputs for t in stack.run_batch(instructions, adapters=adapters, stages=stages, overrides=update)]
+    settings overridden by `update` (max_new_tokens, temperature, seed: eval's sampled chains); `given`: the first
+    stages' texts, already written (Stack.run_batch)."""
+    traces = stack.run_batch(instructions, adapters=adapters, stages=stages, overrides=update, given=given)
+    return [t.outputs for t in traces]
 
 
 def stage_agreement(
