@@ -8,10 +8,11 @@ its per-item correctness (`EVAL/results.json`), for each multiple-choice task ev
 
 - **names gold**: how often the student's earlier stages name the gold option's text (and how often a wrong
   option's), and the stack's accuracy on each side: does the answer stage follow its own reasoning?
-- **ceiling** (with --teacher): on the first --ceiling items, the teacher writes the earlier stages blind (joint
+- **ceiling** (with --teacher): on a seeded sample of --ceiling items, the teacher writes the earlier stages blind (joint
   mode, options hidden: what the student would have to write) and the student's answer stage scores the options
-  after *those* notes, beside its score after its own chain on the same items: how much a better chain would be
-  worth to this answer stage;
+  after *those* notes, beside its score after its own chain on the same items (paired difference, bootstrap
+  interval, McNemar), and how often each set of notes names the gold: how much a better chain would be worth to
+  this answer stage;
 - **traces**: a few chains the stack got right and wrong, as text;
 - **taught** (with --train, the distilled files): how often the teacher's kept notes name the gold option's text or
   a wrong option's, per file: what the student was shown, beside what its own chains name;
@@ -49,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--teacher", default=None, help="teacher GGUF for the ceiling (omit to skip it)")
     p.add_argument("--teacher-batch", type=int, default=16)
-    p.add_argument("--ceiling", type=int, default=200, help="items per task for the ceiling")
+    p.add_argument("--ceiling", type=int, default=200, help="items per task for the ceiling (a seeded sample)")
+    p.add_argument("--seed", type=int, default=0, help="the ceiling's sample and its bootstrap")
     p.add_argument("--traces", type=int, default=3, help="right and wrong chains shown per task")
     p.add_argument("--gate", type=Path, default=None, help="the fslm eval report folder of the stack's gate row")
     p.add_argument("--train", nargs="*", default=[], help="distilled files the stack trained on (for `taught`)")
@@ -233,17 +235,52 @@ def teacher_notes(args: argparse.Namespace, config: Any, task: str, items: list[
     return known
 
 
-def answer_accuracy(lm: Any, items: list[tuple[str, dict]], outputs: dict[str, dict[str, str]]) -> float:
-    """The answer stage's accuracy (acc: the most likely option) after the given earlier-stage texts."""
+def answer_correct(lm: Any, items: list[tuple[str, dict]], outputs: dict[str, dict[str, str]]) -> list[int]:
+    """Per item, whether the answer stage's most likely option (acc) after the given earlier-stage texts is gold."""
     pairs = [(context, " " + choice) for context, item in items for choice in item["choices"]]
     scores = lm._score(pairs, {c: outputs[c] for c, _ in items})
-    right, k = 0, 0
+    right, k = [], 0
     for _, item in items:
         n = len(item["choices"])
         mine = [s for s, _ in scores[k : k + n]]
-        right += int(max(range(n), key=mine.__getitem__) == item["gold"])
+        right.append(int(max(range(n), key=mine.__getitem__) == item["gold"]))
         k += n
-    return round(right / len(items), 4)
+    return right
+
+
+def answer_accuracy(lm: Any, items: list[tuple[str, dict]], outputs: dict[str, dict[str, str]]) -> float:
+    right = answer_correct(lm, items, outputs)
+    return round(sum(right) / len(right), 4)
+
+
+def ceiling(args: argparse.Namespace, config: Any, lm: Any, task: str, mine: dict, items: dict) -> dict[str, Any]:
+    """The answer stage after the teacher's blind notes against after its own chain, on the same seeded sample of
+    the task's evaluated items (paired: difference, 95 % bootstrap interval, McNemar), and what each set of notes
+    names: how much better notes would be worth to this answer stage."""
+    import random
+
+    from fslm.steps.evaluate.stats import paired
+
+    contexts = sorted(c for c in mine if c in items)
+    contexts = sorted(random.Random(args.seed).sample(contexts, min(args.ceiling, len(contexts))))
+    chosen = [(c, items[c]) for c in contexts]
+    notes = teacher_notes(args, config, task, chosen)
+    own, taught = answer_correct(lm, chosen, mine), answer_correct(lm, chosen, notes)
+    test = paired(task, "acc", "teacher_notes", taught, "own_chain", own, seed=args.seed)
+
+    def naming(chains: dict[str, dict[str, str]]) -> float:
+        stats = chain_stats({c: chains[c] for c in contexts}, items, {items[c]["id"]: 0 for c in contexts})
+        return stats["name_gold"]
+
+    return {
+        "items": len(chosen),
+        "sample": f"seeded (seed {args.seed}) from the task's {len(mine)} evaluated chains",
+        "answer_after_student_chain": round(sum(own) / len(own), 4) if own else None,
+        "answer_after_teacher_chain": round(sum(taught) / len(taught), 4) if taught else None,
+        "paired_teacher_minus_own": test.to_dict(),
+        "ids": [items[c]["id"] for c in contexts],
+        "name_gold": {"own_chain": naming(mine), "teacher_notes": naming(notes)},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,13 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             from fslm.steps.evaluate.lm_eval_model import FslmLM
 
             lm = lm or FslmLM(stack=str(args.stack), system="stack")
-            chosen = [(c, items[c]) for c in list(mine)[: args.ceiling]]
-            notes = teacher_notes(args, config, task, chosen)
-            entry["ceiling"] = {
-                "items": len(chosen),
-                "answer_after_student_chain": answer_accuracy(lm, chosen, mine),
-                "answer_after_teacher_chain": answer_accuracy(lm, chosen, notes),
-            }
+            entry["ceiling"] = ceiling(args, config, lm, task, mine, items)
         entry["traces"] = traces(mine, items, correct, args.traces)
         report["tasks"][task] = entry
         lines += task_lines(task, entry)
@@ -316,8 +347,13 @@ def task_lines(task: str, entry: dict) -> list[str]:
         lines += [f"| {name} | {o['when_gold_named']} | {o['when_not']} |" for name, o in s["others"].items()] + [""]
     if "ceiling" in entry:
         c = entry["ceiling"]
-        lines += [f"Ceiling on {c['items']} items: the answer stage scores {c['answer_after_student_chain']} after "
-                  f"its own chain, {c['answer_after_teacher_chain']} after the teacher's blind chain.", ""]  # fmt: skip
+        d, names_gold = c["paired_teacher_minus_own"], c["name_gold"]
+        lines += [f"Ceiling on {c['items']} items ({c['sample']}): the answer stage scores "
+                  f"{c['answer_after_student_chain']} after its own chain, {c['answer_after_teacher_chain']} after the "
+                  f"teacher's blind notes: {100 * d['diff']:+.1f} points (95 % CI {100 * d['ci_low']:+.1f} to "
+                  f"{100 * d['ci_high']:+.1f}, McNemar p {d['p_value']:.3g}). The notes name the gold in "
+                  f"{names_gold['own_chain']} (its own) and {names_gold['teacher_notes']} "
+                  "(the teacher's).", ""]  # fmt: skip
     for side in ("right", "wrong"):
         for t in entry["traces"][side]:
             lines += [f"**{side}** `{t['id']}`: {t['question']!r} (gold: {t['gold']})", ""]

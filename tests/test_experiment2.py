@@ -280,7 +280,7 @@ def test_experiment2_mc_regime_plan_run_and_publish(tmp_path, monkeypatch):
         assert resumed["results"]["systems"][system] == ledger["results"]["systems"][system]
 
 
-def test_diagnosis_reads_the_stacks_chains_and_rescoring_them_reproduces_the_eval(tmp_path):
+def test_diagnosis_reads_the_stacks_chains_and_rescoring_them_reproduces_the_eval(tmp_path, monkeypatch):
     """benchmarks/exp2_diagnosis.py on a tiny evaluated stack: the chain statistics and traces come from the eval's
     stage log, and scoring the answer stage after those very chains gives back the eval's own accuracy (so the
     ceiling's two figures are comparable with the eval's)."""
@@ -314,6 +314,31 @@ def test_diagnosis_reads_the_stacks_chains_and_rescoring_them_reproduces_the_eva
     lm = FslmLM(stack=str(stack), system="stack")
     task = results["systems"]["stack"]["tasks"]["arc_easy"]
     assert diagnosis.answer_accuracy(lm, chosen, chains) == round(task["accuracy"], 4)
+
+    # the ceiling (the teacher's notes stubbed: no GGUF here): a seeded sample, paired against the stack's own chains
+    def notes_naming_gold(args, config, task, chosen):
+        return {c: {"intent": item["choices"][item["gold"]], "plan": "", "reasoning": ""} for c, item in chosen}
+
+    monkeypatch.setattr(diagnosis, "teacher_notes", notes_naming_gold)
+    argv = ["--stack", str(stack), "--eval", str(report), "--data-dir", str(data_dir), "--teacher", "t.gguf"]
+    for run, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        assert diagnosis.main([*argv, "--out", str(tmp_path / f"ceil{run}"), "--ceiling", "4", "--seed", seed]) == 0
+    ceil = [json.loads((tmp_path / f"ceil{r}" / "diagnosis.json").read_text())["tasks"]["arc_easy"]["ceiling"]
+            for r in "abc"]  # fmt: skip
+    assert ceil[0]["ids"] == ceil[1]["ids"] != ceil[2]["ids"]  # the sample: the seed's, not the chain file's order
+    c = ceil[0]
+    assert c["items"] == 4 and c["paired_teacher_minus_own"]["n"] == 4 and c["name_gold"]["teacher_notes"] == 1.0
+    d = c["paired_teacher_minus_own"]
+    assert d["diff"] == pytest.approx(c["answer_after_teacher_chain"] - c["answer_after_student_chain"], abs=1e-4)
+    assert "Ceiling on 4 items (seeded (seed 0)" in (tmp_path / "ceila" / "diagnosis.md").read_text()
+    own = lambda args, config, task, chosen: {c: chains[c] for c, _ in chosen}  # noqa: E731
+    monkeypatch.setattr(diagnosis, "teacher_notes", own)  # the teacher writes the stack's own notes
+    assert diagnosis.main([*argv, "--out", str(tmp_path / "same"), "--ceiling", "4"]) == 0
+    same = json.loads((tmp_path / "same" / "diagnosis.json").read_text())["tasks"]["arc_easy"]["ceiling"]
+    assert (
+        same["paired_teacher_minus_own"]["diff"] == 0
+        and same["name_gold"]["teacher_notes"] == c["name_gold"]["own_chain"]
+    )
 
 
 def test_a_ledger_written_before_places_were_named_resumes(tmp_path):
