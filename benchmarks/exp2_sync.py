@@ -174,15 +174,21 @@ def publish(out: Path, ledger: dict[str, Any], args: argparse.Namespace, places:
     """Copy the small outputs where they are committed (machine paths named by `places`): results JSON to
     docs/results/, distilled data to data/."""
     repo = args.publish_root
-    tag = f"exp2-{args.regime}"
-    results = repo / "docs" / "results" / tag
-    data = repo / "data" / tag
-    copies = {f: results / f.name for f in [*(out / "eval").glob("*.json"), out / "ledger.json", out / "summary.md"]}
+    results = repo / "docs" / "results" / "exp2" / args.regime
+    data = repo / "data" / f"exp2-{args.regime}"
+    copies = {f: results / f.name for f in (out / "ledger.json", out / "summary.md")}
+    for folder in (*EVAL_FOLDERS, "diagnosis"):  # each folder's results (per item) and report; the rows stay in --sync
+        for f in (out / folder).glob("*"):
+            if f.suffix in (".json", ".md", ".png"):
+                copies[f] = results / folder / f.name
     for f in [out / "train.jsonl", out / "train.jsonl.manifest.json", *out.glob("distilled-*.jsonl*")]:
         if not f.name.endswith((".cache.jsonl", ".lock")):
             copies[f] = data / f.name
     for source, target in copies.items():
         target.parent.mkdir(parents=True, exist_ok=True)
+        if source.suffix == ".png":
+            target.write_bytes(source.read_bytes())
+            continue
         text = source.read_text(encoding="utf-8")  # rows stay byte for byte (their manifests hold their sha256)
         target.write_text(text if source.suffix == ".jsonl" else portable(text, places), encoding="utf-8")
     print(f"published: {results}, {data}")

@@ -198,7 +198,9 @@ def test_experiment2_mc_regime_plan_run_and_publish(tmp_path, monkeypatch):
     assert "| distilled-arc_easy_train.jsonl | 4 | 4 |" in summary and "| teacher |" in summary
     assert "### The stack's gate row" in summary and "### The teacher's row" in summary
     assert "### Per-stage ablation" in summary
-    assert (publish_root / "docs" / "results" / "exp2-mc" / "summary.md").is_file()
+    published = publish_root / "docs" / "results" / "exp2" / "mc"
+    assert (published / "summary.md").is_file() and (published / "eval" / "results.json").is_file()
+    assert {p.name for p in published.iterdir() if p.is_dir()} == {"eval", "eval-gate", "eval-teacher", "eval-ablate"}
     assert (publish_root / "data" / "exp2-mc" / "train.jsonl").read_text() == (out / "train.jsonl").read_text()
     assert (publish_root / "data" / "exp2-mc" / "distilled-openbookqa_train.jsonl.manifest.json").is_file()
 
