@@ -4,7 +4,7 @@
         --teacher-model "$(python benchmarks/get_teacher.py)" --out OUT \\
         --runs "joint/shown/hidden,stages/shown/hidden,joint/shown/hint-on-retry"
 
-Each run is `teacher_mode/options/reference` (a trailing `/words` adds `--word-limits`), distilled into
+Each run is `teacher_mode/options/reference` (trailing `/words` adds `--word-limits`, `/fit` `--fit-overlong`), into
 OUT/<run>.jsonl on a stack made by `fslm init` (the default recipe, stage budgets from --budgets) with its own teacher
 cache, so no run profits from another's answers. Prints one table (questions/h, kept/h, kept share, teacher calls and
 tokens per question, why records were dropped) and writes OUT/distill_modes.json. Resumable: a finished run is read
@@ -66,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for run in args.runs.split(","):
         mode, shown, reference, *extra = run.split("/")
-        if set(extra) - {"words"}:
-            print(f"distill_modes: unknown run part {'/'.join(extra)!r} in {run!r} (known: words)", file=sys.stderr)
+        if set(extra) - {"words", "fit"}:
+            print(
+                f"distill_modes: unknown run part {'/'.join(extra)!r} in {run!r} (known: words, fit)", file=sys.stderr
+            )
             return 2
         name = run.replace("/", "-")
         target = out / f"{name}.jsonl"
@@ -80,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                 options=shown,
                 reference=reference,
                 word_limits="words" in extra,
+                fit_overlong="fit" in extra,
                 **({"filters": args.filters} if args.filters is not None else {}),
                 limit=args.limit,
                 seed=args.seed,

@@ -89,6 +89,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fslm distill --word-limits: each teacher request states its stage's length in words (regime A ran "
         "without)",
     )
+    p.add_argument(
+        "--fit-overlong",
+        action="store_true",
+        help="fslm distill --fit-overlong: a target longer than its stage's budget is trimmed to it, not dropped "
+        "(regime A ran without)",
+    )
     p.add_argument("--alpaca-glob", default=ALPACA, help="Alpaca files under the data dir (regime alpaca)")
     p.add_argument("--budgets", default="intent=48,plan=64,reasoning=128,answer=48", help="stage max_new_tokens")
     p.add_argument(
@@ -547,7 +553,7 @@ def supersede_stale(ledger: dict[str, Any]) -> list[str]:
 
 
 # Settings added after ledgers were written, at what the older code did.
-LATER_SETTINGS = {"prompt": "full", "train_precision": "auto", "word_limits": False}
+LATER_SETTINGS = {"prompt": "full", "train_precision": "auto", "word_limits": False, "fit_overlong": False}
 
 
 def add_new_settings(ledger: Path, later: dict[str, Any]) -> None:

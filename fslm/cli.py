@@ -469,6 +469,7 @@ def distill(
     filters: str = flag(DistillOptions, "filters"),
     overlong_factor: float = flag(DistillOptions, "overlong_factor", min=0.0),
     trim_cut: bool = flag(DistillOptions, "trim_cut"),
+    fit_overlong: bool = flag(DistillOptions, "fit_overlong"),
     format: str = flag(DistillOptions, "format"),
     instruction_field: str | None = flag(DistillOptions, "instruction_field"),
     input_field: str | None = flag(DistillOptions, "input_field"),

@@ -18,7 +18,7 @@ from fslm.cli import app
 from fslm.config import GenerationSettings, load_config, update_config
 from fslm.data import read_dataset
 from fslm.steps.distill import DistillOptions, distill_records
-from fslm.steps.distill.filters import check_target, is_degenerate, trim_to_sentence
+from fslm.steps.distill.filters import check_target, fit_to_budget, is_degenerate, trim_to_sentence
 from fslm.steps.distill.prompts import REFERENCE_NOTE
 from fslm.steps.init import InitOptions, init
 from fslm.teachers import torch_teacher
@@ -177,6 +177,15 @@ def test_trim_cut_teacher_output():
     )
     assert trim_to_sentence("no sentence end at all and cut") is None
     assert trim_to_sentence("Ok. " + "then a very long unfinished run of words " * 5) is None  # would keep too little
+
+
+def test_fit_to_budget():
+    words = lambda s: len(s.split())  # noqa: E731
+    plan = "1. Read the question.\n2. Find the numbers in it.\n3. Add them up.\n4. Check the sum."
+    assert fit_to_budget(plan, 12, words) == "1. Read the question.\n2. Find the numbers in it."
+    assert fit_to_budget(plan, 100, words) == plan  # already fits: the whole text
+    assert fit_to_budget(plan, 3, words) is None  # no full line fits
+    assert fit_to_budget("Short. " + "a long run of words without an end " * 4, 5, words) is None  # keeps too little
 
 
 def load_config_stage():

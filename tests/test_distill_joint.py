@@ -231,3 +231,74 @@ def test_word_limits_are_part_of_the_run(config, tmp_path):
     with pytest.raises(FslmError, match="word_limits"):
         run(config, tmp_path, JointTeacher(), options="answer")
     assert len((tmp_path / "d.jsonl").read_text().splitlines()) == len(rows)
+
+
+def test_fit_overlong_keeps_a_long_target_trimmed_to_its_budget(config, tmp_path):
+    """A finished reasoning longer than its stage may generate: dropped as overlong by default; with --fit-overlong
+    kept, cut at its last full sentence within the budget (student tokens; words here), and the row says so."""
+    stem = "Which gas do plants take in?"
+    budget = next(s for s in config.stages if s.name == "reasoning").generation.max_new_tokens
+    sentences = [" ".join(f"w{i}x{j}" for j in range(9)) + " done." for i in range(budget // 10 + 2)]  # no repetition
+    long = " ".join(sentences)
+    teacher = JointTeacher({stem: sections(**{**GOOD, "reasoning": long}, answer="carbon dioxide")})
+    _, rows, rejected = run(config, tmp_path, teacher, options="shown")
+    assert [r["rejected"] for r in rejected] == [{"filter": "overlong", "stage": "reasoning"}]
+
+    teacher = JointTeacher({stem: sections(**{**GOOD, "reasoning": long}, answer="carbon dioxide")})
+    (tmp_path / "fit").mkdir()
+    result, rows, rejected = run(config, tmp_path / "fit", teacher, options="shown", fit_overlong=True)
+    assert not rejected, rejected[0]["rejected"]
+    assert len(rows) == 4 and result.checks["fitted_records"] == 1
+    row = next(r for r in rows if r["instruction"].startswith(f"Question: {stem}"))
+    fitted = row["targets"]["reasoning"]
+    assert long.startswith(fitted) and fitted.endswith(".") and budget - 10 < len(fitted.split()) <= budget
+    assert row["checks"]["fitted"] == ["reasoning"]
+    assert all("fitted" not in r["checks"] for r in rows if r is not row)
+    manifest = json.loads((tmp_path / "fit" / "d.jsonl.manifest.json").read_text())
+    assert manifest["run"]["options"]["fit_overlong"] is True  # part of the run's identity
+
+
+def test_refilter_reproduces_a_distilled_file_and_measures_fit_overlong(config, tmp_path):
+    """benchmarks/refilter.py: the file's own options give back its rows; --fit-overlong keeps the overlong one."""
+    from conftest import load_benchmark
+
+    from fslm import models
+
+    stack = tmp_path / "stack"
+    tokenizer = models.load_tokenizer(models.resolve_base(config.base, stack), config.base)
+
+    def count(text):
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    stem = "Which gas do plants take in?"
+    budget = next(s for s in config.stages if s.name == "plan").generation.max_new_tokens
+    lines = [f"{i}. Check the leaves of plant {i} and name its gas." for i in range(1, budget)]
+    n = next(n for n in range(1, budget) if count("\n".join(lines[:n])) > budget)
+    plan = "\n".join(lines[: n + 1])  # a line or two over its budget
+    teacher = JointTeacher({stem: sections(**{**GOOD, "plan": plan}, answer="carbon dioxide")})
+    data = read_dataset(write_arc(tmp_path / "ARC-Easy-Train.jsonl"))
+    out = tmp_path / "d.jsonl"
+    distill_records(config, data, teacher, out, options=DistillOptions(teacher_mode="joint"), count_tokens=count)
+    assert [json.loads(x)["rejected"]["filter"] for x in (tmp_path / "d.jsonl.rejected.jsonl").open()] == ["overlong"]
+
+    report = tmp_path / "refilter.json"
+    script = load_benchmark("refilter")
+    argv = [str(out), "--stack", str(stack), "--data-dir", str(tmp_path), "--out", str(report)]
+    assert script.main([*argv, "--questions-per-hour", "100"]) == 0
+    part = json.loads(report.read_text())["parts"][0]
+    assert part["reproduces_the_file"] and part["questions"] == 4
+    assert part["as_written"]["kept"] == 3 and part["as_written"]["filtered"] == {"overlong": 1}
+    assert part["fit_overlong"]["kept"] == 4 and part["fit_overlong"]["fitted_targets"] == {"plan": 1}
+    assert json.loads(report.read_text())["total"]["kept_per_hour"] == {"as_written": 75.0, "fit_overlong": 100.0}
+
+    # a file whose rows its own options do not give back (edited by hand): the script says so, exit 1
+    rows = out.read_text().splitlines()
+    out.write_text("\n".join(rows[:-1]) + "\n")
+    (tmp_path / "d.jsonl.rejected.jsonl").write_text(
+        (tmp_path / "d.jsonl.rejected.jsonl").read_text() + rows[-1] + "\n"
+    )
+    moved = json.loads(rows[-1])
+    moved["rejected"] = {"filter": "leak", "stage": "plan"}
+    lines = (tmp_path / "d.jsonl.rejected.jsonl").read_text().splitlines()
+    (tmp_path / "d.jsonl.rejected.jsonl").write_text("\n".join([*lines[:-1], json.dumps(moved)]) + "\n")
+    assert script.main(argv) == 1

@@ -46,6 +46,23 @@ def trim_to_sentence(text: str, keep: float = 1 / 3) -> str | None:
     return trimmed if trimmed and len(trimmed) >= keep * len(text) else None
 
 
+def fit_to_budget(text: str, budget: float, count_tokens: Callable[[str], int], keep: float = 1 / 3) -> str | None:
+    """`text` up to its last complete sentence or line that holds at most `budget` tokens; None when none does or
+    that would keep less than `keep` of it.
+
+    For a finished target longer than the stage may generate: a plan of five steps whose budget holds three becomes
+    those three, which is what the stage could have written.
+    """
+    text = text.strip()
+    for end in reversed([m.end() for m in _SENTENCE_END.finditer(text)]):
+        fitted = text[:end].strip()
+        if len(fitted) < keep * len(text):
+            return None
+        if fitted and count_tokens(fitted) <= budget:
+            return fitted
+    return None
+
+
 def check_target(
     text: str,
     stage: StageConfig,

@@ -63,6 +63,11 @@ class DistillOptions(Options):
     trim_cut: bool = Field(
         True, description="Trim a teacher output cut at the token limit to its last full sentence or line."
     )
+    fit_overlong: bool = Field(
+        False,
+        description="Trim a target longer than its stage's budget to its last full sentence or line within it "
+        "(when that keeps a third of it) instead of dropping the record as overlong.",
+    )
     # --- which records ---
     format: str = Field("auto", description="auto, alpaca, self-instruct or gsm8k.")
     instruction_field: str | None = Field(None, description="Field holding the instruction.")
@@ -111,6 +116,8 @@ class DistillOptions(Options):
             recipe["options"] = self.options
         if self.word_limits:
             recipe["word_limits"] = True
+        if self.fit_overlong:
+            recipe["fit_overlong"] = True
         if self.samples > 1:
             recipe.update(samples=self.samples, temperature=self.sample_temperature, top_p=self.sample_top_p)
         return recipe

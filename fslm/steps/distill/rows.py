@@ -12,7 +12,7 @@ from fslm.data import Dataset, DatasetRecord
 from fslm.distilled import DistilledRecord
 from fslm.steps.distill.chains import Chain
 from fslm.steps.distill.checks import leaks, option_references
-from fslm.steps.distill.filters import check_target
+from fslm.steps.distill.filters import check_target, fit_to_budget
 from fslm.steps.distill.options import DistillOptions
 
 
@@ -37,10 +37,18 @@ def filter_chains(
             reason = ("format", chain.format_problem[1] or final)
         elif chain.correct is False:
             reason = ("wrong", final)
+        fitted = []
         for stage in config.stages:
             if reason is not None:
                 break
             text = chain.targets[stage.name]
+            budget = options.overlong_factor * stage.generation.max_new_tokens
+            if options.fit_overlong and stage.name != final and budget > 0 and count_tokens(text) > budget:
+                # the answer check read the whole text; later stages' targets were written after it too
+                if (short := fit_to_budget(text, budget, count_tokens)) is not None:
+                    text = chain.targets[stage.name] = short
+                    chain.cut.discard(stage.name)  # it ends on a full sentence now
+                    fitted.append(stage.name)
             why = check_target(
                 text, stage, options.filters, count_tokens, options.overlong_factor, cut=stage.name in chain.cut
             )
@@ -58,6 +66,7 @@ def filter_chains(
                 "retried": chain.retried,
                 "hinted": chain.hinted,
                 "noted": chain.noted,
+                **({"fitted": fitted} if fitted else {}),
                 "leaks": [s.name for s in config.stages[:-1] if leaks(chain.targets[s.name], rec)],
                 "option_references": {
                     s.name: hit for s in config.stages[:-1] if (hit := option_references(chain.targets[s.name], rec))
@@ -110,6 +119,8 @@ def summarise_checks(config: StackConfig, rows: list[dict[str, Any]], rejected: 
         "retried_with_hint": len(retried),
         "correct_after_hint": rescued,
         "kept_records": len({group(r) for r in rows}),
+        # written rows with a target trimmed to its stage's budget (--fit-overlong)
+        "fitted_records": sum(bool(r.get("checks", {}).get("fitted")) for r in rows),
         "leaks": leak_rate,
         "leak_rate_all_intermediate": round(sum(v["leaking"] for v in leak_rate.values()) / targets, 4)
         if targets
