@@ -178,7 +178,10 @@ def publish(out: Path, ledger: dict[str, Any], args: argparse.Namespace, places:
     data = repo / "data" / f"exp2-{args.regime}"
     copies = {f: results / f.name for f in (out / "ledger.json", out / "summary.md")}
     for folder in (*EVAL_FOLDERS, "diagnosis"):  # each folder's results (per item) and report; the rows stay in --sync
-        for f in (out / folder).glob("*"):
+        source = out / folder
+        if not source.is_dir() and args.sync is not None:
+            source = args.sync / folder  # the diagnosis writes into --sync's folder, so a new machine resumes it
+        for f in source.glob("*"):
             if f.suffix in (".json", ".md", ".png"):
                 copies[f] = results / folder / f.name
     for f in [out / "train.jsonl", out / "train.jsonl.manifest.json", *out.glob("distilled-*.jsonl*")]:
