@@ -43,7 +43,8 @@ def filter_chains(
                 break
             text = chain.targets[stage.name]
             budget = options.overlong_factor * stage.generation.max_new_tokens
-            if options.fit_overlong and stage.name != final and budget > 0 and count_tokens(text) > budget:
+            fit = options.fit_overlong and "overlong" in options.filters and stage.name != final and budget > 0
+            if fit and count_tokens(text) > budget:
                 # the answer check read the whole text; later stages' targets were written after it too
                 if (short := fit_to_budget(text, budget, count_tokens)) is not None:
                     text = chain.targets[stage.name] = short
