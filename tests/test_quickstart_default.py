@@ -97,7 +97,9 @@ def test_default_quickstart_with_llamacpp_teacher_survives_sigkill(tmp_path, tin
     first = _quickstart(out, tiny_gguf, env, tmp_path / "run1.log", lambda: len(_lines(cache)) >= 2)
     assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
     cached = _lines(cache)
-    assert 2 <= len(cached) < 4 * TEACHER_STAGES and not _lines(data), "not killed in the middle of distill"
+    # in distill: some teacher answers cached (on a fast machine all of them, a tiny teacher's batches land within one
+    # 50 ms poll), no record written yet
+    assert 2 <= len(cached) <= 4 * TEACHER_STAGES and not _lines(data), "not killed in the middle of distill"
     assert {c["teacher"].split(":")[0] for c in cached} == {"llamacpp"}  # the default teacher is llama.cpp
 
     # 2. Killed in train, once the first stage adapter is recorded as done and before the answer stage.
