@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -91,14 +92,9 @@ def refilter(path: Path, config: Any, count_tokens: Any, data_dir: Path, filters
         chains = {rec.id: chain_of(by_id[rec.id], config, count_tokens) for rec in records}
         good, bad = filter_chains(config, records, chains, options, count_tokens, data, 0, [])
         reasons = {r["id"]: None for r in good} | {r["id"]: r["rejected"]["filter"] for r in bad}
-        filtered: dict[str, int] = {}
-        for r in bad:
-            filtered[r["rejected"]["filter"]] = filtered.get(r["rejected"]["filter"], 0) + 1
-        fitted: dict[str, int] = {}
-        for r in good:
-            for stage in r["checks"].get("fitted", []):
-                fitted[stage] = fitted.get(stage, 0) + 1
-        out[name] = {"kept": len(good), "filtered": filtered, "fitted_targets": fitted}
+        filtered = Counter(r["rejected"]["filter"] for r in bad)
+        fitted = Counter(stage for r in good for stage in r["checks"].get("fitted", []))
+        out[name] = {"kept": len(good), "filtered": dict(filtered), "fitted_targets": dict(fitted)}
         if name == "as_written":
             differ = sorted(i for i in recorded if reasons.get(i, "missing") != recorded[i])
             out["reproduces_the_file"] = not differ

@@ -294,11 +294,7 @@ def test_refilter_reproduces_a_distilled_file_and_measures_fit_overlong(config, 
     # a file whose rows its own options do not give back (edited by hand): the script says so, exit 1
     rows = out.read_text().splitlines()
     out.write_text("\n".join(rows[:-1]) + "\n")
-    (tmp_path / "d.jsonl.rejected.jsonl").write_text(
-        (tmp_path / "d.jsonl.rejected.jsonl").read_text() + rows[-1] + "\n"
-    )
-    moved = json.loads(rows[-1])
-    moved["rejected"] = {"filter": "leak", "stage": "plan"}
-    lines = (tmp_path / "d.jsonl.rejected.jsonl").read_text().splitlines()
-    (tmp_path / "d.jsonl.rejected.jsonl").write_text("\n".join([*lines[:-1], json.dumps(moved)]) + "\n")
+    moved = {**json.loads(rows[-1]), "rejected": {"filter": "leak", "stage": "plan"}}
+    with (tmp_path / "d.jsonl.rejected.jsonl").open("a") as f:
+        f.write(json.dumps(moved) + "\n")
     assert script.main(argv) == 1
